@@ -1,0 +1,90 @@
+"""The UNet's attention layer (diffusers ``Attention``: to_q, to_k, to_v, to_out.0) with the
+control extension points of :mod:`customjax.control.spec` built in.
+
+Cross-attention output (RealCustom Eq. 4 / RealCustom++ Eqs. 14, 17), before ``to_out``::
+
+    Attn(Q, K_text, V_text) + sum_sets scale * sum_r mask_r * Attn(Q, K_set(tokens_r), V_set(tokens_r))
+
+Self-attention and plain cross-attention take the fused ``jax.nn.dot_product_attention`` path
+unless their probabilities are requested through ``Capture``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from customjax.control.lora import LoRADense
+from customjax.control.masks import resize_mask
+from customjax.control.spec import Control, ControlConfig
+from customjax.models.layers import attend, attention_probs, multihead_attention, split_heads
+
+
+class Attention(nn.Module):
+    heads: int
+    dim_head: int
+    out_dim: int
+    is_cross: bool
+    factor: int = 1                          # downsampling factor of this layer's feature map
+    control: ControlConfig = ControlConfig()
+    dtype: Any = jnp.float32
+
+    def _dense(self, features: int, name: str, bias: bool) -> nn.Module:
+        lora = self.control.lora
+        on = lora is not None and name in lora.targets and (
+            lora.cross_attention if self.is_cross else lora.self_attention)
+        return LoRADense(features, use_bias=bias, rank=lora.rank if on else 0,
+                         scale=lora.scale if on else 1.0, dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, hw: tuple[int, int] = (0, 0),
+                 control: Control | None = None) -> jax.Array:
+        inner = self.heads * self.dim_head
+        cap = self.control.capture
+        context = x if context is None else context
+        q = split_heads(self._dense(inner, "to_q", False)(x), self.heads)
+        k = split_heads(self._dense(inner, "to_k", False)(context), self.heads)
+        v = split_heads(self._dense(inner, "to_v", False)(context), self.heads)
+
+        want_probs = self.factor in (cap.cross_probs if self.is_cross else cap.self_probs)
+        if not self.is_cross and self.factor in cap.self_qk:
+            self.sow("attention", "self_qk", (q, k))
+        if want_probs:
+            probs = attention_probs(q, k)
+            self.sow("attention", "cross_probs" if self.is_cross else "self_probs", probs.mean(axis=1))
+            out = attend(probs, v)
+        else:
+            out = multihead_attention(q, k, v)
+
+        if self.is_cross:
+            for spec in self.control.extra_kv:
+                kp = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                              name=f"to_k_{spec.name}")
+                vp = nn.Dense(inner, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                              name=f"to_v_{spec.name}")
+                given = None if control is None else control.extra.get(spec.name)
+                if given is None:
+                    if self.is_initializing():  # create the parameters
+                        kp(jnp.zeros((1, 1, spec.dim), self.dtype)), vp(jnp.zeros((1, 1, spec.dim), self.dtype))
+                    continue
+                out = out + self._extra(q, kp, vp, given, hw)
+        return self._dense(self.out_dim, "to_out_0", True)(out)
+
+    def _extra(self, q, kp, vp, given, hw) -> jax.Array:
+        """sum_r mask_r * Attn(Q, K(tokens_r), V(tokens_r)), times the scale."""
+        B, T = q.shape[:2]
+        toks = given.tokens
+        R = toks.shape[1]
+        toks = toks.reshape(B * R, *toks.shape[2:]).astype(self.dtype)
+        k = split_heads(kp(toks), self.heads)
+        v = split_heads(vp(toks), self.heads)
+        qr = jnp.repeat(q, R, axis=0)
+        o = multihead_attention(qr, k, v).reshape(B, R, T, -1)
+        if given.mask is not None:
+            m = resize_mask(given.mask.astype(jnp.float32), hw).reshape(B, R, T, 1)
+            o = o * m.astype(o.dtype)
+        scale = jnp.broadcast_to(jnp.asarray(given.scale, o.dtype), (B,))
+        return o.sum(axis=1) * scale[:, None, None]

@@ -1,0 +1,147 @@
+"""Strict mapping of PyTorch state dicts onto Flax parameter trees.
+
+Our Flax modules carry the diffusers / transformers module names, with list indices written the
+way linen names list members (``down_blocks.0`` -> ``down_blocks_0``). A PyTorch key maps to a Flax
+path by that rule alone, and its leaf by the layer kind:
+
+    weight (2-D) -> kernel, transposed          weight (4-D) -> kernel, OIHW -> HWIO
+    weight       -> scale (norms) | embedding (nn.Embed) | weight (raw parameters)
+    anything else -> the same name
+
+Loading is strict: every checkpoint tensor must land in a parameter, every parameter must be
+filled, and shapes must agree. All problems are collected and raised together, each naming the
+checkpoint key, the parameter path and the shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+log = logging.getLogger(__name__)
+
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+_LIST_MEMBER = re.compile(r"^(.*(?:blocks|layers|layer|resnets|attentions|samplers|to_out|net))_(\d+)$")
+
+
+class WeightMismatchError(ValueError):
+    """A checkpoint that does not fit the model; ``missing``, ``unexpected`` and ``mismatched``
+    hold the offending names."""
+
+    def __init__(self, name: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, str, tuple, tuple]]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"{name}: checkpoint does not match the model "
+                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape)"]
+        for key, path, want, got in mismatched[:20]:
+            lines.append(f"  wrong shape: checkpoint key {key!r} -> parameter {path}: "
+                         f"expected {want}, found {got}")
+        for path in missing[:20]:
+            lines.append(f"  missing: parameter {path} (checkpoint key like {torch_key_hint(path)!r}) "
+                         "is not in the checkpoint")
+        for key in unexpected[:20]:
+            lines.append(f"  unexpected: checkpoint key {key!r} has no parameter in the model")
+        super().__init__("\n".join(lines))
+
+
+def flax_path(torch_key: str) -> tuple[str, ...]:
+    """``down_blocks.0.resnets.1.conv1.weight`` -> (``down_blocks_0``, ``resnets_1``, ``conv1``, ``weight``)."""
+    return tuple(_INDEX.sub(r"_\1", torch_key).split("."))
+
+
+def torch_key_hint(path: str) -> str:
+    """Best-effort inverse of :func:`flax_path` for messages (``linear_1`` stays as it is)."""
+    parts = []
+    for p in path.split("/"):
+        m = _LIST_MEMBER.match(p)
+        parts.append(f"{m.group(1)}.{m.group(2)}" if m else p)
+    if parts[-1] in ("kernel", "scale", "embedding"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _to_kernel(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 2:
+        return a.T
+    if a.ndim == 3:
+        return a.transpose(2, 1, 0)
+    if a.ndim == 4:
+        return a.transpose(2, 3, 1, 0)
+    return a
+
+
+def convert(state: Mapping[str, np.ndarray], target: Any, *, name: str = "model",
+            rename: Callable[[str], str] | None = None,
+            skip: Callable[[str], bool] | None = None,
+            dtype: Any = np.float32) -> dict:
+    """Builds a Flax parameter tree shaped like ``target`` from a PyTorch ``state`` dict.
+
+    Args:
+      state: PyTorch key -> array.
+      target: the parameter tree (arrays or ``jax.ShapeDtypeStruct``), e.g. from ``jax.eval_shape``.
+      name: what is being loaded, for messages (e.g. the folder).
+      rename: maps a checkpoint key to the key our naming expects, for the few names that differ.
+      skip: keys that are deliberately not parameters (buffers such as ``position_ids``, another
+        model's tower); they are logged, never silently dropped.
+      dtype: parameter dtype.
+    """
+    flat_target = {"/".join(k): v for k, v in traverse_util.flatten_dict(target).items()}
+    out: dict[str, np.ndarray] = {}
+    unexpected, mismatched, skipped = [], [], []
+    for key in sorted(state):
+        if skip is not None and skip(key):
+            skipped.append(key)
+            continue
+        value = state[key]
+        path = flax_path(rename(key) if rename else key)
+        module, leaf = path[:-1], path[-1]
+        candidates = [(leaf, lambda a: a)]
+        if leaf == "weight":
+            candidates = [("kernel", _to_kernel), ("scale", lambda a: a),
+                          ("embedding", lambda a: a), ("weight", lambda a: a)]
+        for cand, fn in candidates:
+            p = "/".join(module + (cand,))
+            if p in flat_target:
+                arr = fn(np.asarray(value))
+                want = tuple(flat_target[p].shape)
+                if tuple(arr.shape) != want:
+                    mismatched.append((key, p, want, tuple(np.shape(value))))
+                else:
+                    if p in out:
+                        raise ValueError(f"{name}: two checkpoint keys map to parameter {p}")
+                    out[p] = np.asarray(arr, dtype=dtype)
+                break
+        else:
+            unexpected.append(key)
+    missing = sorted(set(flat_target) - set(out) - {m[1] for m in mismatched})
+    if missing or unexpected or mismatched:
+        raise WeightMismatchError(name, missing, unexpected, mismatched)
+    if skipped:
+        log.info("%s: %d checkpoint tensors are not parameters of this model and were left out: %s",
+                 name, len(skipped), skipped[:8])
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def to_torch_state(params: Any, torch_keys: list[str], *, rename: Callable[[str], str] | None = None) -> dict:
+    """The inverse of :func:`convert` for export: our parameters under the given PyTorch keys."""
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    out = {}
+    for key in torch_keys:
+        path = flax_path(rename(key) if rename else key)
+        module, leaf = "/".join(path[:-1]), path[-1]
+        for cand in (("kernel", "scale", "embedding", "weight") if leaf == "weight" else (leaf,)):
+            p = f"{module}/{cand}"
+            if p in flat:
+                a = flat[p]
+                if cand == "kernel":
+                    a = a.T if a.ndim == 2 else a.transpose(2, 1, 0) if a.ndim == 3 else (
+                        a.transpose(3, 2, 0, 1) if a.ndim == 4 else a)
+                out[key] = np.ascontiguousarray(a)
+                break
+        else:
+            raise KeyError(f"no parameter for export key {key!r} (looked for {module}/...)")
+    return out

@@ -1,0 +1,20 @@
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.fixture
+def report():
+    """Prints a parity figure so that `pytest -s` and the CI log show it."""
+    def _report(name: str, err: float, tol: float):
+        print(f"\n[parity] {name}: max abs error {err:.3e} (tolerance {tol:.0e})")
+        assert err <= tol, f"{name}: max abs error {err:.3e} > {tol:.0e}"
+    return _report
