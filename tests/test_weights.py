@@ -89,9 +89,9 @@ def test_missing_extra_and_wrong_shape_are_all_reported(tiny_folder, tmp_path):
     print("\n" + msg)
     assert e.missing == ["down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel"]
     assert e.unexpected == ["up_blocks.1.resnets.0.extra_scale"]
-    assert e.mismatched == [("conv_in.weight", "conv_in/kernel", (3, 3, 4, 8), (8, 4, 5, 5))]
+    assert e.mismatched == [("conv_in.weight", "conv_in/kernel", (8, 4, 3, 3), (8, 4, 5, 5))]
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight" in msg  # the hint
-    assert "expected (3, 3, 4, 8), found (8, 4, 5, 5)" in msg
+    assert "expected (8, 4, 3, 3), found (8, 4, 5, 5)" in msg
     assert str(tmp_path) in msg
 
 

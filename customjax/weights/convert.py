@@ -39,7 +39,7 @@ class WeightMismatchError(ValueError):
                  f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape)"]
         for key, path, want, got in mismatched[:20]:
             lines.append(f"  wrong shape: checkpoint key {key!r} -> parameter {path}: "
-                         f"expected {want}, found {got}")
+                         f"expected {want}, found {got} (PyTorch layout)")
         for path in missing[:20]:
             lines.append(f"  missing: parameter {path} (checkpoint key like {torch_key_hint(path)!r}) "
                          "is not in the checkpoint")
@@ -62,6 +62,14 @@ def torch_key_hint(path: str) -> str:
     if parts[-1] in ("kernel", "scale", "embedding"):
         parts[-1] = "weight"
     return ".".join(parts)
+
+
+def _torch_shape(flax_shape: tuple, leaf: str) -> tuple:
+    """A Flax kernel shape in PyTorch layout, for messages."""
+    s = tuple(flax_shape)
+    if leaf != "kernel":
+        return s
+    return {2: lambda: s[::-1], 3: lambda: s[::-1], 4: lambda: (s[3], s[2], s[0], s[1])}.get(len(s), lambda: s)()
 
 
 def _to_kernel(a: np.ndarray) -> np.ndarray:
@@ -109,7 +117,7 @@ def convert(state: Mapping[str, np.ndarray], target: Any, *, name: str = "model"
                 arr = fn(np.asarray(value))
                 want = tuple(flat_target[p].shape)
                 if tuple(arr.shape) != want:
-                    mismatched.append((key, p, want, tuple(np.shape(value))))
+                    mismatched.append((key, p, _torch_shape(want, cand), tuple(np.shape(value))))
                 else:
                     if p in out:
                         raise ValueError(f"{name}: two checkpoint keys map to parameter {p}")
