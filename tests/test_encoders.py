@@ -286,7 +286,8 @@ def test_bicubic_matches_torch(antialias, report):
             ours = vit.resize_bicubic(x[0].transpose(1, 2, 0).astype(np.float32), (n_out, n_out),
                                       scale_factor=None if sf is None else (sf, sf), antialias=antialias)
             err, noise = max_abs(ours, ref32), max_abs(ref32, ref64)
-            assert err <= 2 * noise + 1e-6, f"{n_in}->{n_out} scale_factor={sf}: {err:.2e} (torch fp32 noise {noise:.2e})"
+            assert err <= 2 * noise + 1e-6, \
+                f"{n_in}->{n_out} scale_factor={sf}: {err:.2e} (torch's own fp32 noise {noise:.2e})"
             worst = max(worst, err)
             if antialias:  # the antialiased weights are exact: float64 agrees to rounding
                 m = bicubic_matrix(n_in, n_out, scale_factor=sf, antialias=True)
