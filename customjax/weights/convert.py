@@ -41,7 +41,7 @@ class WeightMismatchError(ValueError):
             lines.append(f"  wrong shape: checkpoint key {key!r} -> parameter {path}: "
                          f"expected {want}, found {got} (PyTorch layout)")
         for path in missing[:20]:
-            lines.append(f"  missing: parameter {path} (checkpoint key like {torch_key_hint(path)!r}) "
+            lines.append(f"  missing: parameter {path} (checkpoint key like {torch_key(path)!r}) "
                          "is not in the checkpoint")
         for key in unexpected[:20]:
             lines.append(f"  unexpected: checkpoint key {key!r} has no parameter in the model")
@@ -53,8 +53,9 @@ def flax_path(torch_key: str) -> tuple[str, ...]:
     return tuple(_INDEX.sub(r"_\1", torch_key).split("."))
 
 
-def torch_key_hint(path: str) -> str:
-    """Best-effort inverse of :func:`flax_path` for messages (``linear_1`` stays as it is)."""
+def torch_key(path: str) -> str:
+    """Inverse of :func:`flax_path` for our model families: a ``_N`` suffix is a list index only on
+    list-holding names (``down_blocks_0``, ``to_out_0``), so ``linear_1`` stays as it is."""
     parts = []
     for p in path.split("/"):
         m = _LIST_MEMBER.match(p)
@@ -134,22 +135,17 @@ def convert(state: Mapping[str, np.ndarray], target: Any, *, name: str = "model"
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
 
 
-def to_torch_state(params: Any, torch_keys: list[str], *, rename: Callable[[str], str] | None = None) -> dict:
-    """The inverse of :func:`convert` for export: our parameters under the given PyTorch keys."""
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+def to_torch_state(params: Any, *, rename: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert`, for export: our parameters under PyTorch names and layouts.
+    ``rename`` maps our derived key to the checkpoint's name, where they differ."""
     out = {}
-    for key in torch_keys:
-        path = flax_path(rename(key) if rename else key)
-        module, leaf = "/".join(path[:-1]), path[-1]
-        for cand in (("kernel", "scale", "embedding", "weight") if leaf == "weight" else (leaf,)):
-            p = f"{module}/{cand}"
-            if p in flat:
-                a = flat[p]
-                if cand == "kernel":
-                    a = a.T if a.ndim == 2 else a.transpose(2, 1, 0) if a.ndim == 3 else (
-                        a.transpose(3, 2, 0, 1) if a.ndim == 4 else a)
-                out[key] = np.ascontiguousarray(a)
-                break
-        else:
-            raise KeyError(f"no parameter for export key {key!r} (looked for {module}/...)")
+    for k, v in traverse_util.flatten_dict(params).items():
+        a, leaf = np.asarray(v), k[-1]
+        if leaf == "kernel":
+            a = a.T if a.ndim in (2, 3) else a.transpose(3, 2, 0, 1) if a.ndim == 4 else a
+        key = torch_key("/".join(k))
+        key = rename(key) if rename else key
+        if key in out:
+            raise ValueError(f"two parameters export to the same key {key!r}")
+        out[key] = np.ascontiguousarray(a)
     return out

@@ -1,0 +1,93 @@
+"""A Stable Diffusion model folder (diffusers layout) as Flax modules and parameter trees.
+
+    root/model_index.json
+    root/unet/          config.json + diffusion_pytorch_model[.fp16].safetensors (or sharded)
+    root/vae/
+    root/text_encoder/  CLIP-L (SD-1.x), OpenCLIP-H (SD-2.x), CLIP-L (SDXL)
+    root/text_encoder_2/  OpenCLIP bigG with projection (SDXL only)
+    root/tokenizer/, root/tokenizer_2/, root/scheduler/
+
+Text conditioning follows the diffusers pipelines: SD-1.x/2.x use the last hidden state of the
+one encoder; SDXL concatenates both encoders' penultimate hidden states and takes the pooled,
+projected output of the second as ``text_embeds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from customjax.models.clip_text import clip_text_spec
+from customjax.models.unet import UNET
+from customjax.models.vae import VAE
+from customjax.schedulers import ScheduleConfig
+from customjax.tokenizer import load_tokenizer
+from customjax.weights.loaders import load_pretrained
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    """Modules and configs of a pipeline: static, hashed by identity (a jit static argument).
+    Parameters live apart, ``{"unet": ..., "vae": ..., "text_encoders": (...)}``, so they can be
+    sharded and donated."""
+
+    unet: Any
+    vae: Any
+    text_encoders: tuple[Any, ...]
+    tokenizers: tuple[Any, ...]
+    schedule: ScheduleConfig
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_stable_diffusion(root: str | os.PathLike, *, dtype: Any = jnp.float32,
+                          variant: str | None = None) -> tuple[StableDiffusion, dict]:
+    """(pipeline, params) from a diffusers Stable Diffusion folder; every component is loaded
+    strictly (see :func:`customjax.weights.convert.convert`)."""
+    root = Path(root)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{root}: no model_index.json; expected a diffusers pipeline folder "
+                                "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    index = json.loads(index_file.read_text())
+    names = ["text_encoder"] + (["text_encoder_2"] if index.get("text_encoder_2", [None])[0] else [])
+    unet, unet_p, _ = load_pretrained(root / "unet", UNET, dtype=dtype, variant=variant)
+    vae, vae_p, _ = load_pretrained(root / "vae", VAE, dtype=dtype, variant=variant)
+    encoders, enc_p = [], []
+    for n in names:
+        m, p, _ = load_pretrained(root / n, clip_text_spec(with_projection=n == "text_encoder_2" or None),
+                                  dtype=dtype, variant=variant)
+        encoders.append(m)
+        enc_p.append(p)
+    tokenizers = tuple(load_tokenizer(root / n.replace("text_encoder", "tokenizer")) for n in names)
+    pipe = StableDiffusion(unet, vae, tuple(encoders), tokenizers,
+                           ScheduleConfig.from_folder(root / "scheduler"))
+    return pipe, {"unet": unet_p, "vae": vae_p, "text_encoders": tuple(enc_p)}
+
+
+def encode_text(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array, ...]
+                ) -> tuple[jax.Array, jax.Array | None]:
+    """Token ids (one (B, 77) array per tokenizer) -> (context (B, 77, D), pooled text_embeds or None)."""
+    if not pipe.is_sdxl:
+        out = pipe.text_encoders[0].apply({"params": text_params[0]}, ids[0])
+        return out.last_hidden_state, None
+    outs = [enc.apply({"params": p}, i) for enc, p, i in zip(pipe.text_encoders, text_params, ids)]
+    ctx = jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1)
+    return ctx, outs[1].text_embeds
+
+
+def sdxl_time_ids(height: int, width: int, batch: int) -> jax.Array:
+    """SDXL micro-conditioning: (original size, crop top-left, target size) = (h, w, 0, 0, h, w)."""
+    return jnp.tile(jnp.array([[height, width, 0, 0, height, width]], jnp.float32), (batch, 1))

@@ -1,0 +1,103 @@
+"""Jitted text-to-image sampling with classifier-free guidance: the whole denoising loop is one
+``lax.fori_loop`` inside one ``jax.jit``, the unconditional and conditional passes batched into one
+UNet call."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customjax import schedulers as S
+from customjax.models.vae import unscale_latents
+from customjax.pipeline import StableDiffusion, encode_text, sdxl_time_ids
+from customjax.tokenizer import tokenize
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+    """A sampler over ``timesteps``: ``state = init(x)``; ``x, state = step(model_out, x, state, i)``."""
+
+    timesteps: np.ndarray
+    init: Callable[[jax.Array], Any]
+    step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
+    """``kind`` is ``"ddim"`` (eta 0) or ``"dpm++2m"``."""
+    pt = config.prediction_type
+    if kind == "ddim":
+        table = S.ddim_schedule(config, steps)
+        return Sampler(np.asarray(table.timesteps), lambda x: (),
+                       lambda out, x, st, i: (S.ddim_step(table, pt, out, x, i)[0], st))
+    if kind == "dpm++2m":
+        table = S.dpm_solver_schedule(config, steps)
+        return Sampler(np.asarray(table.timesteps), S.dpm_solver_init,
+                       lambda out, x, st, i: S.dpm_solver_step(table, pt, out, x, st, i))
+    raise ValueError(f"unknown sampler {kind!r}; use 'ddim' or 'dpm++2m'")
+
+
+def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance: e_u + w (e_c - e_u)."""
+    return uncond + scale * (cond - uncond)
+
+
+@functools.partial(jax.jit, static_argnames=("pipe", "sampler", "guidance", "zero_uncond"))
+def _txt2img(pipe: StableDiffusion, sampler: Sampler, params: dict, ids: tuple, neg_ids: tuple,
+             x: jax.Array, guidance: float, zero_uncond: bool) -> jax.Array:
+    B = ids[0].shape[0]
+    both = tuple(jnp.concatenate([n, c]) for n, c in zip(neg_ids, ids))
+    ctx, pooled = encode_text(pipe, params["text_encoders"], both)
+    if zero_uncond:  # diffusers SDXL: force_zeros_for_empty_prompt
+        keep = (jnp.arange(2 * B) >= B)[:, None]
+        ctx, pooled = ctx * keep[..., None], pooled * keep
+    extra = {}
+    if pipe.is_sdxl:
+        f = pipe.vae_scale
+        extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(x.shape[1] * f, x.shape[2] * f, 2 * B))
+    ts = jnp.asarray(sampler.timesteps)
+
+    def body(i, carry):
+        x, st = carry
+        xin = jnp.concatenate([x, x]).astype(pipe.unet.dtype)
+        out = pipe.unet.apply({"params": params["unet"]}, xin, ts[i], ctx, **extra).astype(jnp.float32)
+        u, c = jnp.split(out, 2)
+        return sampler.step(cfg_combine(u, c, guidance), x, st, i)
+
+    x, _ = jax.lax.fori_loop(0, len(sampler.timesteps), body, (x, sampler.init(x)))
+    img = pipe.vae.apply({"params": params["vae"]}, unscale_latents(x, pipe.vae.config), method="decode")
+    return jnp.clip((img.astype(jnp.float32) + 1) / 2, 0, 1)
+
+
+def txt2img(pipe: StableDiffusion, params: dict, prompts: list[str], key: jax.Array, *,
+            steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
+            height: int | None = None, width: int | None = None, negative_prompt: str = "",
+            latents: jax.Array | None = None) -> np.ndarray:
+    """Images (B, H, W, 3) in [0, 1] for ``prompts``; compiles once per (batch, size, steps, sampler).
+
+    The initial noise is drawn from ``key`` unless ``latents`` (B, h, w, C) are given. For SDXL an
+    empty negative prompt means zero unconditional embeddings, as the diffusers SDXL pipeline does.
+    """
+    size = pipe.unet.config.sample_size * pipe.vae_scale
+    height, width = height or size, width or size
+    f = pipe.vae_scale
+    if height % f or width % f:
+        raise ValueError(f"height {height} and width {width} must be multiples of the VAE factor {f}")
+    if latents is None:
+        latents = jax.random.normal(key, (len(prompts), height // f, width // f, pipe.unet.config.in_channels))
+    ids = tuple(jnp.asarray(tokenize(t, prompts)) for t in pipe.tokenizers)
+    neg = tuple(jnp.asarray(tokenize(t, [negative_prompt] * len(prompts))) for t in pipe.tokenizers)
+    smp = _cached_sampler(pipe.schedule, sampler, steps)
+    zero = pipe.is_sdxl and not negative_prompt
+    return np.asarray(_txt2img(pipe, smp, params, ids, neg, jnp.asarray(latents, jnp.float32),
+                               float(guidance), zero))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
+    """One Sampler object per setting, so the jit cache (keyed on it) is hit on repeated calls."""
+    return make_sampler(config, kind, steps)

@@ -1,0 +1,175 @@
+"""Tiny Stable Diffusion pipelines with random weights, written in the diffusers folder layout.
+
+No weights can be downloaded here, so the tests and the README's first command build one of these
+and load it through the same loader as a real SD-1.5 / SDXL folder:
+
+    python -m customjax.zoo --kind sd15 --out /tmp/tiny-sd15
+
+The tokenizer is a character-level CLIP BPE (byte alphabet, no merges): real tokenizer files that
+the normal tokenizer path reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customjax.models.clip_text import CLIPTextConfig, clip_text_spec
+from customjax.models.unet import UNET
+from customjax.models.unet_config import UNetConfig
+from customjax.models.vae import VAE, VAEConfig
+from customjax.weights.convert import to_torch_state
+from customjax.weights.loaders import param_shapes
+from customjax.weights.safetensors_io import save_file
+
+VOCAB = 2 * 256 + 2   # bytes, bytes + "</w>", BOS, EOS
+
+TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8,
+                     latent_channels=4)
+TINY = {
+    "sd15": dict(
+        unet=UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=(1, 1), heads=(2, 4),
+                        cross_attention_dim=(32, 32), transformer_layers=(1, 1), norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        text=(CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, eos_token_id=VOCAB - 1),)),
+    "sdxl": dict(
+        unet=UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=(1, 1), heads=(2, 4),
+                        cross_attention_dim=(64, 64), transformer_layers=(1, 2), norm_num_groups=8,
+                        use_linear_projection=True, addition_embed_type="text_time",
+                        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+        text=(CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, eos_token_id=VOCAB - 1),
+              CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, eos_token_id=VOCAB - 1, hidden_act="gelu",
+                             projection_dim=32, with_projection=True))),
+}
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+             "timestep_spacing": "leading"}
+
+
+def unet_config_dict(c: UNetConfig) -> dict:
+    """Our UNet config as diffusers ``config.json``."""
+    d = dict(_class_name="UNet2DConditionModel", sample_size=c.sample_size, in_channels=c.in_channels,
+             out_channels=c.out_channels, block_out_channels=list(c.block_out_channels),
+             down_block_types=list(c.down_block_types), up_block_types=list(c.up_block_types),
+             layers_per_block=list(c.layers_per_block), attention_head_dim=list(c.heads),
+             cross_attention_dim=c.cross_attention_dim[0],
+             transformer_layers_per_block=list(c.transformer_layers), norm_num_groups=c.norm_num_groups,
+             norm_eps=c.norm_eps, use_linear_projection=c.use_linear_projection,
+             flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, conv_in_kernel=c.conv_in_kernel,
+             conv_out_kernel=c.conv_out_kernel, addition_embed_type=c.addition_embed_type,
+             addition_time_embed_dim=c.addition_time_embed_dim,
+             projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim)
+    if c.up_transformer_layers is not None:
+        d["reverse_transformer_layers_per_block"] = [list(x) for x in c.up_transformer_layers]
+    return d
+
+
+def vae_config_dict(c: VAEConfig) -> dict:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()}
+    n = len(c.block_out_channels)
+    return dict(d, _class_name="AutoencoderKL", down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n)
+
+
+def clip_text_config_dict(c: CLIPTextConfig) -> dict:
+    d = dataclasses.asdict(c)
+    proj = d.pop("with_projection")
+    return dict(d, model_type="clip_text_model", bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1,
+                architectures=["CLIPTextModelWithProjection" if proj else "CLIPTextModel"])
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's printable stand-in character for each byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_char_tokenizer(folder: str | os.PathLike, pad: str = "<|endoftext|>") -> None:
+    """A character-level CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": VOCAB - 2, "<|endoftext|>": VOCAB - 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="CLIPTokenizer", model_max_length=77, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
+    (folder / "special_tokens_map.json").write_text(json.dumps(dict(
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
+
+
+def _random(shapes, key: jax.Array, std: float) -> dict:
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [std * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+
+
+def _save_component(folder: Path, config: dict, params, weights: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(to_torch_state(params), folder / weights)
+
+
+def write_tiny_pipeline(out: str | os.PathLike, kind: str = "sd15", seed: int = 0, std: float = 0.1) -> Path:
+    """Writes a random tiny ``kind`` ("sd15" | "sdxl") pipeline in the diffusers layout."""
+    if kind not in TINY:
+        raise ValueError(f"unknown tiny pipeline {kind!r}; choose from {sorted(TINY)}")
+    out = Path(out)
+    spec = TINY[kind]
+    keys = jax.random.split(jax.random.key(seed), 4)
+    _save_component(out / "unet", unet_config_dict(spec["unet"]),
+                    _random(param_shapes(UNET, spec["unet"]), keys[0], std), "diffusion_pytorch_model.safetensors")
+    _save_component(out / "vae", vae_config_dict(TINY_VAE), _random(param_shapes(VAE, TINY_VAE), keys[1], std),
+                    "diffusion_pytorch_model.safetensors")
+    index = {"_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    for i, tc in enumerate(spec["text"]):
+        sfx = "" if i == 0 else "_2"
+        p = _random(param_shapes(clip_text_spec(tc.with_projection), tc), keys[2 + i], std)
+        _save_component(out / f"text_encoder{sfx}", clip_text_config_dict(tc), p, "model.safetensors")
+        write_char_tokenizer(out / f"tokenizer{sfx}", pad="!" if i == 1 else "<|endoftext|>")
+        index[f"text_encoder{sfx}"] = ["transformers", "CLIPTextModelWithProjection" if tc.with_projection
+                                       else "CLIPTextModel"]
+        index[f"tokenizer{sfx}"] = ["transformers", "CLIPTokenizer"]
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="sd15", choices=sorted(TINY))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    print(write_tiny_pipeline(a.out, a.kind, a.seed))
+
+
+if __name__ == "__main__":
+    main()
