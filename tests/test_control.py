@@ -62,6 +62,13 @@ def test_extra_kv_zero_mask_or_scale_is_plain_t2i(base):
     out = run(per_sample)
     assert np.array_equal(out[0], plain[0])
     assert max_abs(out[1], plain[1]) > 1e-3
+    # a token mask that keeps every token changes nothing; one that keeps a subset does
+    all_on = Control({"vision": ExtraTokens(tokens, None, 1.0, jnp.ones((B, 2, 6), bool))})
+    np.testing.assert_allclose(run(all_on), run(Control({"vision": ExtraTokens(tokens, None, 1.0)})), atol=1e-6)
+    some = jnp.arange(6) < 3
+    sub = Control({"vision": ExtraTokens(tokens, None, 1.0, jnp.broadcast_to(some, (B, 2, 6)))})
+    only3 = Control({"vision": ExtraTokens(tokens[:, :, :3], None, 1.0)})
+    np.testing.assert_allclose(run(sub), run(only3), atol=1e-5)
     # public RealCustom++ names
     names = {k[-2] for k in traverse_util.flatten_dict(p)}
     assert {"to_k_vision", "to_v_vision"} <= names

@@ -70,8 +70,10 @@ class ControlConfig:
 @flax.struct.dataclass
 class ExtraTokens:
     tokens: jax.Array                   # (B, R, N, D)
-    mask: jax.Array | None = None       # (B, R, h, w) at latent resolution, or None = everywhere
+    mask: jax.Array | None = None       # (B, R, h, w) output mask at latent resolution; None = everywhere
     scale: jax.Array | float = 1.0      # () or (B,)
+    token_mask: jax.Array | None = None  # (B, R, N) bool: tokens the queries may attend to (a
+                                         # static-shape Top-K selection, RealCustom Eq. 9-10)
 
 
 @flax.struct.dataclass

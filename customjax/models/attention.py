@@ -82,7 +82,10 @@ class Attention(nn.Module):
         k = split_heads(kp(toks), self.heads)
         v = split_heads(vp(toks), self.heads)
         qr = jnp.repeat(q, R, axis=0)
-        o = multihead_attention(qr, k, v).reshape(B, R, T, -1)
+        keep = None
+        if given.token_mask is not None:
+            keep = given.token_mask.reshape(B * R, 1, 1, -1).astype(bool)
+        o = multihead_attention(qr, k, v, mask=keep).reshape(B, R, T, -1)
         if given.mask is not None:
             m = resize_mask(given.mask.astype(jnp.float32), hw).reshape(B, R, T, 1)
             o = o * m.astype(o.dtype)
