@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from customjax.images import grid, save_png
 from customjax.pipeline import load_stable_diffusion
-from customjax.sampling import txt2img
+from customjax.sampling.t2i import txt2img
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "diffusers pipeline folder (model_index.json, unet/, vae/, ...)", required=True)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 
 from conftest import max_abs
 from customjax.pipeline import load_stable_diffusion
-from customjax.sampling import txt2img
+from customjax.sampling.t2i import txt2img
 from customjax.zoo import write_tiny_pipeline
 
 PROMPTS = ["a red toy on a table", "a photo of a dog"]

@@ -66,3 +66,4 @@ def duplicate_kv(params: Any, name: str) -> Any:
                     raise ValueError(f"cannot duplicate {'/'.join(src)} into {'/'.join(k)}")
                 out[k] = f[src]
     return traverse_util.unflatten_dict(out)
+

@@ -4,46 +4,16 @@ UNet call."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customjax import schedulers as S
 from customjax.models.vae import unscale_latents
 from customjax.pipeline import StableDiffusion, encode_text, sdxl_time_ids
+from customjax.sampling.common import Sampler, cached_sampler, cfg_combine
 from customjax.tokenizer import tokenize
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Sampler:
-    """A sampler over ``timesteps``: ``state = init(x)``; ``x, state = step(model_out, x, state, i)``."""
-
-    timesteps: np.ndarray
-    init: Callable[[jax.Array], Any]
-    step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-
-
-def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
-    """``kind`` is ``"ddim"`` (eta 0) or ``"dpm++2m"``."""
-    pt = config.prediction_type
-    if kind == "ddim":
-        table = S.ddim_schedule(config, steps)
-        return Sampler(np.asarray(table.timesteps), lambda x: (),
-                       lambda out, x, st, i: (S.ddim_step(table, pt, out, x, i)[0], st))
-    if kind == "dpm++2m":
-        table = S.dpm_solver_schedule(config, steps)
-        return Sampler(np.asarray(table.timesteps), S.dpm_solver_init,
-                       lambda out, x, st, i: S.dpm_solver_step(table, pt, out, x, st, i))
-    raise ValueError(f"unknown sampler {kind!r}; use 'ddim' or 'dpm++2m'")
-
-
-def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: float) -> jax.Array:
-    """Classifier-free guidance: e_u + w (e_c - e_u)."""
-    return uncond + scale * (cond - uncond)
 
 
 @functools.partial(jax.jit, static_argnames=("pipe", "sampler", "guidance", "zero_uncond"))
@@ -91,13 +61,9 @@ def txt2img(pipe: StableDiffusion, params: dict, prompts: list[str], key: jax.Ar
         latents = jax.random.normal(key, (len(prompts), height // f, width // f, pipe.unet.config.in_channels))
     ids = tuple(jnp.asarray(tokenize(t, prompts)) for t in pipe.tokenizers)
     neg = tuple(jnp.asarray(tokenize(t, [negative_prompt] * len(prompts))) for t in pipe.tokenizers)
-    smp = _cached_sampler(pipe.schedule, sampler, steps)
+    smp = cached_sampler(pipe.schedule, sampler, steps)
     zero = pipe.is_sdxl and not negative_prompt
     return np.asarray(_txt2img(pipe, smp, params, ids, neg, jnp.asarray(latents, jnp.float32),
                                float(guidance), zero))
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
-    """One Sampler object per setting, so the jit cache (keyed on it) is hit on repeated calls."""
-    return make_sampler(config, kind, steps)

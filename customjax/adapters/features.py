@@ -1,0 +1,226 @@
+"""The reference-image features that RealCustom++'s projector reads (seed 004, Sec. III-C1):
+SigLIP and DINOv2 run side by side on the same views and their patch tokens are concatenated
+along the channels (c0 = 1152 + 1024 = 2176 for SigLIP-so400m-patch14-384 and DINOv2-L/14).
+
+  deep    (B, n, c0)     the last hidden states, on the global view (image_size px)
+  shallow (B, L*n, c0)   L intermediate layers of each encoder on the global view, concatenated
+                         per layer along the channels, then the layers along the tokens
+  high    (B, 4n, c0)    the image at scale * image_size px, split into scale^2 views of
+                         image_size px, each encoded (deep features), concatenated along the tokens
+
+At 384 px with patch 14 both encoders give a 27 x 27 grid (n = 729); DINOv2's CLS and register
+tokens are dropped (SigLIP has none), so the two token sequences line up position by position.
+
+Layers are numbered by transformer block, from 0: "block j" is the output of block j, i.e.
+``hidden_states[j + 1]`` (timm's ``get_intermediate_layers`` numbering, as the public code), taken
+without the final LayerNorm. The paper's layers are SigLIP {7, 13, 19} and DINOv2 {4, 10, 16}.
+``deep_block=None`` takes ``last_hidden_state`` (after the final LayerNorm); the public code takes
+the output of the penultimate block instead (SigLIP 25 of 27, DINOv2 22 of 24, no LayerNorm).
+
+Views (``FeatureConfig``): the paper resizes to image_size for the global view and splits the
+scale * image_size view into quadrant crops. The public code (``PUBLIC_FEATURES``) instead resizes
+the reference to 768 px (bilinear), takes the global view from it (bilinear, align_corners=True),
+splits it by a strided rearrange ``b c (h 2) (w 2) -> (b 2 2) c h w`` (four interleaved
+sub-images, not crops; ``split="polyphase"``, tokens ordered ``(l hp wp)``) and passes every view
+through 8-bit PIL images (``quantize``: x -> floor(255 x) / 255).
+
+Pixels in are NHWC floats in [0, 1]; each encoder's normalisation is applied here (SigLIP
+mean = std = 0.5, DINOv2 ImageNet mean / std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customjax.models.vit import SiglipVisionModel
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZES = ("bicubic", "bilinear", "bilinear_align_corners")
+SPLITS = ("crops", "polyphase")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """image_size: the encoders' view (384). scale: the high-resolution view is scale * image_size,
+    split into scale^2 views. split: "crops" (paper) | "polyphase" (public). resize: how views are
+    resized: "bicubic" (antialiased), "bilinear" (torch ``F.interpolate``, align_corners=False, no
+    antialias). global_from_high: take the global view from the high-resolution one (bilinear,
+    align_corners=True, as the public code) instead of from the input. quantize: round views to
+    8 bits by truncation (the public code's PIL round trip). *_shallow: shallow blocks per encoder
+    (same count L for both). *_deep: the deep block, None for ``last_hidden_state``."""
+
+    image_size: int = 384
+    scale: int = 2
+    split: str = "crops"
+    resize: str = "bicubic"
+    global_from_high: bool = False
+    quantize: bool = False
+    siglip_shallow: tuple[int, ...] = (7, 13, 19)
+    dino_shallow: tuple[int, ...] = (4, 10, 16)
+    siglip_deep: int | None = None
+    dino_deep: int | None = None
+    siglip_mean: tuple[float, ...] = SIGLIP_MEAN
+    siglip_std: tuple[float, ...] = SIGLIP_STD
+    dino_mean: tuple[float, ...] = IMAGENET_MEAN
+    dino_std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"FeatureConfig.split={self.split!r}; choose one of {SPLITS}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"FeatureConfig.resize={self.resize!r}; choose one of {RESIZES}")
+        if len(self.siglip_shallow) != len(self.dino_shallow):
+            raise ValueError(f"FeatureConfig: siglip_shallow {self.siglip_shallow} and dino_shallow "
+                             f"{self.dino_shallow} must name the same number of layers")
+        if self.scale < 1 or self.image_size < 1:
+            raise ValueError(f"FeatureConfig: image_size={self.image_size}, scale={self.scale} must be positive")
+
+
+# The released RealCustom++ encoder ("ShallowDeepPatchfySiglipDinoEncoder" with feature_index
+# [25] / [22]; the shallow variant's indices [7, 13, 19] / [4, 10, 16] are kept here).
+PUBLIC_FEATURES = FeatureConfig(split="polyphase", resize="bilinear", global_from_high=True, quantize=True,
+                                siglip_deep=25, dino_deep=22)
+
+
+@flax.struct.dataclass
+class ReferenceFeatures:
+    """deep (B, n, c0); shallow (B, L*n, c0) or None; high (B, scale^2 * n, c0) or None."""
+
+    deep: jax.Array
+    shallow: jax.Array | None
+    high: jax.Array | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def _linear_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+    """(n_out, n_in) matrix of torch's 1-D linear ``F.interpolate`` (no antialias)."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        if align_corners:
+            x = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        else:
+            x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        x0 = min(int(np.floor(x)), n_in - 1)
+        x1 = min(x0 + 1, n_in - 1)
+        t = x - x0
+        m[i, x0] += 1.0 - t
+        m[i, x1] += t
+    return m
+
+
+def resize_images(images: jax.Array, size: int, method: str = "bicubic") -> jax.Array:
+    """(B, H, W, C) -> (B, size, size, C); ``method`` one of ``RESIZES`` (see ``FeatureConfig``)."""
+    B, H, W, C = images.shape
+    if (H, W) == (size, size):
+        return images
+    if method == "bicubic":
+        return jax.image.resize(images, (B, size, size, C), "bicubic", antialias=True)
+    if method not in RESIZES:
+        raise ValueError(f"resize method {method!r}; choose one of {RESIZES}")
+    ac = method == "bilinear_align_corners"
+    mh = jnp.asarray(_linear_matrix(H, size, ac), jnp.float32)
+    mw = jnp.asarray(_linear_matrix(W, size, ac), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", mh, images.astype(jnp.float32), precision=hi)
+    return jnp.einsum("pw,bowc->bopc", mw, x, precision=hi)
+
+
+def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """(x - mean) / std over the channel axis."""
+    return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+
+
+def reference_views(images: jax.Array, config: FeatureConfig = FeatureConfig()) -> tuple[jax.Array, jax.Array]:
+    """(global view (B, S, S, C), high-resolution views (B, scale^2, S, S, C)) of [0, 1] images,
+    S = image_size. Crops go row by row (top-left, top-right, ...); polyphase views are ordered
+    by (row offset, column offset), as the public rearrange."""
+    c, S, k = config, config.image_size, config.scale
+    if images.ndim != 4:
+        raise ValueError(f"images must be NHWC, got shape {images.shape}")
+    big = resize_images(images, S * k, c.resize)
+    glob = (resize_images(big, S, "bilinear_align_corners") if c.global_from_high
+            else resize_images(images, S, c.resize))
+    B, C = images.shape[0], images.shape[-1]
+    if c.split == "crops":
+        views = big.reshape(B, k, S, k, S, C).transpose(0, 1, 3, 2, 4, 5)
+    else:
+        views = big.reshape(B, S, k, S, k, C).transpose(0, 2, 4, 1, 3, 5)
+    views = views.reshape(B, k * k, S, S, C)
+    if c.quantize:
+        glob, views = (jnp.floor(jnp.clip(v, 0.0, 1.0) * 255.0) / 255.0 for v in (glob, views))
+    return glob, views
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _layers(what: str, model: nn.Module, params: Any, pixels: jax.Array, blocks: tuple[int, ...],
+            deep: int | None) -> tuple[list[jax.Array], jax.Array]:
+    """Patch tokens (prefix tokens dropped) of the given blocks and of the deep layer."""
+    cfg = model.config
+    size = pixels.shape[1]
+    if size % cfg.patch_size:
+        raise ValueError(f"{what}: view of {size}px is not a multiple of the patch size {cfg.patch_size}")
+    n_layers = cfg.num_hidden_layers
+    for j in (*blocks, *(() if deep is None else (deep,))):
+        if not 0 <= j < n_layers:
+            raise ValueError(f"{what}: block {j} does not exist (the model has blocks 0..{n_layers - 1})")
+    kw = {"interpolate_pos_encoding": size != cfg.image_size} if isinstance(model, SiglipVisionModel) else {}
+    out = model.apply({"params": params}, pixels, **kw)
+    grid = (size // cfg.patch_size) ** 2
+    prefix = out.last_hidden_state.shape[1] - grid
+    if prefix < 0:
+        raise ValueError(f"{what}: {out.last_hidden_state.shape[1]} tokens for a {grid}-patch grid")
+    patches = lambda x: x[:, prefix:]
+    shallow = [patches(out.hidden_states[j + 1]) for j in blocks]
+    return shallow, patches(out.last_hidden_state if deep is None else out.hidden_states[deep + 1])
+
+
+def reference_features(images: jax.Array, *, siglip: nn.Module, siglip_params: Any, dino: nn.Module,
+                       dino_params: Any, config: FeatureConfig = FeatureConfig(), shallow: bool = True,
+                       high: bool = True) -> ReferenceFeatures:
+    """The CCP's inputs from reference images (B, H, W, 3) in [0, 1].
+
+    ``siglip`` / ``dino``: a ``SiglipVisionModel`` and a ``Dinov2Model`` (with or without registers)
+    with their parameters. ``shallow`` / ``high`` = False skip those features (no high-resolution
+    views are encoded then)."""
+    c = config
+    B = images.shape[0]
+    glob, views = reference_views(images, c)
+    k2 = views.shape[1]
+    pixels = jnp.concatenate([glob, views.reshape(B * k2, *views.shape[2:])]) if high else glob
+
+    def encode(what, model, params, mean, std, blocks, deep):
+        sh, dp = _layers(what, model, params, normalize(pixels, mean, std), blocks if shallow else (), deep)
+        return [x[:B] for x in sh], dp
+
+    s_sh, s_deep = encode("SigLIP", siglip, siglip_params, c.siglip_mean, c.siglip_std, c.siglip_shallow, c.siglip_deep)
+    d_sh, d_deep = encode("DINOv2", dino, dino_params, c.dino_mean, c.dino_std, c.dino_shallow, c.dino_deep)
+    if s_deep.shape[1] != d_deep.shape[1]:
+        raise ValueError(f"SigLIP gives {s_deep.shape[1]} patch tokens and DINOv2 {d_deep.shape[1]} at "
+                         f"{c.image_size}px; their patch grids must agree")
+    cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
+    deep_all = cat(s_deep, d_deep)                                              # (B [+ B k2], n, c0)
+    deep = deep_all[:B]
+    shallow_f = jnp.concatenate([cat(a, b) for a, b in zip(s_sh, d_sh)], axis=1) if shallow and s_sh else None
+    high_f = None
+    if high:
+        n, c0 = deep.shape[1:]
+        loc = deep_all[B:].reshape(B, k2, n, c0)
+        if c.split == "polyphase":
+            loc = loc.transpose(0, 2, 1, 3)                                     # public order (l hp wp)
+        high_f = loc.reshape(B, k2 * n, c0)
+    return ReferenceFeatures(deep, shallow_f, high_f)

@@ -1,0 +1,1 @@
+"""One module per paper: its trainable tree, its loss, its sampling settings."""

@@ -1,0 +1,47 @@
+"""What every sampler here shares: the per-step update of DDIM / DPM-Solver++ behind one interface,
+and classifier-free guidance."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from customjax import schedulers as S
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+    """A sampler over ``timesteps``: ``state = init(x)``; ``x, state = step(model_out, x, state, i)``."""
+
+    timesteps: np.ndarray
+    init: Callable[[jax.Array], Any]
+    step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
+    """``kind`` is ``"ddim"`` (eta 0) or ``"dpm++2m"``."""
+    pt = config.prediction_type
+    if kind == "ddim":
+        table = S.ddim_schedule(config, steps)
+        return Sampler(np.asarray(table.timesteps), lambda x: (),
+                       lambda out, x, st, i: (S.ddim_step(table, pt, out, x, i)[0], st))
+    if kind == "dpm++2m":
+        table = S.dpm_solver_schedule(config, steps)
+        return Sampler(np.asarray(table.timesteps), S.dpm_solver_init,
+                       lambda out, x, st, i: S.dpm_solver_step(table, pt, out, x, st, i))
+    raise ValueError(f"unknown sampler {kind!r}; use 'ddim' or 'dpm++2m'")
+
+
+def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance: e_u + w (e_c - e_u)."""
+    return uncond + scale * (cond - uncond)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
+    """One Sampler object per setting, so the jit cache (keyed on it) is hit on repeated calls."""
+    return make_sampler(config, kind, steps)
