@@ -19,6 +19,7 @@ from customjax.adapters.public_checkpoint import (PROJECTOR_PREFIX, PublicCheckp
                                                   save_public, vision_params)
 from customjax.adapters.scoring import (AdaptiveScoring, ScoringConfig, num_kept, sample_gamma, to_extra_tokens,
                                         top_k_mask)
+from customjax.control.params import merge
 from customjax.control.spec import ControlConfig, ExtraKV
 from customjax.models.unet import UNet2DConditionModel, dummy_inputs
 from customjax.models.vit import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
@@ -101,41 +102,50 @@ def test_scoring_traced_per_example_gamma_under_jit(scoring_inputs, scoring_para
 def test_scoring_fusion_rows(scoring_inputs, scoring_params):
     """Table 3 rows: which scores exist and how they fuse (Eq. 8)."""
     f, txt, z, sab = scoring_inputs
-    full = _score(ScoringConfig(hidden=12), scoring_params, scoring_inputs)
+    only = lambda name: {k: v for k, v in scoring_params.items() if k.startswith(name)}
+
+    @jax.jit
+    def run(p):
+        cfg = ScoringConfig(hidden=12)
+        return (_score(cfg, p, scoring_inputs), _score(ScoringConfig("mean", hidden=12), p, scoring_inputs),
+                _score(ScoringConfig("text", hidden=12), only("text"), scoring_inputs),
+                _score(ScoringConfig("visual", hidden=12), only("visual"), scoring_inputs),
+                *(_score(cfg, p, (f, txt, z, jnp.full((B,), w0))) for w0 in (0.0, 1.0)))
+
+    full, mean, text, visual, at0, at1 = run(scoring_params)
     st, sv = np.asarray(full.text_scores), np.asarray(full.visual_scores)
     w = np.asarray(sab)[:, None]
-    np.testing.assert_allclose(full.scores, jax.nn.softmax((1 - w) * st + w * sv, axis=-1), rtol=1e-5, atol=1e-7)
-    mean = _score(ScoringConfig("mean", hidden=12), scoring_params, scoring_inputs)
-    np.testing.assert_allclose(mean.scores, jax.nn.softmax(0.5 * (st + sv), axis=-1), rtol=1e-5, atol=1e-7)
-    for fusion, keepname, other in (("text", "text", "visual"), ("visual", "visual", "text")):
-        sub = {k: v for k, v in scoring_params.items() if k.startswith(keepname)}
+    close = lambda out, logits: np.testing.assert_allclose(out.scores, jax.nn.softmax(logits, axis=-1),
+                                                           rtol=1e-5, atol=1e-7)
+    close(full, (1 - w) * st + w * sv)
+    close(mean, 0.5 * (st + sv))
+    close(text, st)
+    close(visual, sv)
+    assert text.visual_scores is None and visual.text_scores is None
+    close(at0, st)      # the schedule is all text at sqrt(abar) = 0 and all visual at 1
+    close(at1, sv)
+    for fusion in ("text", "visual"):   # a one-score row has only that score's parameters
         model = AdaptiveScoring(ScoringConfig(fusion, hidden=12))
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), f, txt, z, sab))["params"]
-        assert set(shapes) == {f"{keepname}_pool", f"{keepname}_score"}
-        out = _score(ScoringConfig(fusion, hidden=12), sub, scoring_inputs)
-        assert getattr(out, f"{other}_scores") is None
-        raw = st if fusion == "text" else sv
-        np.testing.assert_allclose(out.scores, jax.nn.softmax(raw, axis=-1), rtol=1e-5, atol=1e-7)
-    # the schedule is all text at sqrt(abar) = 0 and all visual at 1
-    for w0, raw in ((0.0, st), (1.0, sv)):
-        out = _score(ScoringConfig(hidden=12), scoring_params, (f, txt, z, jnp.full((B,), w0)))
-        np.testing.assert_allclose(out.scores, jax.nn.softmax(raw, axis=-1), rtol=1e-5, atol=1e-7)
+        assert set(shapes) == {f"{fusion}_pool", f"{fusion}_score"}
     with pytest.raises(ValueError, match="fusion"):
         ScoringConfig("sum")
 
 
 def test_scoring_guidance_mask_multiplies_latents(scoring_inputs, scoring_params):
     f, txt, z, sab = scoring_inputs
-    cfg = ScoringConfig(hidden=12)
-    ones = _score(cfg, scoring_params, scoring_inputs, mask=jnp.ones((B, 8, 8)))   # resized to 4x4
-    np.testing.assert_allclose(ones.scores, _score(cfg, scoring_params, scoring_inputs).scores, rtol=1e-6)
     zero = jnp.zeros((B, HW, HW))
-    a = _score(cfg, scoring_params, scoring_inputs, mask=zero)
-    b = _score(cfg, scoring_params, (f, txt, 5 * z + 1, sab), mask=zero)
-    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
     half = jnp.broadcast_to(jnp.arange(HW) < 2, (B, HW, HW)).astype(jnp.float32)
-    c = _score(cfg, scoring_params, (f, txt, z * half[..., None], sab))
-    np.testing.assert_allclose(_score(cfg, scoring_params, scoring_inputs, mask=half).scores, c.scores, rtol=1e-6)
+
+    @jax.jit
+    def run(p):
+        s = lambda x=scoring_inputs, **kw: _score(ScoringConfig(hidden=12), p, x, **kw).scores
+        return (s(mask=jnp.ones((B, 8, 8))), s(),                                # an 8x8 mask is resized to 4x4
+                s(mask=zero), s((f, txt, 5 * z + 1, sab), mask=zero),            # no latent reaches the score
+                s(mask=half), s((f, txt, z * half[..., None], sab)))             # the mask multiplies z_t
+
+    for a, b in zip(*[iter(run(scoring_params))] * 2):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,9 +233,9 @@ VIEW = 28       # patch 14 -> 2 x 2 = 4 tokens per view
 
 @pytest.fixture(scope="module")
 def encoders():
-    sc = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+    sc = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                             image_size=VIEW, patch_size=14, vision_use_head=False)
-    dc = Dinov2Config(hidden_size=8, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=VIEW,
+    dc = Dinov2Config(hidden_size=8, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2, image_size=VIEW,
                       patch_size=14, num_register_tokens=2, interpolate_antialias=True)
     sm, dm = SiglipVisionModel(sc), Dinov2Model(dc)
     x = jnp.zeros((1, VIEW, VIEW, 3))
@@ -243,8 +253,10 @@ def test_features_token_counts_and_channels(encoders):
     def run(im):   # the features, and by hand: the views encoded directly
         glob, views = F.reference_views(im, cfg)
         x = jnp.concatenate([glob, views[:, 3]])
-        so = encoders["siglip"].apply({"params": encoders["siglip_params"]}, F.normalize(x, F.SIGLIP_MEAN, F.SIGLIP_STD))
-        do = encoders["dino"].apply({"params": encoders["dino_params"]}, F.normalize(x, F.IMAGENET_MEAN, F.IMAGENET_STD))
+        so = encoders["siglip"].apply({"params": encoders["siglip_params"]},
+                                      F.normalize(x, F.SIGLIP_MEAN, F.SIGLIP_STD))
+        do = encoders["dino"].apply({"params": encoders["dino_params"]},
+                                    F.normalize(x, F.IMAGENET_MEAN, F.IMAGENET_STD))
         return F.reference_features(im, config=cfg, **encoders), views, F.resize_images(im, 2 * VIEW), so, do
 
     out, views, big, so, do = run(images)
@@ -260,7 +272,8 @@ def test_features_token_counts_and_channels(encoders):
     np.testing.assert_array_equal(views[:, 1], big[:, :VIEW, VIEW:])
     np.testing.assert_array_equal(views[:, 2], big[:, VIEW:, :VIEW])
     # no high-resolution pass when it is not wanted
-    lite = jax.eval_shape(lambda im: F.reference_features(im, config=cfg, high=False, shallow=False, **encoders), images)
+    lite = jax.eval_shape(lambda im: F.reference_features(im, config=cfg, high=False, shallow=False, **encoders),
+                          images)
     assert lite.high is None and lite.shallow is None and lite.deep.shape == (2, n, c0)
     with pytest.raises(ValueError, match="block 4 does not exist"):
         F.reference_features(images, config=F.FeatureConfig(image_size=VIEW, siglip_shallow=(4,), dino_shallow=(0,)),
@@ -349,16 +362,16 @@ def test_public_checkpoint_loads_strictly_and_round_trips(targets, tmp_path):
     assert set(back) == set(state)
     for key in state:
         np.testing.assert_array_equal(back[key], state[key])
-    # merged into the UNet tree, the full UNet runs with the projector's tokens
+    # merged with the base UNet's parameters, every parameter of the controlled UNet is there
     base = {k: v for k, v in _flat(_random_tree(unet_t, seed=13)).items()
             if "to_k_vision" not in k and "to_v_vision" not in k}
-    from customjax.control.params import merge
     full = merge(traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in base.items()}), unet)
     assert set(_flat(full)) == set(_flat(unet_t))
     # a file written by save_public reads back identically
     again = load_public_checkpoint(save_public(tmp_path / "again.safetensors", unet, proj),
                                    unet_target=unet_t, projector_target=proj_t)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves((unet, proj))))
+    leaves = jax.tree_util.tree_leaves
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(again), leaves((unet, proj))))
 
 
 def test_public_checkpoint_errors_name_the_keys(targets):
@@ -370,7 +383,8 @@ def test_public_checkpoint_errors_name_the_keys(targets):
     with pytest.raises(PublicCheckpointError, match="missing: " + repr(missing_key).replace(".", r"\.")) as e:
         load(st)
     assert isinstance(e.value, WeightMismatchError) and e.value.missing == [missing_key]
-    st = dict(_public_state(), **{"mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.weight": np.zeros((64, 64))})
+    st = dict(_public_state())
+    st["mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.weight"] = np.zeros((64, 64), np.float32)
     with pytest.raises(PublicCheckpointError, match="unexpected: 'mid_block.*to_out.0.weight'.*\n.*include_base=True"):
         load(st)
     st = _public_state()

@@ -95,13 +95,32 @@ def test_overlap_mode_allows_shared_positions():
 # Guidance on a tiny pipeline
 
 
+_BUILT = {}
+
+
+def _build(kind, tmp_path_factory):
+    if kind not in _BUILT:
+        folder = write_tiny_pipeline(tmp_path_factory.mktemp(kind), kind, seed=5)
+        pipe, params = load_stable_diffusion(folder)
+        unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=(ExtraKV("vision", 16),)),
+                                    jax.random.key(1), std=0.3)
+        _BUILT[kind] = kind, pipe, dict(params, unet=unet_p), unet
+    return _BUILT[kind]
+
+
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def tiny(request, tmp_path_factory):
-    folder = write_tiny_pipeline(tmp_path_factory.mktemp(request.param), request.param, seed=5)
-    pipe, params = load_stable_diffusion(folder)
-    unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=(ExtraKV("vision", 16),)),
-                                jax.random.key(1), std=0.3)
-    return request.param, pipe, dict(params, unet=unet_p), unet
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    return _build("sd15", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return _build("sdxl", tmp_path_factory)
 
 
 PROMPTS = ["a red toy and a blue cat", "a toy cat on grass"]
@@ -121,8 +140,8 @@ def _visual(adapter_params, feats, ctx, z, sqrt_abar):
     return feats, None
 
 
-def test_fast_self_augmentation_equals_explicit_product(tiny):
-    kind, pipe, params, unet = tiny
+def test_fast_self_augmentation_equals_explicit_product(tiny_sd15):
+    kind, pipe, params, unet = tiny_sd15
     ids, neg, wm, latents = _inputs(pipe)
     factor = 1 if kind == "sd15" else 2   # the finest attention resolution of each tiny UNet
     cap = unet.clone(control=dataclasses.replace(
@@ -165,10 +184,8 @@ def test_zero_mask_without_guidance_is_plain_t2i_bit_for_bit(tiny):
     assert np.abs(np.asarray(ones["images"]) - np.asarray(plain)).max() > 1e-4
 
 
-def test_early_stop_mask_constant_eval_count_and_single_compile(tiny):
-    kind, pipe, params, unet = tiny
-    if kind != "sdxl":
-        pytest.skip("run on the SDXL-like pipeline only, to keep the suite short")
+def test_early_stop_mask_constant_eval_count_and_single_compile(tiny_sdxl):
+    kind, pipe, params, unet = tiny_sdxl
     ids, neg, wm, latents = _inputs(pipe)
     steps, t_stop = 6, 3
     smp = cached_sampler(pipe.schedule, "ddim", steps)
@@ -197,10 +214,8 @@ def test_early_stop_mask_constant_eval_count_and_single_compile(tiny):
     assert not np.array_equal(np.asarray(other["images"]), np.asarray(out["images"]))
 
 
-def test_two_subjects_disjoint_masks_and_realcustom_cfg(tiny):
-    kind, pipe, params, unet = tiny
-    if kind != "sd15":
-        pytest.skip("run on the SD-1.5-like pipeline only, to keep the suite short")
+def test_two_subjects_disjoint_masks_and_realcustom_cfg(tiny_sd15):
+    kind, pipe, params, unet = tiny_sd15
     ids, neg, wm, latents = _inputs(pipe, words=(("toy", "cat"), ("toy", "cat")))
     smp = cached_sampler(pipe.schedule, "dpm++2m", 3)
     feats = jax.random.normal(jax.random.key(3), (2, 2, 5, 16))

@@ -38,7 +38,7 @@ from customjax.models.layers import activation
 
 FUSIONS = ("schedule", "text", "visual", "mean")
 GAMMA_TRAIN = (0.3, 1.0)      # Eq. 10: gamma_num ~ U[low, high] in training
-GAMMA_INFERENCE = 0.8         # Sec. 4 / Table 3 row 1
+GAMMA_INFERENCE = 0.8         # inference (Table 3, row 1)
 
 
 @dataclasses.dataclass(frozen=True)
