@@ -53,6 +53,24 @@ TINY = {
                              num_attention_heads=4, eos_token_id=VOCAB - 1, hidden_act="gelu",
                              projection_dim=32, with_projection=True))),
 }
+# Real-scale architectures with random weights, for benchmarks (the shapes of SD-1.5 and SDXL base).
+FULL_VAE = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+CLIP_L = CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, eos_token_id=VOCAB - 1)
+FULL = {
+    "sd15": dict(unet=UNetConfig(), text=(CLIP_L,), vae=FULL_VAE),
+    "sdxl": dict(
+        unet=UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2),
+                        heads=(5, 10, 20), cross_attention_dim=(2048,) * 3, transformer_layers=(1, 2, 10),
+                        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                        projection_class_embeddings_input_dim=2816,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        text=(CLIP_L, CLIPTextConfig(vocab_size=VOCAB, hidden_size=1280, intermediate_size=5120,
+                                     num_hidden_layers=32, num_attention_heads=20, eos_token_id=VOCAB - 1,
+                                     hidden_act="gelu", projection_dim=1280, with_projection=True)),
+        vae=FULL_VAE),
+}
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
              "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
@@ -131,6 +149,40 @@ def _save_component(folder: Path, config: dict, params, weights: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(to_torch_state(params), folder / weights)
+
+
+def random_pipeline(kind: str = "sd15", scale: str = "tiny", seed: int = 0, std: float = 0.02,
+                    dtype=jnp.float32, tokenizer_dir: str | os.PathLike | None = None):
+    """(pipeline, params) held in memory with random weights: ``scale`` "tiny" (the shapes of
+    :func:`write_tiny_pipeline`) or "full" (SD-1.5 / SDXL base shapes, for benchmarks)."""
+    import tempfile
+
+    from customjax.models.clip_text import CLIPTextModel
+    from customjax.models.unet import UNet2DConditionModel
+    from customjax.models.vae import AutoencoderKL
+    from customjax.pipeline import StableDiffusion
+    from customjax.schedulers import ScheduleConfig
+    from customjax.tokenizer import load_tokenizer
+
+    table = {"tiny": TINY, "full": FULL}[scale]
+    if kind not in table:
+        raise ValueError(f"unknown pipeline {kind!r}; choose from {sorted(table)}")
+    spec = table[kind]
+    vae_cfg = spec.get("vae", TINY_VAE)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    tok_root = Path(tokenizer_dir or tempfile.mkdtemp(prefix="customjax-tok-"))
+    toks = []
+    for i in range(len(spec["text"])):
+        write_char_tokenizer(tok_root / f"tokenizer{i}", pad="!" if i == 1 else "<|endoftext|>")
+        toks.append(load_tokenizer(tok_root / f"tokenizer{i}"))
+    params = {"unet": _random(param_shapes(UNET, spec["unet"]), keys[0], std),
+              "vae": _random(param_shapes(VAE, vae_cfg), keys[1], std),
+              "text_encoders": tuple(_random(param_shapes(clip_text_spec(tc.with_projection), tc), keys[2 + i], std)
+                                     for i, tc in enumerate(spec["text"]))}
+    pipe = StableDiffusion(UNet2DConditionModel(spec["unet"], dtype=dtype), AutoencoderKL(vae_cfg, dtype),
+                           tuple(CLIPTextModel(tc, dtype) for tc in spec["text"]), tuple(toks),
+                           ScheduleConfig.from_dict(SCHEDULER))
+    return pipe, params
 
 
 def write_tiny_pipeline(out: str | os.PathLike, kind: str = "sd15", seed: int = 0, std: float = 0.1) -> Path:

@@ -69,6 +69,8 @@ def test_extra_kv_zero_mask_or_scale_is_plain_t2i(base):
     sub = Control({"vision": ExtraTokens(tokens, None, 1.0, jnp.broadcast_to(some, (B, 2, 6)))})
     only3 = Control({"vision": ExtraTokens(tokens[:, :, :3], None, 1.0)})
     np.testing.assert_allclose(run(sub), run(only3), atol=1e-5)
+    none = Control({"vision": ExtraTokens(tokens, None, 1.0, jnp.zeros((B, 2, 6), bool))})
+    np.testing.assert_allclose(run(none), plain, atol=1e-6)
     # public RealCustom++ names
     names = {k[-2] for k in traverse_util.flatten_dict(p)}
     assert {"to_k_vision", "to_v_vision"} <= names

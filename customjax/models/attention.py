@@ -86,6 +86,8 @@ class Attention(nn.Module):
         if given.token_mask is not None:
             keep = given.token_mask.reshape(B * R, 1, 1, -1).astype(bool)
         o = multihead_attention(qr, k, v, mask=keep).reshape(B, R, T, -1)
+        if keep is not None:  # a reference with no kept token contributes nothing
+            o = o * jnp.any(keep, axis=-1).reshape(B, R, 1, 1).astype(o.dtype)
         if given.mask is not None:
             m = resize_mask(given.mask.astype(jnp.float32), hw).reshape(B, R, T, 1)
             o = o * m.astype(o.dtype)
