@@ -28,3 +28,33 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
         r, q = divmod(i, cols)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
     return out
+
+
+COLORS = np.array([[1.0, 0.15, 0.1], [0.1, 0.8, 0.2], [0.15, 0.35, 1.0], [1.0, 0.8, 0.1], [0.8, 0.2, 0.9]])
+
+
+def upsample(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of (..., h, w) to (..., H, W) (H, W multiples of h, w)."""
+    h, w = mask.shape[-2:]
+    return np.repeat(np.repeat(mask, hw[0] // h, axis=-2), hw[1] // w, axis=-1)
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Image (H, W, 3) with subject masks (J, h, w) in [0, 1] painted over it, one colour each."""
+    H, W = image.shape[:2]
+    out = np.asarray(image, np.float32).copy()
+    for j, m in enumerate(np.asarray(masks, np.float32)):
+        a = alpha * upsample(m, (H, W))[..., None]
+        out = out * (1 - a) + a * COLORS[j % len(COLORS)]
+    return out
+
+
+def mask_strip(steps: np.ndarray, size: int = 64) -> np.ndarray:
+    """Per-step masks (T, J, h, w) as one row of T colour tiles (RealCustom++ Fig. 14)."""
+    tiles = []
+    for m in np.asarray(steps, np.float32):
+        tile = np.zeros((size, size, 3), np.float32)
+        for j, mj in enumerate(m):
+            tile += upsample(mj, (size, size))[..., None] * COLORS[j % len(COLORS)]
+        tiles.append(np.clip(tile, 0, 1))
+    return grid(np.stack(tiles), cols=len(tiles), pad=1)

@@ -74,7 +74,7 @@ def _reference_masks(masks: jax.Array, cfg: DualBranchConfig) -> jax.Array:
     return masks.sum(axis=1, keepdims=True) if cfg.references == "one2many" else masks
 
 
-@functools.partial(jax.jit, static_argnames=("pipe", "unet", "sampler", "cfg", "visual", "on_eval"))
+@functools.partial(jax.jit, static_argnames=("pipe", "unet", "sampler", "cfg", "visual", "zero_uncond", "on_eval"))
 def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: DualBranchConfig,
                        visual: VisualFn, params: dict, ids: tuple, neg_ids: tuple, word_masks: jax.Array,
                        feats: Any, latents: jax.Array, init_masks: jax.Array, zero_uncond: bool = False,

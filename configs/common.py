@@ -1,0 +1,78 @@
+"""Shared pieces of the method configs: the base model, the dual-branch guidance and sampling
+settings, and the ablation presets of the papers' tables, applied by name after the base variant
+(``--config configs/realcustompp.py:sdxl,table5_no2``)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# RealCustom++ Sec. IV-A: SD-1.5 DDIM 50 steps, CFG 12.5, T_stop 25; SDXL DDIM 25 steps, CFG 7.5,
+# T_stop 12; gamma_scope 0.2. Attention-map factors are relative to the latent: SD-1.5 latents
+# 64x64 have attention at 64/32/16/8 (factors 1/2/4/8), SDXL latents 128x128 at 64/32 (2/4).
+MODELS = {
+    "tiny": dict(random="sd15", steps=10, t_stop=5, w=7.5, cross=(2,), self_=(1,), mask_factor=1, size=32),
+    "tiny_sdxl": dict(random="sdxl", steps=10, t_stop=5, w=7.5, cross=(2,), self_=(2,), mask_factor=2, size=32),
+    "sd15": dict(random="", steps=50, t_stop=25, w=12.5, cross=(4, 8), self_=(1,), mask_factor=1, size=512),
+    "sdxl": dict(random="", steps=25, t_stop=12, w=7.5, cross=(4,), self_=(2,), mask_factor=2, size=1024),
+}
+
+
+def base(method: str, variant: str) -> ml_collections.ConfigDict:
+    if variant not in MODELS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(MODELS)} (then ablations)")
+    m = MODELS[variant]
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.variant = variant
+    c.seed = 0
+    c.init_std = 0.02
+    c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", dtype="float32"))
+    c.encoders = ml_collections.ConfigDict(dict(
+        siglip="", dino="", clip="", image_size=28 if variant.startswith("tiny") else 384, scale=2,
+        siglip_shallow=(0,) if variant.startswith("tiny") else (7, 13, 19),
+        dino_shallow=(0,) if variant.startswith("tiny") else (4, 10, 16)))
+    c.guidance = ml_collections.ConfigDict(dict(
+        gamma_scope=0.2, norm="max", cross_factors=m["cross"], self_factors=m["self_"],
+        mask_factor=m["mask_factor"], multi="algorithm1", t_stop=ml_collections.config_dict.placeholder(int),
+        cfg=method, w=m["w"], w_t=7.5, w_i=12.5, visual_scale=1.0, references="many2many"))
+    c.guidance.t_stop = m["t_stop"]      # None (no early stop) allowed
+    c.sample = ml_collections.ConfigDict(dict(
+        sampler="ddim", steps=m["steps"], height=m["size"], width=m["size"], batch=4, seeds=(0,),
+        record_masks=True, prompts="", out="out/sample"))
+    return c
+
+
+# Ablation presets: name -> (paper table row, overrides of config.guidance).
+def _all_factors(c):
+    return (1, 2, 4, 8) if c.variant in ("sd15", "tiny") else (2, 4)
+
+
+ABLATIONS = {
+    # RealCustom++ Table V: which attention builds the mask.
+    "table5_no1": ("all-resolution cross-attn", lambda c: dict(cross_factors=_all_factors(c), self_factors=())),
+    "table5_no2": ("low-resolution cross-attn (conference version)", lambda c: dict(self_factors=())),
+    "table5_no3": ("(2) + all-resolution self-attn", lambda c: dict(self_factors=_all_factors(c))),
+    "table5_no4": ("(2) + high-resolution self-attn (AMG)", lambda c: {}),
+    # Table VI: Top-K ratio and mask normalisation.
+    **{f"gamma{int(g * 100):03d}": (f"gamma_scope={g}", (lambda g: lambda c: dict(gamma_scope=g))(g))
+       for g in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)},
+    "binary": ("w/o mask norm (binary mask)", lambda c: dict(norm="binary")),
+    # Table VII: early-stop step; "no_early_stop" = None.
+    **{f"tstop{t}": (f"T_stop={t}", (lambda t: lambda c: dict(t_stop=t))(t)) for t in (5, 10, 12, 15, 20, 25)},
+    "no_early_stop": ("w/o early stop regularisation", lambda c: dict(t_stop=None)),
+    # Table XII: AMG-S (self-attention augmentation) and AMG-T (early stop) on/off.
+    "no_amg_s": ("w/o AMG-S", lambda c: dict(self_factors=())),
+    "no_amg_t": ("w/o AMG-T", lambda c: dict(t_stop=None)),
+    # Multi-subject: overlapping per-subject Top-K instead of Algorithm 1; One2Many references.
+    "overlap": ("masks may overlap", lambda c: dict(multi="overlap")),
+    "one2many": ("several words, one reference", lambda c: dict(references="one2many")),
+}
+
+
+def apply_variant(c: ml_collections.ConfigDict, extras: list[str]) -> ml_collections.ConfigDict:
+    for name in extras:
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}; known: {sorted(ABLATIONS)}")
+        c.guidance.update(ABLATIONS[name][1](c))
+    c.ablations = ",".join(extras)
+    return c

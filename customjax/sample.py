@@ -1,0 +1,211 @@
+"""Batch sampling with RealCustom / RealCustom++ (one jitted dual-branch sampler).
+
+    python -m customjax.sample --config configs/realcustompp.py:sdxl --checkpoint CKPT \
+        --prompts cases.jsonl --config.model.path /path/to/sdxl --config.encoders.siglip ... 
+
+``--prompts`` is a JSONL file, one case a line::
+
+    {"prompt": "a toy on the beach", "words": ["toy"], "references": ["toy.png"], "seeds": [0, 1]}
+
+(or ``--prompt`` / ``--word`` / ``--reference`` flags for one case). Every case is checked before
+anything compiles: the target words must be in the prompt, the references must be readable
+images. Writes per image a PNG, the final masks over it (``*_mask.png``), the per-step mask strip
+(``*_steps.png``), a grid, and ``record.json`` with every setting and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+from tqdm import tqdm
+
+from customjax.images import grid, mask_strip, overlay, save_png
+from customjax.methods import realcustom, realcustompp
+from customjax.methods.build import build, guidance_config, load_adapter
+from customjax.parallel import data_mesh, replicate, shard_batch
+from customjax.sampling.common import cached_sampler
+from customjax.sampling.dual_branch import dual_branch_sample, unet_evaluations
+from customjax.tokenizer import tokenize, word_token_positions
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "method config file[:variant[,ablation...]]", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "adapter checkpoint (folder with adapter.safetensors, or the public "
+                    "RealCustom++ file); without it the adapter is randomly initialised")
+flags.DEFINE_string("prompts", None, "JSONL file of cases (prompt, words, references, seeds)")
+flags.DEFINE_string("prompt", None, "one prompt (with --word and --reference)")
+flags.DEFINE_multi_string("word", [], "target real word(s) of --prompt")
+flags.DEFINE_multi_string("reference", [], "reference image(s) of --prompt")
+flags.DEFINE_list("seeds", None, "seeds for every case (default: the case's own, else config.sample.seeds)")
+flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
+
+
+class CaseError(ValueError):
+    pass
+
+
+def read_cases() -> list[dict]:
+    if FLAGS.prompts:
+        path = Path(FLAGS.prompts)
+        if not path.is_file():
+            raise CaseError(f"--prompts {path}: no such file")
+        cases = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    cases.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise CaseError(f"{path}:{n}: not JSON ({e})") from None
+                cases[-1]["_where"] = f"{path}:{n}"
+    elif FLAGS.prompt:
+        cases = [{"prompt": FLAGS.prompt, "words": FLAGS.word, "references": FLAGS.reference, "_where": "flags"}]
+    else:
+        raise CaseError("give --prompts FILE.jsonl, or --prompt with --word and --reference")
+    return cases
+
+
+def load_image(path: str, where: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise CaseError(f"{where}: reference image {path} does not exist") from None
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_cases(cases: list[dict], tokenizer, references_mode: str, default_seeds) -> list[dict]:
+    """Validates every case before compilation; returns them with images loaded."""
+    out = []
+    for c in cases:
+        where = c.get("_where", "?")
+        for key in ("prompt", "words", "references"):
+            if key not in c:
+                raise CaseError(f"{where}: missing {key!r}")
+        words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
+        refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
+        if not words:
+            raise CaseError(f"{where}: no target word given")
+        for w in words:
+            try:
+                word_token_positions(tokenizer, c["prompt"], w)
+            except ValueError as e:
+                raise CaseError(f"{where}: {e}") from None
+        want = 1 if references_mode == "one2many" else len(words)
+        if len(refs) != want:
+            raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
+                            f"{references_mode} needs {want}")
+        images = [load_image(r, where) for r in refs]
+        seeds = [int(s) for s in (FLAGS.seeds or c.get("seeds") or default_seeds)]
+        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where))
+    return out
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                      np.float32) / 255.0
+
+
+def main(argv) -> None:
+    del argv
+    cfg = FLAGS.config
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
+    t0 = time.time()
+    built = build(cfg)
+    pipe = built.pipe
+    gcfg = guidance_config(cfg)
+    cases = check_cases(read_cases(), pipe.tokenizers[0], gcfg.references, list(cfg.sample.seeds))
+    if FLAGS.checkpoint:
+        built = load_adapter(built, FLAGS.checkpoint)
+    else:
+        logging.warning("no --checkpoint: the adapter is randomly initialised (shapes and plumbing only)")
+    out = Path(FLAGS.out or cfg.sample.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # reference tokens, once per reference image
+    side = built.image_side
+    ref_size = cfg.encoders.image_size * (cfg.encoders.scale if built.method == "realcustompp" else 1)
+    tok_fn = realcustompp.reference_tokens if built.method == "realcustompp" else realcustom.reference_tokens
+    if built.method == "realcustompp":
+        visual, adapter = realcustompp.constant_visual, None
+    else:
+        visual = realcustom.ScoringVisual(side.scoring, cfg.scoring.gamma_num)
+        adapter = built.params["image"]["scoring"]
+    for c in cases:
+        imgs = np.stack([_resize(i, ref_size) for i in c["images"]])
+        c["tokens"] = np.asarray(tok_fn(side, built.params["image"], jnp.asarray(imgs)))
+
+    jobs = [(c, s) for c in cases for s in c["seeds"]]
+    mesh = data_mesh()
+    bsz = max(cfg.sample.batch, mesh.shape["data"])
+    bsz += -bsz % mesh.shape["data"]
+    params = replicate({"unet": built.params["unet"], "vae": built.params["vae"],
+                        "text_encoders": built.params["text_encoders"], "adapter": adapter}, mesh)
+    smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
+    H, W, f = cfg.sample.height, cfg.sample.width, pipe.vae_scale
+    hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
+    records, images = [], []
+    groups: dict = {}
+    for j in jobs:  # one compiled shape per (subjects, references, tokens)
+        groups.setdefault((len(j[0]["words"]), j[0]["tokens"].shape), []).append(j)
+    with tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
+        for (J, tshape), group in groups.items():
+            for b in range(0, len(group), bsz):
+                chunk = group[b:b + bsz]
+                chunk = chunk + [chunk[-1]] * (bsz - len(chunk))       # pad to one compiled shape
+                prompts = [c["prompt"] for c, _ in chunk]
+                ids = tuple(jnp.asarray(tokenize(t, prompts)) for t in pipe.tokenizers)
+                neg = tuple(jnp.asarray(tokenize(t, [""] * bsz)) for t in pipe.tokenizers)
+                wm = np.zeros((bsz, J, ids[0].shape[1]), bool)
+                for i, (c, _) in enumerate(chunk):
+                    for k, w in enumerate(c["words"]):
+                        wm[i, k, word_token_positions(pipe.tokenizers[0], c["prompt"], w)] = True
+                feats = np.stack([c["tokens"] for c, _ in chunk])
+                lat = np.stack([np.asarray(jax.random.normal(jax.random.key(s), (H // f, W // f, pipe.unet.config.in_channels)))
+                                for _, s in chunk])
+                batch = shard_batch(dict(ids=ids, neg=neg, wm=jnp.asarray(wm), feats=jnp.asarray(feats),
+                                         lat=jnp.asarray(lat), m0=jnp.zeros((bsz, J, *hw_mask))), mesh)
+                res = dual_branch_sample(pipe, built.unet, smp, gcfg, visual, params, batch["ids"], batch["neg"],
+                                         batch["wm"], batch["feats"], batch["lat"], batch["m0"],
+                                         zero_uncond=pipe.is_sdxl)
+                res = jax.tree_util.tree_map(np.asarray, res)
+                n_real = min(bsz, len(group) - b)
+                for i in range(n_real):
+                    c, s = chunk[i]
+                    name = f"{len(records):04d}_seed{s}"
+                    save_png(res["images"][i], out / f"{name}.png")
+                    save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
+                    if "mask_steps" in res:
+                        save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
+                    records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
+                                        references=c["references"], seed=s, case=c["where"]))
+                    images.append(res["images"][i])
+                bar.update(n_real)
+    save_png(grid(np.stack(images)), out / "grid.png")
+    record = dict(config=json.loads(cfg.to_json_best_effort()), checkpoint=FLAGS.checkpoint,
+                  device=str(jax.devices()[0]), devices=len(jax.devices()), batch=bsz,
+                  unet_evaluations_per_image=unet_evaluations(gcfg, cfg.sample.steps),
+                  seconds=round(time.time() - t0, 2), images=records)
+    (out / "record.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {len(records)} images, masks and grid.png to {out}")
+
+
+def run() -> None:
+    def _main(argv):
+        try:
+            main(argv)
+        except CaseError as e:
+            raise app.UsageError(str(e)) from None
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    run()
