@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from customjax.images import grid, mask_strip, overlay, save_png
 from customjax.methods import realcustom, realcustompp
-from customjax.methods.build import build, guidance_config, load_adapter
+from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter
 from customjax.parallel import data_mesh, replicate, shard_batch
 from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import dual_branch_sample, unet_evaluations
@@ -119,10 +119,10 @@ def main(argv) -> None:
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
     t0 = time.time()
+    gcfg = guidance_config(cfg)
+    cases = check_cases(read_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds))
     built = build(cfg)
     pipe = built.pipe
-    gcfg = guidance_config(cfg)
-    cases = check_cases(read_cases(), pipe.tokenizers[0], gcfg.references, list(cfg.sample.seeds))
     if FLAGS.checkpoint:
         built = load_adapter(built, FLAGS.checkpoint)
     else:

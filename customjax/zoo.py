@@ -139,10 +139,12 @@ def write_char_tokenizer(folder: str | os.PathLike, pad: str = "<|endoftext|>") 
         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
 
 
-def _random(shapes, key: jax.Array, std: float) -> dict:
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [std * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+def _random(shapes, key: jax.Array | int, std: float) -> dict:
+    """N(0, std^2) arrays of the tree's shapes, drawn on the host with numpy (no per-shape
+    compilation, unlike eager ``jax.random``)."""
+    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1)) if isinstance(key, jax.Array) else int(key)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(std * rng.standard_normal(s.shape, np.float32)), shapes)
 
 
 def _save_component(folder: Path, config: dict, params, weights: str) -> None:

@@ -59,6 +59,20 @@ def _encoder(path: str, spec, tiny_cfg, module_cls, dtype, key):
     return module_cls(tiny_cfg, dtype), _random(param_shapes(spec, tiny_cfg), key, 0.05)
 
 
+def first_tokenizer(config: ml_collections.ConfigDict):
+    """The pipeline's (first) tokenizer alone, cheaply, to check prompts before anything loads."""
+    import tempfile
+
+    from customjax.tokenizer import load_tokenizer
+    from customjax.zoo import write_char_tokenizer
+
+    if config.model.path:
+        return load_tokenizer(Path(config.model.path) / "tokenizer")
+    folder = Path(tempfile.mkdtemp(prefix="customjax-tok-"))
+    write_char_tokenizer(folder)
+    return load_tokenizer(folder)
+
+
 def build(config: ml_collections.ConfigDict) -> Built:
     """Modules and parameters for ``config`` (adapter parameters initialised; see
     :func:`load_adapter` for a trained checkpoint)."""

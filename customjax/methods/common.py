@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from customjax.control.params import attach
@@ -22,9 +23,8 @@ def with_control(unet: Any, params: Any, control: ControlConfig, key: jax.Array,
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(module.config)))["params"]
     have = traverse_util.flatten_dict(params)
     flat = traverse_util.flatten_dict(shapes)
-    new = sorted(k for k in flat if k not in have)
-    keys = dict(zip(new, jax.random.split(key, max(len(new), 1))))
-    for k in new:
-        flat[k] = (jnp.zeros(flat[k].shape) if "lora_up" in k
-                   else std * jax.random.normal(keys[k], flat[k].shape))
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
+    for k in sorted(k for k in flat if k not in have):
+        flat[k] = jnp.asarray(np.zeros(flat[k].shape, np.float32) if "lora_up" in k
+                              else std * rng.standard_normal(flat[k].shape, np.float32))
     return module, attach(params, traverse_util.unflatten_dict(flat))
