@@ -28,7 +28,7 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     c.init_std = 0.02
     c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", dtype="float32"))
     c.encoders = ml_collections.ConfigDict(dict(
-        siglip="", dino="", clip="", image_size=28 if variant.startswith("tiny") else 384, scale=2,
+        siglip="", dino="", clip="", public=False, image_size=28 if variant.startswith("tiny") else 384, scale=2,
         siglip_shallow=(0,) if variant.startswith("tiny") else (7, 13, 19),
         dino_shallow=(0,) if variant.startswith("tiny") else (4, 10, 16)))
     c.guidance = ml_collections.ConfigDict(dict(
@@ -71,6 +71,10 @@ ABLATIONS = {
 
 def apply_variant(c: ml_collections.ConfigDict, extras: list[str]) -> ml_collections.ConfigDict:
     for name in extras:
+        if name == "public":  # the released RealCustom++ projector and feature extraction
+            c.ccp.update(dict(cross_layer=False, deep_proj="linear"))
+            c.encoders.public = True
+            continue
         if name not in ABLATIONS:
             raise ValueError(f"unknown ablation {name!r}; known: {sorted(ABLATIONS)}")
         c.guidance.update(ABLATIONS[name][1](c))

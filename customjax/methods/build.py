@@ -16,7 +16,7 @@ import ml_collections
 from flax import traverse_util
 
 from customjax.adapters.ccp import CCPConfig, CrossLayerCrossScaleProjector
-from customjax.adapters.features import FeatureConfig
+from customjax.adapters.features import PUBLIC_FEATURES, FeatureConfig
 from customjax.adapters.scoring import AdaptiveScoring, ScoringConfig
 from customjax.control.spec import ControlConfig, ExtraKV
 from customjax.guidance.mask import MaskConfig
@@ -95,6 +95,13 @@ def build(config: ml_collections.ConfigDict) -> Built:
             cross_scale=config.ccp.cross_scale, combine=config.ccp.combine, deep_proj=config.ccp.deep_proj), dtype)
         feats = FeatureConfig(image_size=enc.image_size, scale=enc.scale, siglip_shallow=tuple(enc.siglip_shallow),
                               dino_shallow=tuple(enc.dino_shallow))
+        if enc.public:  # the released code's views and feature layers (see adapters/features.py)
+            feats = dataclasses.replace(PUBLIC_FEATURES, image_size=enc.image_size, scale=enc.scale,
+                                        siglip_shallow=feats.siglip_shallow, dino_shallow=feats.dino_shallow)
+            for name, model, block in (("SigLIP", siglip, feats.siglip_deep), ("DINOv2", dino, feats.dino_deep)):
+                if block >= model.config.num_hidden_layers:
+                    raise ValueError(f"config.encoders.public: the released features read {name} block {block}, "
+                                     f"but this {name} has {model.config.num_hidden_layers} layers")
         side = realcustompp.ImageSide(siglip, dino, ccp, feats)
         n = (enc.image_size // siglip.config.patch_size) ** 2
         args = [jnp.zeros((1, n, c0))]
