@@ -1,4 +1,10 @@
-"""One device mesh and the shardings the samplers and the trainer use."""
+"""One device mesh and the shardings the samplers and the trainer use.
+
+The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose
+devices also split the large parameters). Batches split over both; a parameter of at least
+``min_size`` elements is split along ``fsdp`` on its largest dimension that divides, others are
+replicated. With ``fsdp = 1`` this is plain data parallelism; on one device, nothing is split.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,55 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+BATCH = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over all (or the given) devices; ``fsdp`` must divide their count."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"fsdp={fsdp} must divide the device count {n}")
+    return Mesh(np.asarray(devices).reshape(n // fsdp, fsdp), BATCH)
+
 
 def data_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh ``("data",)`` over all (or the given) devices."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",))
+    """All devices on the batch axes (``fsdp = 1``)."""
+    return make_mesh(1, devices)
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_spec(ndim: int) -> P:
+    return P(BATCH, *([None] * (ndim - 1)))
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Places arrays with their leading (batch) axis split over ``data``; the batch must divide."""
-    n = mesh.shape["data"]
+    """Places arrays with their leading (batch) axis split over ``data`` x ``fsdp``."""
+    n = batch_size_divisor(mesh)
 
     def put(a):
-        if a is None:
-            return a
         if a.shape[0] % n:
             raise ValueError(f"batch of {a.shape[0]} does not split over {n} devices; use a multiple of {n}")
-        return jax.device_put(a, NamedSharding(mesh, P("data")))
+        return jax.device_put(a, NamedSharding(mesh, batch_spec(a.ndim)))
     return jax.tree_util.tree_map(put, tree)
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 18) -> P:
+    """``fsdp`` on the largest dimension divisible by the fsdp size, for large tensors."""
+    n = mesh.shape["fsdp"]
+    if n == 1 or int(np.prod(shape)) < min_size:
+        return P()
+    for d in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        if shape[d] % n == 0:
+            return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
+
+
+def param_shardings(tree: Any, mesh: Mesh, min_size: int = 2 ** 18) -> Any:
+    return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, param_spec(np.shape(a), mesh, min_size)), tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

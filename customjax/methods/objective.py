@@ -1,0 +1,102 @@
+"""The adapter training objective shared by RealCustom and RealCustom++: the latent-diffusion loss
+with the visual condition in every cross-attention layer (RealCustom Eq. 4 / RealCustom++ Eq. 4),
+no mask (training learns the alignment with every word; the mask is an inference device).
+
+RealCustom: the adaptive scoring module keeps the top gamma_num of the CLIP image tokens with
+gamma_num ~ U[0.3, 1.0] per example (Eq. 10) and sees z_t and sqrt(abar_t) (Eqs. 6-8).
+RealCustom++: the projector's tokens from SigLIP + DINOv2 features of the reference (a different
+view of the subject for multiview examples, Sec. III-C2).
+
+Condition dropout for classifier-free guidance: text only, image only, or both, each with its own
+probability; dropped text is the empty prompt, a dropped image is a visual scale of 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from customjax import schedulers as S
+from customjax.adapters.features import reference_features
+from customjax.adapters.scoring import sample_gamma
+from customjax.control.params import merge
+from customjax.control.spec import Control, ExtraTokens
+from customjax.methods import realcustom
+from customjax.models.vae import latent_dist_sample, scale_latents
+from customjax.pipeline import encode_text, sdxl_time_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    p_drop_text: float = 0.05
+    p_drop_image: float = 0.05
+    p_drop_both: float = 0.05
+    gamma_low: float = 0.3
+    gamma_high: float = 1.0
+
+
+def condition_dropout(key: jax.Array, batch: int, cfg: ObjectiveConfig) -> tuple[jax.Array, jax.Array]:
+    """(drop_text, drop_image) booleans (B,): one draw u ~ U[0, 1) per example, split into
+    [text only | image only | both | neither] by the three probabilities."""
+    u = jax.random.uniform(key, (batch,))
+    a, b, c = cfg.p_drop_text, cfg.p_drop_image, cfg.p_drop_both
+    if a + b + c > 1:
+        raise ValueError("condition dropout probabilities sum to more than 1")
+    text_only, image_only, both = u < a, (u >= a) & (u < a + b), (u >= a + b) & (u < a + b + c)
+    return text_only | both, image_only | both
+
+
+def visual_tokens(built: Any, frozen: dict, trainable: dict, batch: dict, z_t: jax.Array, ctx: jax.Array,
+                  sqrt_abar: jax.Array, key: jax.Array, cfg: ObjectiveConfig) -> tuple[jax.Array, jax.Array | None]:
+    """(tokens (B, 1, N, D), token_mask (B, 1, N) | None) of each example's reference."""
+    side = built.image_side
+    ref = batch["reference"]
+    if built.method == "realcustompp":
+        c = side.ccp.config
+        f = reference_features(ref, siglip=side.siglip, siglip_params=frozen["siglip"], dino=side.dino,
+                               dino_params=frozen["dino"], config=side.features, shallow=c.cross_layer,
+                               high=c.cross_scale)
+        f = jax.lax.stop_gradient(f)
+        tokens = side.ccp.apply({"params": trainable["ccp"]}, f.deep, f.shallow, f.high).tokens
+        return tokens[:, None], None
+    feats = jax.lax.stop_gradient(realcustom.reference_tokens(side, {"clip": frozen["clip"]}, ref))
+    gamma = sample_gamma(key, ref.shape[0], cfg.gamma_low, cfg.gamma_high)
+    out = side.scoring.apply({"params": trainable["scoring"]}, feats, ctx, z_t, sqrt_abar, gamma)
+    return out.features[:, None], out.keep[:, None]
+
+
+def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built: Any,
+            cfg: ObjectiveConfig) -> tuple[jax.Array, dict]:
+    """Mean squared error of the eps (or v) prediction; returns (loss, metrics)."""
+    pipe, unet = built.pipe, built.unet
+    k_lat, k_t, k_noise, k_drop, k_vis = jax.random.split(key, 5)
+    img = batch["image"]
+    B = img.shape[0]
+    mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, img, method="encode")
+    z0 = jax.lax.stop_gradient(scale_latents(latent_dist_sample(mean, logvar, k_lat), pipe.vae.config))
+    ctx, pooled = encode_text(pipe, frozen["text_encoders"], batch["ids"])
+    e_ctx, e_pooled = encode_text(pipe, frozen["text_encoders"], frozen["empty_ids"])
+    drop_text, drop_image = condition_dropout(k_drop, B, cfg)
+    ctx = jnp.where(drop_text[:, None, None], e_ctx, ctx)
+    if pooled is not None:
+        pooled = jnp.where(drop_text[:, None], e_pooled, pooled)
+    ctx, pooled = jax.lax.stop_gradient((ctx, pooled))
+
+    sched = S.noise_schedule(pipe.schedule)
+    t = jax.random.randint(k_t, (B,), 0, pipe.schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
+    z_t = S.add_noise(sched, z0, noise, t)
+    sqrt_abar = jnp.sqrt(sched.alphas_cumprod[t])
+    tokens, tmask = visual_tokens(built, frozen, trainable, batch, z_t, ctx, sqrt_abar, k_vis, cfg)
+    control = Control({"vision": ExtraTokens(tokens, None, jnp.where(drop_image, 0.0, 1.0), tmask)})
+    extra = {}
+    if pipe.is_sdxl:
+        extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(img.shape[1], img.shape[2], B))
+    params = merge(frozen["unet"], trainable["unet"])
+    pred = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra).astype(jnp.float32)
+    tgt = S.target(sched, pipe.schedule.prediction_type, z0, noise, t)
+    loss = jnp.mean((pred - tgt) ** 2)
+    return loss, {"loss": loss, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}
