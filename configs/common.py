@@ -80,3 +80,25 @@ def apply_variant(c: ml_collections.ConfigDict, extras: list[str]) -> ml_collect
         c.guidance.update(ABLATIONS[name][1](c))
     c.ablations = ",".join(extras)
     return c
+
+
+def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Training settings (``python -m customjax.train``). RealCustom++ Sec. IV-A: lr 1e-4,
+    160k iterations on 8 GPUs; tiny: a few hundred steps on the CPU."""
+    tiny = c.variant.startswith("tiny")
+    c.train = ml_collections.ConfigDict(dict(
+        steps=200 if tiny else 160_000, batch=4 if tiny else 64, log_every=10 if tiny else 50,
+        save_every=100 if tiny else 2000, sample_every=0 if tiny else 5000, max_to_keep=3,
+        async_save=True, image_size=32 if tiny else (1024 if c.variant == "sdxl" else 512),
+        fsdp=1, remat=False, dtype="float32", ema_decay=0.0))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3 if tiny else 1e-4, schedule="constant", warmup_steps=10 if tiny else 1000,
+        total_steps=ml_collections.FieldReference(None, field_type=int), final_lr_ratio=0.1,
+        clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, accumulate=1))
+    c.optim.total_steps = c.train.get_ref("steps")
+    c.objective = ml_collections.ConfigDict(dict(p_drop_text=0.05, p_drop_image=0.05, p_drop_both=0.05,
+                                                 gamma_low=0.3, gamma_high=1.0))
+    c.data = ml_collections.ConfigDict(dict(
+        text_image="", multiview="", synthetic=tiny, synthetic_size=64, workers=0,
+        mixture="curriculum", crop="curriculum", r_min=1.0, r_max=10 ** 0.5))
+    return c

@@ -19,4 +19,4 @@ def get_config(arg: str = "tiny"):
     c = common.base("realcustom", variant)
     c.guidance.update(dict(cross_factors=common._all_factors(c), self_factors=(), t_stop=None, gamma_scope=0.25))
     c.scoring = dict(fusion="schedule", gamma_num=0.8)
-    return common.apply_variant(c, extras)
+    return common.apply_variant(common.add_train(c), extras)

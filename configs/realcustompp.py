@@ -19,4 +19,4 @@ def get_config(arg: str = "tiny"):
     c = common.base("realcustompp", variant)
     c.ccp = dict(dim_head=16 if variant.startswith("tiny") else 64, cross_layer=True, cross_scale=True,
                  combine="layer_concat_scale_add", deep_proj="mlp")
-    return common.apply_variant(c, extras)
+    return common.apply_variant(common.add_train(c), extras)

@@ -35,8 +35,8 @@ class TrainState:
     key: jax.Array
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW(lr schedule) after global-norm clipping; ``accumulate`` > 1 wraps it in MultiSteps."""
+def make_optimizer_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup, then cosine decay to ``lr * final_lr_ratio`` or constant."""
     if c.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.total_steps, c.warmup_steps + 1),
                                                 end_value=c.lr * c.final_lr_ratio)
@@ -45,6 +45,12 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
                                   [c.warmup_steps])
     else:
         raise ValueError(f"optim.schedule={c.schedule!r}: use 'cosine' or 'constant'")
+    return lr
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW(lr schedule) after global-norm clipping; ``accumulate`` > 1 wraps it in MultiSteps."""
+    lr = make_optimizer_schedule(c)
     tx = optax.chain(optax.clip_by_global_norm(c.clip_norm),
                      optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay))
     return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx

@@ -1,0 +1,68 @@
+"""Orbax checkpoints of a training run: the train state (trainable parameters, optimizer state,
+EMA, step, RNG), the data iterator state and the config, saved asynchronously, ``max_to_keep``
+kept, the latest restored on start; plus export of the trainable tree to safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A thin CheckpointManager wrapper for ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+        self.dir = Path(workdir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                           enable_async_checkpointing=async_save))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None, force: bool = False) -> bool:
+        """Saves (asynchronously) the state; ``data_state`` and ``meta`` must be JSON-able."""
+        state = jax.tree_util.tree_map(lambda a: jax.random.key_data(a) if _is_key(a) else a, state)
+        args = {"state": ocp.args.StandardSave(state),
+                "data": ocp.args.JsonSave(data_state if data_state is not None else {}),
+                "meta": ocp.args.JsonSave(meta or {})}
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+        """(state, data_state, meta) at ``step`` (default: the latest). ``abstract_state``: the
+        state's structure with shapes, dtypes and shardings (e.g. from ``jax.eval_shape`` and the
+        step's shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.dir}")
+        keyed = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jax.numpy.uint32,
+                                           sharding=getattr(a, "sharding", None)) if _is_key(a) else a, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(keyed), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        state = jax.tree_util.tree_map(lambda a, r: jax.random.wrap_key_data(r) if _is_key(a) else r,
+                                       abstract_state, out["state"])
+        return state, out["data"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _is_key(a: Any) -> bool:
+    return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def write_config(workdir: str | os.PathLike, config: Any) -> Path:
+    path = Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
+    return path

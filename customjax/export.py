@@ -1,0 +1,64 @@
+"""Export the trainable weights of a training run to safetensors.
+
+    python -m customjax.export --workdir runs/x [--step N] [--ema] [--public] --out adapter.safetensors
+
+Ours: keys ``unet.<torch key>`` and ``<ccp|scoring>.<torch key>`` (what ``--checkpoint`` of the
+sample CLI reads). ``--public``: the public RealCustom++ key names (``...attn2.to_k_vision.weight``,
+``encoder_hidden_states_vision_projection.*``), for a projector of the released structure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import app, flags
+
+from customjax import trainer
+from customjax.checkpoint import Checkpointer
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "training run folder", required=True)
+flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.DEFINE_bool("ema", False, "export the EMA parameters")
+flags.DEFINE_bool("public", False, "use the public RealCustom++ key names")
+flags.DEFINE_string("out", None, "output .safetensors file", required=True)
+
+
+def export(workdir: str, out: str, step: int | None = None, ema: bool = False, public: bool = False) -> Path:
+    from customjax.methods.build import build, trainable_tree
+    from customjax.weights.convert import to_torch_state
+    from customjax.weights.safetensors_io import save_file
+
+    config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    built = build(config)
+    frozen, trainable = trainer.split(built)
+    tx = trainer.make_optimizer(config.optim)
+    state = trainer.init_state(trainable, tx, jax.random.key(0), ema=config.train.ema_decay > 0)
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    ckpt = Checkpointer(workdir, async_save=False)
+    state, _, _ = ckpt.restore(abstract, step)
+    ckpt.close()
+    if ema and state.ema is None:
+        raise ValueError(f"{workdir}: the run kept no EMA (config.train.ema_decay = 0)")
+    params = jax.device_get(state.ema if ema else state.params)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if public:
+        if built.method != "realcustompp":
+            raise ValueError("--public applies to RealCustom++ only")
+        from customjax.adapters.public_checkpoint import save_public
+        return save_public(out, params["unet"], params["ccp"])
+    save_file(to_torch_state(params), out, metadata={"method": built.method, "step": str(int(state.step))})
+    return out
+
+
+def main(argv) -> None:
+    del argv
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.ema, FLAGS.public))
+
+
+if __name__ == "__main__":
+    app.run(main)
