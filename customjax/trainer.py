@@ -16,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -86,7 +87,7 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, objective: O
         ema = state.ema
         if ema is not None:
             ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
         return TrainState(state.step + 1, params, opt_state, ema, key), metrics
     return step
 
@@ -103,4 +104,11 @@ def compile_step(step, mesh, state: TrainState, frozen: dict, batch_shapes: dict
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, s), tree, shardings)
+    """Puts host values that every process holds in full (parameters, states) onto ``shardings``;
+    each process fills only its addressable shards, so this works across hosts too."""
+    def put(a, s):
+        a = np.asarray(a) if not isinstance(a, jax.Array) or not a.is_fully_addressable else a
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(a), s))
+        return jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a[idx]))
+    return jax.tree_util.tree_map(put, tree, shardings)

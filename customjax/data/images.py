@@ -1,0 +1,122 @@
+"""Robust image decoding (PIL) and the crop geometry of the training transforms.
+
+:func:`open_rgb` never returns a broken image: corrupt or truncated bytes, and images whose short
+side is below ``min_size``, raise :class:`ImageError` with a skip reason. Grayscale, 16-bit,
+CMYK, palette and alpha images are converted to RGB (transparent areas composited on white), EXIF
+orientation is applied, and large JPEGs are decoded at reduced scale (``draft``) when the crops
+need fewer pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a skip reason (``undecodable``, ``truncated``, ``too_small``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, np.float32)
+        if a.size and a.max() > 255:
+            a = a / 257.0  # 16-bit range
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def open_rgb(data, where: str, *, min_size: int = 0, scale: float | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original (height, width) after EXIF orientation) of encoded ``data`` or a uint8 array.
+
+    ``scale`` is the largest factor by which the caller will resize the image; JPEGs are then decoded
+    at the smallest power-of-two reduction that still has at least that many pixels (the returned
+    image may be smaller than the original size: scale crop boxes by ``image.size / original``).
+    """
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
+            raise ImageError("undecodable", f"{where}: pixel array of dtype {data.dtype} shape {data.shape}")
+        im = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data)
+        h, w = data.shape[:2]
+        if min(h, w) < min_size:
+            raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
+        return _to_rgb(im), (h, w)
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        orientation = im.getexif().get(_ORIENTATION, 1)
+        if orientation in _TRANSPOSED:
+            w, h = h, w
+        if min(h, w) < min_size:
+            raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
+        if scale is not None and scale < 1 and im.format == "JPEG":
+            need = (max(1, math.ceil(im.size[0] * scale)), max(1, math.ceil(im.size[1] * scale)))
+            im.draft(im.mode, need)
+        im.load()
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        return _to_rgb(im), (h, w)
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many unrelated types for bad data
+        reason = "truncated" if "truncated" in str(e) else "undecodable"
+        raise ImageError(reason, f"{where}: {type(e).__name__}: {e}") from None
+
+
+def open_mask(data, where: str) -> Image.Image:
+    """A single-channel (``L``) mask from encoded bytes or a uint8 array; raises :class:`ImageError`."""
+    try:
+        im = Image.fromarray(np.asarray(data)) if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data))
+        im.load()
+        if im.mode in ("RGBA", "LA"):
+            return im.getchannel("A")
+        return im.convert("L")
+    except Exception as e:
+        raise ImageError("undecodable", f"{where} mask: {type(e).__name__}: {e}") from None
+
+
+def cover_crop_box(size: tuple[int, int], out: tuple[int, int], offset: tuple[float, float]) -> tuple:
+    """Crop box (left, top, right, bottom) in ``size = (h, w)`` pixels of an ``out = (H, W)`` window
+    of the image resized to cover ``out``; ``offset`` in [0, 1]^2 places the window (0.5 = centre).
+    Also returns the window's top-left in resized pixels (SDXL's crop coordinates)."""
+    (h, w), (oh, ow) = size, out
+    s = max(oh / h, ow / w)
+    rh, rw = h * s, w * s
+    top, left = round((rh - oh) * offset[0]), round((rw - ow) * offset[1])
+    return (left / s, top / s, (left + ow) / s, (top + oh) / s), (top, left)
+
+
+def crop_resize(im: Image.Image, original: tuple[int, int], box, out: tuple[int, int], resample=Image.BICUBIC):
+    """``im`` (possibly decoded at reduced scale) cropped to ``box`` (in ``original`` pixels) and resized to
+    ``out = (H, W)``."""
+    fx, fy = im.size[0] / original[1], im.size[1] / original[0]
+    scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    return im.resize((out[1], out[0]), resample, box=scaled)
+
+
+def reference_crop_box(size: tuple[int, int], out: int, ratio: float, offset: tuple[float, float]) -> tuple:
+    """Crop box (in ``size = (h, w)`` pixels) of the Eq. 11 reference: the centre square resized to
+    ``out * ratio`` and an ``out`` x ``out`` window cropped at ``offset`` in [0, 1]^2."""
+    h, w = size
+    m = min(h, w)
+    side = max(out, round(out * ratio))
+    s = side / m
+    x0, y0 = (w - m) / 2, (h - m) / 2
+    top, left = round((side - out) * offset[0]), round((side - out) * offset[1])
+    return (x0 + left / s, y0 + top / s, x0 + (left + out) / s, y0 + (top + out) / s)

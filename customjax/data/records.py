@@ -1,0 +1,175 @@
+"""The training record schema and its ArrayRecord shards.
+
+One record is one *example*: a text-image pair (one frame) or a multiview object (all of its
+frames, so that picking a reference and a target view is a local operation on one record).
+Records are serialised with msgpack (language-neutral; no pickle) as a map with these keys:
+
+=============  ===================  =========================================================
+key            msgpack type         meaning
+=============  ===================  =========================================================
+``v``          int                  schema version (1)
+``kind``       str                  ``"text_image"`` or ``"multiview"``
+``caption``    str                  caption (UTF-8), may be empty
+``frames``     array of bin         encoded images (JPEG/PNG/... bytes exactly as stored)
+``names``      array of str         one name per frame (file stem), same length as ``frames``
+``masks``      array of (bin|nil)   per-frame subject mask (encoded, single channel) or nil;
+                                    the key is absent when there are no masks at all
+``object_id``  str                  multiview object id (``""`` for text-image pairs)
+``source``     str                  where the example came from (path), for error messages
+=============  ===================  =========================================================
+
+Shards are ``<name>-00000-of-00004.array_record`` (ArrayRecord, ``group_size:1`` so that every
+record is individually seekable); record ``i`` of a conversion goes to shard ``i % num_shards``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import pathlib
+from typing import Sequence
+
+import msgpack
+
+SCHEMA_VERSION = 1
+KINDS = ("text_image", "multiview")
+SHARD_SUFFIX = ".array_record"
+WRITER_OPTIONS = "group_size:1"
+
+
+class RecordError(ValueError):
+    """A record that does not follow the schema; the message names the record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One decoded-from-msgpack (not yet image-decoded) training example.
+
+    ``frames`` holds encoded image bytes, or uint8 arrays (H, W[, C]) when the example comes from
+    a source that stores pixels (e.g. a tfds dataset); ``masks`` is ``None`` or one entry per frame.
+    """
+
+    kind: str
+    caption: str
+    frames: tuple
+    names: tuple = ()
+    masks: tuple | None = None
+    object_id: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        where = self.source or "<example>"
+        if self.kind not in KINDS:
+            raise RecordError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
+        if not self.frames:
+            raise RecordError(f"{where}: no frames")
+        if self.names and len(self.names) != len(self.frames):
+            raise RecordError(f"{where}: {len(self.names)} names for {len(self.frames)} frames")
+        if self.masks is not None and len(self.masks) != len(self.frames):
+            raise RecordError(f"{where}: {len(self.masks)} masks for {len(self.frames)} frames")
+
+
+def encode(example: Example) -> bytes:
+    """The msgpack bytes of ``example`` (frames must be encoded bytes)."""
+    for i, f in enumerate(example.frames):
+        if not isinstance(f, (bytes, bytearray)):
+            raise RecordError(f"{example.source or '<example>'}: frame {i} is {type(f).__name__}, not encoded bytes")
+    payload = {
+        "v": SCHEMA_VERSION,
+        "kind": example.kind,
+        "caption": example.caption,
+        "frames": [bytes(f) for f in example.frames],
+        "names": list(example.names) or [str(i) for i in range(len(example.frames))],
+        "object_id": example.object_id,
+        "source": example.source,
+    }
+    if example.masks is not None:
+        payload["masks"] = [None if m is None else bytes(m) for m in example.masks]
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def decode(data: bytes, where: str = "<record>") -> Example:
+    """The :class:`Example` in msgpack ``data``; raises :class:`RecordError` naming ``where``."""
+    try:
+        d = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise RecordError(f"{where}: not a msgpack record ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: record is a {type(d).__name__}, not a map")
+    if d.get("v") != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema version {d.get('v')!r}, expected {SCHEMA_VERSION}")
+    try:
+        masks = d.get("masks")
+        return Example(
+            kind=d["kind"], caption=d["caption"], frames=tuple(d["frames"]), names=tuple(d.get("names", ())),
+            masks=None if masks is None else tuple(masks), object_id=d.get("object_id", ""),
+            source=d.get("source", "") or where)
+    except KeyError as e:
+        raise RecordError(f"{where}: missing key {e}") from None
+
+
+def shard_path(out_dir: str | os.PathLike, name: str, index: int, count: int) -> pathlib.Path:
+    return pathlib.Path(out_dir) / f"{name}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
+
+
+def find_shards(path: str | os.PathLike | Sequence) -> list[str]:
+    """Shard files from a directory (all ``*.array_record`` in it), a glob, a file, or a list."""
+    if isinstance(path, (list, tuple)):
+        return [p for item in path for p in find_shards(item)]
+    p = str(path)
+    if os.path.isdir(p):
+        found = sorted(glob.glob(os.path.join(p, f"*{SHARD_SUFFIX}*")))
+    elif any(c in p for c in "*?["):
+        found = sorted(glob.glob(p))
+    else:
+        found = [p] if os.path.exists(p) else []
+    if not found:
+        raise FileNotFoundError(f"no ArrayRecord shards at {p}")
+    return found
+
+
+class ShardedWriter:
+    """Writes encoded records round-robin into ``num_shards`` ArrayRecord files.
+
+    Use as a context manager; ``paths`` lists the shard files, ``count`` the records written.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, num_shards: int = 1):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.paths = [str(shard_path(out_dir, name, i, num_shards)) for i in range(num_shards)]
+        self._writers = [ArrayRecordWriter(p, WRITER_OPTIONS) for p in self.paths]
+        self.count = 0
+
+    def write(self, example: Example | bytes) -> None:
+        data = example if isinstance(example, (bytes, bytearray)) else encode(example)
+        self._writers[self.count % len(self._writers)].write(bytes(data))
+        self.count += 1
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+        self._writers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._writers:
+            self.close()
+
+
+def read_shard(path: str | os.PathLike) -> list[Example]:
+    """All examples of one shard (for inspection and tests; training reads through sources)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        return [decode(b, f"{path}#{i}") for i, b in enumerate(reader.read_all())]
+    finally:
+        reader.close()
+
