@@ -1,5 +1,5 @@
-"""Adapter training: the step lowers the loss, equal results on 1 device, 4 simulated devices
-(data x fsdp) and two processes (jax.distributed on localhost)."""
+"""Adapter training: the step lowers the loss; 1 device and 2 processes x 2 simulated devices
+(data x fsdp, jax.distributed on localhost) reach the same parameters."""
 
 import json
 import os
@@ -56,32 +56,26 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
     assert int(state.step) == 25 and float(m["grad_norm"]) > 0
 
 
-def test_four_simulated_devices_data_by_fsdp_equal_one_device(single, tmp_path):
-    ref, _ = single
-    out = tmp_path / "p4.npz"
-    p = _probe({"steps": 3, "fsdp": 2, "out": str(out)}, devices=4)
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    assert json.loads(stdout.strip().splitlines()[-1])["devices"] == 4
-    got = np.load(out)
-    assert set(got.files) == set(ref)
-    err = max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref)
-    print(f"\n[sharding] 1 device vs 2 data x 2 fsdp, 3 steps: max abs param difference {err:.2e}")
-    assert err < 1e-5
-
-
-def test_two_processes_equal_each_other_and_one_process(single, tmp_path):
+def test_two_processes_of_two_devices_data_by_fsdp_equal_one_device(single, tmp_path):
+    """Two processes on localhost (jax.distributed, CPU collectives), each with 2 simulated devices:
+    a 2 (data) x 2 (fsdp) mesh over 4 devices, each process feeding half of every global batch.
+    After 3 steps both processes hold identical parameters, equal to the 1-device run."""
     ref, _ = single
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [_probe({"steps": 3, "distributed": True, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
-                     "process_id": i, "out": str(tmp_path / f"proc{i}.npz")}) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs = [_probe({"steps": 3, "fsdp": 2, "distributed": True, "coordinator": f"127.0.0.1:{port}",
+                     "num_processes": 2, "process_id": i, "out": str(tmp_path / f"proc{i}.npz")}, devices=2)
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
     for p, (so, se) in zip(procs, outs):
         assert p.returncode == 0, se[-3000:]
+        info = json.loads(so.strip().splitlines()[-1])
+        assert info["devices"] == 4 and info["processes"] == 2
     a, b = (np.load(tmp_path / f"proc{i}.npz") for i in range(2))
+    assert set(a.files) == set(ref)
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
     err = max(float(np.max(np.abs(a[k] - ref[k]))) for k in ref)
-    print(f"\n[multi-process] 2 processes vs 1, 3 steps: max abs param difference {err:.2e}")
+    print(f"\n[sharding] 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), 3 steps: "
+          f"max abs parameter difference {err:.2e}")
     assert err < 1e-5
