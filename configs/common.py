@@ -98,7 +98,9 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.train.get_ref("steps")
     c.objective = ml_collections.ConfigDict(dict(p_drop_text=0.05, p_drop_image=0.05, p_drop_both=0.05,
                                                  gamma_low=0.3, gamma_high=1.0))
+    # recipe: customjax.data.curriculum presets ("realcustompp" = Table X No.6, "table10_no1".."no6",
+    # "realcustom" = text-image reconstruction only, the conference version).
     c.data = ml_collections.ConfigDict(dict(
-        text_image="", multiview="", synthetic=tiny, synthetic_size=64, workers=0,
-        mixture="curriculum", crop="curriculum", r_min=1.0, r_max=10 ** 0.5))
+        text_image="", multiview="", synthetic=tiny, synthetic_examples=64, workers=0,
+        recipe="realcustompp" if c.method == "realcustompp" else "realcustom"))
     return c

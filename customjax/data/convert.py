@@ -62,7 +62,7 @@ def check_image(data: bytes, level: str = "header") -> str | None:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
     except Exception as e:  # PIL raises many types for bad files
-        return "truncated" if "truncated" in str(e) else "undecodable"
+        return "truncated" if "truncat" in str(e).lower() else "undecodable"
     return None
 
 

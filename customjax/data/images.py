@@ -42,12 +42,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def open_rgb(data, where: str, *, min_size: int = 0, scale: float | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def open_rgb(data, where: str, *, min_size: int = 0, scale=None) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, original (height, width) after EXIF orientation) of encoded ``data`` or a uint8 array.
 
-    ``scale`` is the largest factor by which the caller will resize the image; JPEGs are then decoded
-    at the smallest power-of-two reduction that still has at least that many pixels (the returned
-    image may be smaller than the original size: scale crop boxes by ``image.size / original``).
+    ``scale(h, w)`` gives the largest factor by which the caller will resize the (oriented) image; JPEGs
+    are then decoded at the strongest power-of-two reduction that keeps at least that many pixels (the
+    returned image may be smaller than the original size: scale crop boxes by ``image.size / original``).
     """
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
@@ -65,8 +65,9 @@ def open_rgb(data, where: str, *, min_size: int = 0, scale: float | None = None)
             w, h = h, w
         if min(h, w) < min_size:
             raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
-        if scale is not None and scale < 1 and im.format == "JPEG":
-            need = (max(1, math.ceil(im.size[0] * scale)), max(1, math.ceil(im.size[1] * scale)))
+        factor = scale(h, w) if scale is not None else 1.0
+        if factor < 1 and im.format == "JPEG":
+            need = (max(1, math.ceil(im.size[0] * factor)), max(1, math.ceil(im.size[1] * factor)))
             im.draft(im.mode, need)
         im.load()
         if orientation != 1:
@@ -75,7 +76,7 @@ def open_rgb(data, where: str, *, min_size: int = 0, scale: float | None = None)
     except ImageError:
         raise
     except Exception as e:  # PIL raises many unrelated types for bad data
-        reason = "truncated" if "truncated" in str(e) else "undecodable"
+        reason = "truncated" if "truncat" in str(e).lower() else "undecodable"
         raise ImageError(reason, f"{where}: {type(e).__name__}: {e}") from None
 
 

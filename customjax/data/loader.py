@@ -4,7 +4,8 @@
 numpy arrays, leading dimension ``global_batch_size // process_count``), and ``it.get_state()`` /
 ``it.set_state(state)`` (a JSON-able dict; or orbax with ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore``) resume it with the same subsequent batches. Close iterators of pipelines
-with workers (``it.close()``) to release their processes.
+with workers (``it.close()``) to release their processes. :func:`make_train_loader` builds the
+pipeline from a method config and wraps it in a :class:`TrainLoader` (``peek``, skip totals).
 
 Determinism and sharding. Global element ``g`` is a pure function of ``(seed, g)`` (record choice
 by :class:`~customjax.data.mixture.Mixture`, augmentation by :func:`~customjax.data.transforms.element_rng`)
@@ -95,6 +96,7 @@ def make_loader(
     reference_hflip: bool = False,
     with_mask: bool = False,
     mask_reference: bool = False,
+    max_skip_ratio: float | None = 0.5,
     read_threads: int = 2,
     read_buffer: int | None = None,
     worker_buffer_size: int = 2,
@@ -113,6 +115,7 @@ def make_loader(
       num_epochs: ``None`` for an endless stream; else a finite pass over the (single) source kind,
         ``num_epochs`` times, not step-aligned (evaluation, auditing).
       min_size: images whose short side is smaller are skipped (``too_small``).
+      max_skip_ratio: raise when more than this fraction of a window of 1000 elements is skipped.
       num_workers: grain worker processes per host (0: in-process; ``read_threads`` threads decode).
     """
     if process_index is None or process_count is None:
@@ -146,6 +149,9 @@ def make_loader(
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer or 2 * local_batch))
     ds = ds.filter(transforms.DropSkipped())
+    # Fail instead of spinning when (almost) everything is bad; grain checks windows of 1000 elements.
+    ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(
+        filter_warn_threshold_ratio=0.1, filter_raise_threshold_ratio=max_skip_ratio))
     if tokenizer:
         ds = ds.map(transforms.Tokenize(tokenizer))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder).map(transforms.ToFloat())
@@ -181,3 +187,86 @@ class SkipCounter:
     def records(self) -> int:
         """Records dropped (excluding replaced frames / masks)."""
         return int(sum(self.by_reason[r] for r in transforms.RECORD_SKIP_REASONS))
+
+
+class TrainLoader:
+    """An iterator of local batches over a :func:`make_loader` pipeline, for the training loop.
+
+    ``peek()`` returns the next batch without consuming it (for shapes); ``get_state()`` (JSON-able)
+    and ``set_state()`` checkpoint the position (a peeked batch is not yet consumed); ``skips``
+    totals the ``skipped`` field of the batches consumed. ``close()`` stops worker processes.
+    """
+
+    def __init__(self, dataset: grain.IterDataset):
+        self.dataset = dataset
+        self._it = iter(dataset)
+        self._peeked = None  # (state before the batch, batch)
+        self.skips = SkipCounter()
+
+    def peek(self) -> dict:
+        if self._peeked is None:
+            state = self._it.get_state()
+            self._peeked = (state, next(self._it))
+        return self._peeked[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked[1], None
+        else:
+            batch = next(self._it)
+        self.skips.update(batch)
+        return batch
+
+    def get_state(self) -> dict:
+        return self._peeked[0] if self._peeked is not None else self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._peeked = None
+        self._it.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+def make_train_loader(config, built=None, *, process_index: int | None = None,
+                      process_count: int | None = None) -> TrainLoader:
+    """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
+
+    Reads ``config.data`` (``text_image`` / ``multiview`` shard paths; ``synthetic`` writes a small
+    synthetic dataset of ``synthetic_size`` px images into a temporary folder, identical on every
+    process, when the paths are empty; ``mixture`` / ``crop`` / ``r_min`` / ``r_max`` the Table X
+    switches; ``workers``; optional ``fixed_p``, ``min_size``, ``reference_size``, ``shuffle``,
+    ``random_crop``, ``hflip``), ``config.train`` (``batch`` global, ``image_size``, ``steps``) and
+    ``config.seed``. The reference side defaults to ``encoders.image_size * encoders.scale`` for
+    RealCustom++ (the cross-scale view) and ``encoders.image_size`` otherwise. ``built`` is unused.
+    """
+    del built
+    d = config.data
+    sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
+    if not sources:
+        if not d.get("synthetic", False):
+            raise ValueError("config.data.text_image / config.data.multiview are empty and config.data.synthetic is off")
+        import tempfile
+
+        from customjax.data import synthetic
+
+        sources = synthetic.make_tiny_dataset(tempfile.mkdtemp(prefix="customjax_synthetic_"),
+                                              size=int(d.get("synthetic_size", 64)), seed=int(config.seed))
+    rec = curriculum.Recipe(data=d.get("mixture", "curriculum"), crop=d.get("crop", "curriculum"),
+                            fixed_p=float(d.get("fixed_p", 0.5)), r_min=float(d.get("r_min", curriculum.R_MIN)),
+                            r_max=float(d.get("r_max", curriculum.R_MAX)))
+    reference_size = d.get("reference_size", None)
+    if not reference_size:
+        enc = config.encoders
+        reference_size = enc.image_size * (enc.get("scale", 1) if config.method == "realcustompp" else 1)
+    ds = make_loader(
+        {k: v for k, v in sources.items() if k in rec.needs}, global_batch_size=int(config.train.batch),
+        image_size=config.train.image_size, reference_size=int(reference_size), total_steps=int(config.train.steps),
+        recipe=rec, seed=int(config.seed), num_workers=int(d.get("workers", 0)), process_index=process_index,
+        process_count=process_count, shuffle=bool(d.get("shuffle", True)), min_size=int(d.get("min_size", 0)),
+        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)))
+    return TrainLoader(ds)

@@ -14,7 +14,7 @@ import grain
 
 from customjax.data import curriculum
 from customjax.data.records import KINDS
-from customjax.data.sources import where
+from customjax.data.sources import describe, where
 
 _M64 = (1 << 64) - 1
 INFINITE = 1 << 62  # length of an endless pipeline
@@ -109,7 +109,7 @@ class Mixture(grain.sources.RandomAccessDataSource):
                 "where": where(source, r)}
 
     def __repr__(self) -> str:
-        srcs = ", ".join(f"{k}={s!r}" for k, s in self.sources.items())
+        srcs = ", ".join(f"{k}={describe(s)}" for k, s in self.sources.items())
         return (f"Mixture({srcs}, recipe={self.recipe}, total_steps={self.total_steps}, "
                 f"global_batch_size={self.global_batch_size}, seed={self.seed}, step_offset={self.step_offset}, "
                 f"shuffle={self.shuffle}, length={self.length})")

@@ -100,13 +100,20 @@ def decode(data: bytes, where: str = "<record>") -> Example:
     if d.get("v") != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema version {d.get('v')!r}, expected {SCHEMA_VERSION}")
     try:
-        masks = d.get("masks")
+        frames, masks, names = d["frames"], d.get("masks"), d.get("names", [])
+        if not isinstance(d["caption"], str) or not isinstance(frames, list) or not isinstance(names, list):
+            raise TypeError("caption must be a str, frames and names lists")
+        if not all(isinstance(f, bytes) for f in frames) or (
+                masks is not None and not all(m is None or isinstance(m, bytes) for m in masks)):
+            raise TypeError("frames and masks must be binary")
         return Example(
-            kind=d["kind"], caption=d["caption"], frames=tuple(d["frames"]), names=tuple(d.get("names", ())),
-            masks=None if masks is None else tuple(masks), object_id=d.get("object_id", ""),
-            source=d.get("source", "") or where)
+            kind=d["kind"], caption=d["caption"], frames=tuple(frames), names=tuple(map(str, names)),
+            masks=None if masks is None else tuple(masks), object_id=str(d.get("object_id", "")),
+            source=str(d.get("source", "")) or where)
     except KeyError as e:
         raise RecordError(f"{where}: missing key {e}") from None
+    except TypeError as e:
+        raise RecordError(f"{where}: {e}") from None
 
 
 def shard_path(out_dir: str | os.PathLike, name: str, index: int, count: int) -> pathlib.Path:

@@ -26,10 +26,17 @@ import numpy as np
 from customjax.data.records import KINDS, Example, RecordError, find_shards
 
 
+def describe(source) -> str:
+    """A short, stable description of a record source (its repr unless it is a plain container)."""
+    if isinstance(source, (list, tuple, dict)) or type(source).__repr__ is object.__repr__:
+        return f"<{type(source).__name__} of {len(source)} records>"
+    return repr(source)
+
+
 def where(source, index: int) -> str:
     """A human-readable name of record ``index`` of ``source``."""
     fn = getattr(source, "where", None)
-    return fn(index) if fn is not None else f"{source!r}[{index}]"
+    return fn(index) if fn is not None else f"{describe(source)}[{index}]"
 
 
 class ArrayRecordSource(grain.sources.RandomAccessDataSource):
@@ -95,7 +102,7 @@ class ConcatSource(grain.sources.RandomAccessDataSource):
         return where(source, i)
 
     def __repr__(self) -> str:
-        return f"ConcatSource([{', '.join(map(repr, self.sources))}])"
+        return f"ConcatSource([{', '.join(map(describe, self.sources))}])"
 
 
 def _text(value) -> str:
@@ -171,14 +178,12 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
 
 
 def as_source(data):
-    """A record source from a path (folder / glob / file of ArrayRecord shards), a list of paths, or a
-    random-access object (returned as is)."""
+    """A record source from a path (folder / glob / file of ArrayRecord shards) or a list of paths; any
+    other object with ``__len__`` and ``__getitem__`` (a record source, or a list of records) as is."""
     if isinstance(data, (str, os.PathLike)):
         return ArrayRecordSource(data)
-    if isinstance(data, (list, tuple)):
-        if all(isinstance(d, (str, os.PathLike)) for d in data):
-            return ArrayRecordSource(list(data))
-        return ConcatSource([as_source(d) for d in data])
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
+        return ArrayRecordSource(list(data))
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (bytes, str)):
         return data
     raise TypeError(f"cannot make a record source from {type(data).__name__}")

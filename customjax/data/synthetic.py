@@ -47,6 +47,11 @@ def draw(shape: str, color: str, background: str, size: int, center, radius: flo
     return im, mask
 
 
+def caption(color: str, shape: str, background: str) -> str:
+    article = "an" if color[0] in "aeiou" else "a"
+    return f"{article} {color} {shape} on a {background} background"
+
+
 def encode(im: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -68,7 +73,7 @@ def text_image(rng: np.random.Generator, size: int):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLORS)
     background = _pick(rng, COLORS, exclude=(color,))
     im, _ = draw(shape, color, background, size, *_pose(rng, size))
-    return im, f"a {color} {shape} on a {background} background"
+    return im, caption(color, shape, background)
 
 
 def multiview_object(rng: np.random.Generator, size: int, num_frames: int):
@@ -76,14 +81,14 @@ def multiview_object(rng: np.random.Generator, size: int, num_frames: int):
     shape, color = _pick(rng, SHAPES), _pick(rng, COLORS)
     background = _pick(rng, COLORS, exclude=(color,))
     views = [draw(shape, color, background, size, *_pose(rng, size)) for _ in range(num_frames)]
-    return [v[0] for v in views], [v[1] for v in views], f"a {color} {shape} on a {background} background"
+    return [v[0] for v in views], [v[1] for v in views], caption(color, shape, background)
 
 
 def bad_image(kind: str, rng: np.random.Generator, size: int) -> bytes:
     """Encoded bytes of a deliberately awkward image (a key of :data:`BAD_IMAGES`)."""
     im, _ = text_image(rng, size)
     if kind == "corrupt":
-        return b"\xff\xd8\xff\xe0not really a jpeg" + rng.bytes(64)
+        return b"not an image" + rng.bytes(64)
     if kind == "truncated":
         data = encode(im, "JPEG")
         return data[: len(data) // 2]
@@ -109,8 +114,8 @@ def text_image_examples(n: int, size: int = 48, seed: int = 0, inject: Sequence[
         yield Example(kind="text_image", caption=f"a {kind} image", frames=(bad_image(kind, rng, size),),
                       names=(kind,), source=f"synthetic/bad{i}-{kind}")
     for i in range(n):
-        im, caption = text_image(rng, size)
-        yield Example(kind="text_image", caption=caption, frames=(encode(im, fmt),), names=(f"{i:06d}",),
+        im, text = text_image(rng, size)
+        yield Example(kind="text_image", caption=text, frames=(encode(im, fmt),), names=(f"{i:06d}",),
                       source=f"synthetic/{i:06d}")
 
 
@@ -122,8 +127,8 @@ def multiview_examples(n: int, num_frames: int = 4, size: int = 48, seed: int = 
         yield Example(kind="multiview", caption=f"a {kind} object", frames=frames, object_id=f"bad{i}-{kind}",
                       source=f"synthetic/bad{i}-{kind}")
     for i in range(n):
-        frames, masks, caption = multiview_object(rng, size, num_frames)
-        yield Example(kind="multiview", caption=caption, frames=tuple(encode(f, "JPEG") for f in frames),
+        frames, masks, text = multiview_object(rng, size, num_frames)
+        yield Example(kind="multiview", caption=text, frames=tuple(encode(f, "JPEG") for f in frames),
                       names=tuple(f"{j:03d}" for j in range(num_frames)), masks=tuple(encode(m) for m in masks),
                       object_id=f"obj{i:05d}", source=f"synthetic/obj{i:05d}")
 
@@ -145,12 +150,12 @@ def write_image_folder(root, n: int, *, size: int = 48, seed: int = 0, per_folde
     """img2dataset layout: ``00000/000000001.jpg`` + ``.txt``; returns the captions in file order."""
     rng, captions = np.random.default_rng(seed), []
     for i in range(n):
-        im, caption = text_image(rng, size)
+        im, text = text_image(rng, size)
         folder = pathlib.Path(root) / f"{i // per_folder:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         im.save(folder / f"{i:09d}.jpg", quality=90)
-        (folder / f"{i:09d}.txt").write_text(caption)
-        captions.append(caption)
+        (folder / f"{i:09d}.txt").write_text(text)
+        captions.append(text)
     return captions
 
 
@@ -160,9 +165,9 @@ def write_jsonl(root, n: int, *, size: int = 48, seed: int = 0) -> pathlib.Path:
     (root / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        im, caption = text_image(rng, size)
+        im, text = text_image(rng, size)
         im.save(root / "images" / f"{i:04d}.png")
-        lines.append(json.dumps({"image": f"images/{i:04d}.png", "caption": caption}))
+        lines.append(json.dumps({"image": f"images/{i:04d}.png", "caption": text}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root / "manifest.jsonl"
 
@@ -172,15 +177,15 @@ def write_multiview_folder(root, n: int, *, num_frames: int = 3, size: int = 48,
     """``root/<object_id>/<frame>.jpg``, ``caption.txt``, ``masks/<frame>.png``; returns the captions."""
     rng, captions = np.random.default_rng(seed), []
     for i in range(n):
-        frames, frame_masks, caption = multiview_object(rng, size, num_frames)
+        frames, frame_masks, text = multiview_object(rng, size, num_frames)
         obj = pathlib.Path(root) / f"object{i:04d}"
         (obj / "masks").mkdir(parents=True, exist_ok=True)
         for j, (f, m) in enumerate(zip(frames, frame_masks)):
             f.save(obj / f"view{j:02d}.jpg", quality=90)
             if masks:
                 m.save(obj / "masks" / f"view{j:02d}.png")
-        (obj / "caption.txt").write_text(caption)
-        captions.append(caption)
+        (obj / "caption.txt").write_text(text)
+        captions.append(text)
     return captions
 
 

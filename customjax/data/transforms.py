@@ -187,7 +187,8 @@ class DropSkipped(grain.transforms.Filter):
             self._pending[_REASON_INDEX[element.reason]] += 1
             if self._logged < _LOG_FIRST:
                 self._logged += 1
-                log.warning("skipping %s (%s): %s", element.where, element.reason, element.message)
+                msg = element.message if element.message.startswith(element.where) else f"{element.where}: {element.message}"
+                log.warning("skipped a record (%s): %s", element.reason, msg)
             return False
         element["skipped"] = element["skipped"] + self._pending
         self._pending = np.zeros_like(self._pending)

@@ -1,0 +1,517 @@
+"""customjax.data: records, converters, sources (ArrayRecord, TFDS without TensorFlow), robust decoding,
+the RealCustom++ curriculum (Eqs. 10-11, Table X) and the grain pipeline (determinism, per-process
+sharding, checkpointing, workers, skip counting). Tiny synthetic images only."""
+
+import io
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from customjax.data import convert, curriculum, images, loader, mixture, records, sources, synthetic, transforms
+from customjax.data.loader import SkipCounter, make_loader
+
+GOOD_SYNTH = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixtures: synthetic shards written once per module.
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_text_image_shards(root / "ti", 24, size=48, num_shards=2, seed=0)
+    synthetic.write_multiview_shards(root / "mv", 8, num_frames=3, size=48, num_shards=2, seed=0)
+    stats = synthetic.write_text_image_shards(root / "bad", GOOD_SYNTH, size=48, seed=1,
+                                              inject=list(synthetic.BAD_IMAGES))
+    return {"text_image": str(root / "ti"), "multiview": str(root / "mv"), "bad": str(root / "bad"), "stats": stats}
+
+
+def kw(**over):
+    base = dict(global_batch_size=4, image_size=32, reference_size=24, total_steps=8, seed=0,
+                process_index=0, process_count=1, min_size=16)
+    return {**base, **over}
+
+
+def take(ds, n):
+    it = iter(ds)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def assert_same_batches(a, b, keys=("image", "reference", "caption", "index", "is_multiview")):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in keys:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records and converters.
+
+
+def test_record_roundtrip_and_errors(tmp_path):
+    ex = records.Example(kind="multiview", caption="a toy", frames=(b"a", b"bc"), names=("0", "1"),
+                         masks=(None, b"m"), object_id="obj", source="here")
+    assert records.decode(records.encode(ex)) == ex
+    plain = records.Example(kind="text_image", caption="", frames=(b"x",), source="s")
+    assert records.decode(records.encode(plain)).masks is None
+    with pytest.raises(records.RecordError, match="shard.ar#3: not a msgpack"):
+        records.decode(b"\xc1", "shard.ar#3")
+    import msgpack
+
+    with pytest.raises(records.RecordError, match="#4: missing key 'frames'"):
+        records.decode(msgpack.packb({"v": 1, "kind": "text_image", "caption": ""}), "#4")
+    with pytest.raises(records.RecordError, match="#5: caption must be a str"):
+        records.decode(msgpack.packb({"v": 1, "kind": "text_image", "caption": "", "frames": 3}), "#5")
+    with pytest.raises(records.RecordError, match="#6: frames and masks must be binary"):
+        records.decode(msgpack.packb({"v": 1, "kind": "text_image", "caption": "", "frames": ["str"]}), "#6")
+    with pytest.raises(records.RecordError, match="kind"):
+        records.Example(kind="video", caption="", frames=(b"x",))
+    with records.ShardedWriter(tmp_path, "t", num_shards=3) as w:
+        for i in range(7):
+            w.write(records.Example(kind="text_image", caption=str(i), frames=(b"x",)))
+    assert [len(records.read_shard(p)) for p in w.paths] == [3, 2, 2]  # round robin
+    assert records.read_shard(w.paths[1])[0].caption == "1"
+
+
+def test_convert_image_folder(tmp_path):
+    src = tmp_path / "src"
+    captions = synthetic.write_image_folder(src, 6, size=32, per_folder=4)  # nested 00000/, 00001/
+    Image.new("RGB", (32, 32)).save(src / "00001" / "nocaption.jpg")
+    (src / "00001" / "broken.jpg").write_bytes(b"garbage")
+    (src / "00001" / "broken.txt").write_text("broken")
+    stats = convert.convert("folder", src, tmp_path / "out", "laion", num_shards=2, progress=False)
+    assert stats["written"] == 6 and stats["skipped"] == {"missing_caption": 1, "undecodable": 1}
+    on_disk = json.loads((tmp_path / "out" / "laion.stats.json").read_text())
+    assert on_disk["written"] == 6 and on_disk["skipped_total"] == 2 and len(on_disk["shards"]) == 2
+    got = [e for p in records.find_shards(tmp_path / "out") for e in records.read_shard(p)]
+    assert sorted(e.caption for e in got) == sorted(captions)
+    for e in got:  # bytes as stored
+        assert e.kind == "text_image" and e.frames[0] == pathlib.Path(e.source).read_bytes()
+
+
+def test_convert_jsonl_cli(tmp_path, capsys):
+    manifest = synthetic.write_jsonl(tmp_path / "src", 4, size=32)
+    with open(manifest, "a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"image": "images/missing.png", "caption": "x"}) + "\n")
+        f.write(json.dumps({"image": "images/0000.png"}) + "\n")  # no caption
+    assert convert.main(["jsonl", str(manifest), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 4 text_image records" in out and "skipped 3" in out
+    stats = json.loads((tmp_path / "out" / "train.stats.json").read_text())
+    assert stats["skipped"] == {"bad_manifest_line": 1, "missing_caption": 1, "missing_file": 1}
+    assert any(":5" in w for w in stats["skipped_examples"]["bad_manifest_line"])  # names the line
+    got = records.read_shard(tmp_path / "out" / "train-00000-of-00001.array_record")
+    assert [json.loads(line)["caption"] for line in manifest.read_text().splitlines()[:4]] == [e.caption for e in got]
+
+
+def test_convert_multiview(tmp_path):
+    src = tmp_path / "src"
+    captions = synthetic.write_multiview_folder(src, 3, num_frames=3, size=32)
+    (src / "object0001" / "view01.jpg").write_bytes(b"garbage")  # one bad frame: dropped from the object
+    single = src / "single"
+    single.mkdir()
+    Image.new("RGB", (32, 32)).save(single / "a.jpg")
+    (single / "caption.txt").write_text("one view")
+    stats = convert.convert("multiview", src, tmp_path / "out", num_shards=2, progress=False)
+    assert stats["written"] == 3 and stats["skipped"] == {"too_few_frames": 1}
+    assert stats["frames_skipped"] == {"undecodable": 1}
+    got = {e.object_id: e for p in records.find_shards(tmp_path / "out") for e in records.read_shard(p)}
+    assert sorted(got) == ["object0000", "object0001", "object0002"]
+    assert [got[o].caption for o in sorted(got)] == captions
+    assert got["object0000"].names == ("view00", "view01", "view02") and len(got["object0001"].frames) == 2
+    assert got["object0001"].names == ("view00", "view02")
+    mask = Image.open(io.BytesIO(got["object0000"].masks[1]))
+    assert mask.mode == "L" and mask.size == (32, 32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding and geometry.
+
+
+def _png(im, fmt="PNG"):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_open_rgb_modes_and_failures():
+    base = Image.new("RGB", (40, 30), (200, 30, 30))
+    cases = {
+        "L": _png(base.convert("L")), "CMYK": _png(base.convert("CMYK"), "JPEG"),
+        "P": _png(base.convert("P")), "RGBA": _png(base.convert("RGBA")),
+        "I;16": _png(Image.fromarray(np.full((30, 40), 40000, np.uint16))),
+    }
+    for mode, data in cases.items():
+        im, size = images.open_rgb(data, mode)
+        assert im.mode == "RGB" and size == (30, 40), mode
+    transparent = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    assert np.asarray(images.open_rgb(_png(transparent), "t")[0]).min() == 255  # on white
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 40x30, shown 30x40
+    base.save(rotated, format="JPEG", exif=exif)
+    im, size = images.open_rgb(rotated.getvalue(), "exif")
+    assert size == (40, 30) and im.size == (30, 40)
+    big = _png(Image.new("RGB", (256, 256)), "JPEG")
+    im, size = images.open_rgb(big, "draft", scale=lambda h, w: 0.25)
+    assert size == (256, 256) and im.size == (64, 64)  # decoded at 1/4 scale
+    for data, reason in [(b"junk", "undecodable"), (big[: len(big) // 2], "truncated"), (cases["L"], "too_small")]:
+        with pytest.raises(images.ImageError, match="rec#1") as e:
+            images.open_rgb(data, "rec#1", min_size=31)
+        assert e.value.reason == reason
+
+
+def test_crop_boxes():
+    box, top_left = images.cover_crop_box((100, 200), (50, 50), (0.5, 0.5))
+    assert box == (50.0, 0.0, 150.0, 100.0) and top_left == (0, 25)
+    # Eq. 11: resize the centre square (100 px) to out * r = 20 and crop out = 10: a 50 px box.
+    assert images.reference_crop_box((100, 200), 10, 2.0, (0.0, 0.0)) == (50.0, 0.0, 100.0, 50.0)
+    assert images.reference_crop_box((100, 200), 10, 2.0, (1.0, 1.0)) == (100.0, 50.0, 150.0, 100.0)
+    assert images.reference_crop_box((100, 200), 10, 1.0, (0.3, 0.9)) == (50.0, 0.0, 150.0, 100.0)
+
+
+def _solid(color, size=40):
+    return _png(Image.new("RGB", (size, size), color))
+
+
+def test_augment_views_and_reference():
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    ex = records.Example(kind="multiview", caption="c", frames=tuple(_solid(c) for c in colors))
+    aug = transforms.Augment(image_size=(16, 16), reference_size=8, total_steps=10,
+                             recipe=curriculum.Recipe(crop="off"))
+    for index in range(6):
+        out = aug.map({"record": ex, "kind": "multiview", "step": 0, "index": index, "where": "w"})
+        t, r = out["image"][0, 0], out["reference"][0, 0]
+        assert out["image"].shape == (16, 16, 3) and out["reference"].shape == (8, 8, 3)
+        assert tuple(t) in colors and tuple(r) in colors and tuple(t) != tuple(r)  # two different views
+        assert out["is_multiview"] and out["skipped"].sum() == 0
+    # A bad frame is replaced by another view and counted as bad_frame.
+    bad = records.Example(kind="multiview", caption="c", frames=(b"junk", _solid(colors[0]), _solid(colors[1])))
+    counts = [aug.map({"record": bad, "kind": "multiview", "step": 0, "index": i, "where": "w"})["skipped"]
+              for i in range(6)]
+    assert {int(c[transforms.SKIP_REASONS.index("bad_frame")]) for c in counts} <= {0, 1}
+    assert sum(int(c.sum()) for c in counts) >= 1
+    allbad = records.Example(kind="multiview", caption="c", frames=(b"junk", b"junk"))
+    out = aug.map({"record": allbad, "kind": "multiview", "step": 0, "index": 0, "where": "obj7"})
+    assert isinstance(out, transforms.Skipped) and out.reason == "undecodable" and out.where == "obj7"
+    # Eq. 11 crop: on a horizontal ramp the reference spans the whole ramp without cropping and a third of it
+    # at r = 3 (the centre square resized to 3 * 8 px, an 8 px window cropped).
+    ramp = np.repeat(np.linspace(0, 255, 48).astype(np.uint8)[None, :, None], 48, 0).repeat(3, 2)
+    el = {"record": records.Example(kind="text_image", caption="c", frames=(_png(Image.fromarray(ramp)),)),
+          "kind": "text_image", "step": 10, "index": 3, "where": "w"}
+    assert np.ptp(aug.map(el)["reference"][..., 0].astype(int)) > 200
+    r3 = transforms.Augment(image_size=(16, 16), reference_size=8, total_steps=10,
+                            recipe=curriculum.Recipe(crop="fixed", r_min=3.0, r_max=3.0))
+    for i in range(4):
+        assert 40 < np.ptp(r3.map({**el, "index": i})["reference"][..., 0].astype(int)) < 100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curriculum (Eqs. 10-11, Table X) and the index -> record mixture.
+
+
+def test_curriculum_schedules():
+    S = 160_000
+    assert curriculum.multiview_probability(0, S) == 0.0
+    assert curriculum.multiview_probability(S // 2, S) == 0.5
+    assert curriculum.multiview_probability(S, S) == 1.0 and curriculum.multiview_probability(2 * S, S) == 1.0
+    assert curriculum.crop_ratio_bound(0, S) == 1.0
+    assert curriculum.crop_ratio_bound(S // 2, S) == pytest.approx((1 + math.sqrt(10)) / 2)
+    assert curriculum.crop_ratio_bound(S, S) == pytest.approx(math.sqrt(10))
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    assert curriculum.crop_ratio(0, S, rng()) == 1.0  # U(1, 1)
+    assert curriculum.crop_ratio(S // 3, S, rng()) == curriculum.crop_ratio(S // 3, S, rng())  # pure in (step, rng)
+    g = np.random.default_rng(0)
+    mid = [curriculum.crop_ratio(S // 2, S, g) for _ in range(2000)]
+    end = [curriculum.crop_ratio(S, S, g, "curriculum") for _ in range(2000)]
+    fixed0 = [curriculum.crop_ratio(0, S, g, "fixed") for _ in range(2000)]
+    assert 1 <= min(mid) and max(mid) <= (1 + math.sqrt(10)) / 2 and max(mid) > 2.0
+    assert max(end) <= math.sqrt(10) and max(end) > 3.1 and np.mean(end) == pytest.approx(2.08, abs=0.05)
+    assert max(fixed0) > 3.1  # Table X No.5: the full range from step 0
+    assert curriculum.crop_ratio(S, S, g, "off") == 1.0
+    # Table X rows: (P_multiview at step 0, mid, end), crop bound at the end.
+    expect = {
+        "table10_no1": ((0, 0, 0), "off"), "table10_no2": ((1, 1, 1), "off"), "table10_no3": ((0.5, 0.5, 0.5), "off"),
+        "table10_no4": ((0, 0.5, 1), "off"), "table10_no5": ((0, 0.5, 1), "fixed"),
+        "table10_no6": ((0, 0.5, 1), "curriculum"),
+    }
+    for name, (ps, crop) in expect.items():
+        r = curriculum.recipe(name)
+        assert tuple(r.p_multiview(s, S) for s in (0, S // 2, S)) == ps and r.crop == crop, name
+    assert curriculum.recipe("realcustompp") == curriculum.TABLE_X["table10_no6"]
+    assert curriculum.recipe("table10_no1").needs == ("text_image",)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        curriculum.recipe("table10_no7")
+
+
+def test_permute_is_a_bijection():
+    for n in (1, 2, 3, 7, 64, 1000):
+        for key in (0, 1, 12345):
+            assert sorted(mixture.permute(i, n, key) for i in range(n)) == list(range(n))
+    assert [mixture.permute(i, 1000, 1) for i in range(10)] != [mixture.permute(i, 1000, 2) for i in range(10)]
+
+
+def test_mixture_follows_eq10():
+    srcs = {"text_image": [b"t"] * 50, "multiview": [b"m"] * 30}
+    G, S = 100, 10
+    mix = mixture.Mixture(srcs, curriculum.recipe("table10_no6"), total_steps=S, global_batch_size=G, seed=3)
+    for step in (0, 5, 10):
+        kinds = [mix[step * G + j]["kind"] for j in range(G)]
+        assert all(mix[step * G + j]["step"] == step for j in range(G))
+        frac = kinds.count("multiview") / G
+        assert abs(frac - step / S) <= 0.15, (step, frac)
+    assert {mix[j]["kind"] for j in range(G)} == {"text_image"}  # step 0: P = 0
+    assert {mix[S * G + j]["kind"] for j in range(G)} == {"multiview"}  # step S: P = 1
+    # Within one window of n indices a kind's records are distinct (sampling without replacement).
+    only = mixture.Mixture({"text_image": list(range(50))}, curriculum.recipe("table10_no1"), S, G, seed=1)
+    assert sorted(only[i]["record"] for i in range(50)) == list(range(50))
+    assert [only[i]["record"] for i in range(50)] != [only[50 + i]["record"] for i in range(50)]  # reshuffled
+    fixed = mixture.Mixture(srcs, curriculum.recipe("table10_no3"), S, G, seed=0)
+    assert abs([fixed[i]["kind"] for i in range(2000)].count("multiview") / 2000 - 0.5) < 0.05
+    with pytest.raises(ValueError, match="reads multiview data"):
+        mixture.Mixture({"text_image": [b"t"]}, curriculum.recipe("table10_no4"), S, G)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def test_loader_shapes_determinism_and_curriculum(data):
+    srcs = {"text_image": data["text_image"], "multiview": data["multiview"]}
+    a = take(make_loader(srcs, **kw(with_mask=True)), 8)
+    b = take(make_loader(srcs, **kw(with_mask=True)), 8)
+    assert_same_batches(a, b)
+    c = take(make_loader(srcs, **kw(seed=1)), 8)
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+    x = a[0]
+    assert x["image"].shape == (4, 32, 32, 3) and x["image"].dtype == np.float32
+    assert -1 <= x["image"].min() and x["image"].max() <= 1 and x["image"].min() < -0.5
+    assert x["reference"].shape == (4, 24, 24, 3) and 0 <= x["reference"].min() and x["reference"].max() <= 1
+    assert x["mask"].shape == (4, 32, 32) and x["caption"].shape == (4,) and x["is_multiview"].dtype == bool
+    assert x["original_size"].tolist() == [[48, 48]] * 4 and x["skipped"].shape == (4, len(transforms.SKIP_REASONS))
+    assert [int(batch["step"][0]) for batch in a] == list(range(8))  # step = index // global batch
+    mv = np.array([batch["is_multiview"].mean() for batch in a])
+    assert mv[0] == 0 and mv[-2:].mean() > 0.5  # Eq. 10: multiview share grows with the step
+    m = np.concatenate([batch["mask"][batch["is_multiview"]] for batch in a])
+    assert 0 < m.mean() < 1  # multiview masks are the subject's
+    ti = take(make_loader(srcs, **kw(recipe="table10_no1")), 2)
+    assert not any(batch["is_multiview"].any() for batch in ti)
+    start = take(make_loader(srcs, **kw(step_offset=8)), 1)[0]
+    assert start["step"].tolist() == [8] * 4 and start["is_multiview"].all()
+
+
+def test_loader_process_sharding(data):
+    srcs = {"text_image": data["text_image"], "multiview": data["multiview"]}
+    whole = take(make_loader(srcs, **kw(global_batch_size=8)), 3)
+    parts = [take(make_loader(srcs, **kw(global_batch_size=8, process_index=p, process_count=2)), 3) for p in (0, 1)]
+    for step in range(3):
+        i0, i1 = parts[0][step]["index"], parts[1][step]["index"]
+        assert not set(i0.tolist()) & set(i1.tolist())  # disjoint
+        for key in ("index", "image", "reference", "caption"):  # and together the single-process global batch
+            np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]), whole[step][key])
+    with pytest.raises(ValueError, match="does not divide"):
+        make_loader(srcs, **kw(global_batch_size=5, process_count=2))
+    defaults = {k: v for k, v in kw().items() if k not in ("process_index", "process_count")}
+    first = take(make_loader(srcs, **defaults), 1)[0]  # process index / count from jax (one CPU process)
+    assert first["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_loader_state_restore(data, tmp_path):
+    import grain
+    from etils import epath
+
+    srcs = {"text_image": data["text_image"], "multiview": data["multiview"]}
+    ds = make_loader(srcs, **kw())
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    json.dumps(state)  # JSON-able
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))  # orbax handler
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(make_loader(srcs, **kw()))
+    resumed.set_state(state)
+    assert_same_batches([next(resumed) for _ in range(3)], expected)
+    restored = iter(make_loader(srcs, **kw()))
+    handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(restored))
+    assert_same_batches([next(restored) for _ in range(3)], expected)
+
+
+def test_train_loader_from_config():
+    import ml_collections
+
+    c = ml_collections.ConfigDict(dict(
+        method="realcustompp", seed=0, encoders=dict(image_size=28, scale=2),
+        train=dict(batch=4, image_size=32, steps=20),
+        data=dict(text_image="", multiview="", synthetic=True, synthetic_size=48, workers=0, mixture="curriculum",
+                  crop="curriculum", r_min=1.0, r_max=10 ** 0.5)))
+    tl = loader.make_train_loader(c, process_index=0, process_count=1)
+    start = tl.get_state()
+    first = tl.peek()
+    assert first["reference"].shape == (4, 56, 56, 3) and first["image"].shape == (4, 32, 32, 3)
+    assert tl.get_state() == start  # peeking consumes nothing
+    b0, b1 = next(tl), next(tl)
+    np.testing.assert_array_equal(b0["index"], first["index"])
+    after = tl.get_state()
+    b2 = next(tl)
+    tl.set_state(after)
+    np.testing.assert_array_equal(next(tl)["index"], b2["index"])
+    tl.set_state(start)
+    np.testing.assert_array_equal(next(tl)["index"], b0["index"])
+    assert tl.skips.records == 0
+    c.data.synthetic = False
+    with pytest.raises(ValueError, match="synthetic is off"):
+        loader.make_train_loader(c, process_index=0, process_count=1)
+
+
+def test_bad_images_are_skipped_and_counted_exactly(data):
+    injected = list(synthetic.BAD_IMAGES)
+    assert data["stats"]["written"] == GOOD_SYNTH + len(injected)
+    counter = SkipCounter()
+    ds = make_loader({"text_image": data["bad"]}, **kw(recipe="realcustom", num_epochs=1, shuffle=False,
+                                                        drop_remainder=False))
+    batches = list(ds)
+    for b in batches:
+        counter.update(b)
+    expected = {r: 0 for r in transforms.SKIP_REASONS}
+    for kind, reason in synthetic.BAD_IMAGES.items():
+        if reason:
+            expected[reason] += 1
+    assert counter.by_reason == expected and counter.records == 3
+    captions = np.concatenate([b["caption"] for b in batches]).tolist()
+    assert len(captions) == GOOD_SYNTH + len(injected) - 3
+    for kind in ("grayscale", "cmyk", "palette", "rgba"):  # converted to RGB, kept
+        assert f"a {kind} image" in captions
+    gray = np.concatenate([b["image"] for b in batches])[captions.index("a grayscale image")]
+    assert np.allclose(gray[..., 0], gray[..., 1]) and np.allclose(gray[..., 1], gray[..., 2])
+
+
+def test_multiworker_loading(data):
+    """num_workers=2 (spawned processes): the same batches as in-process, and exact skip counts."""
+    srcs = {"text_image": data["text_image"], "multiview": data["multiview"]}
+    inproc = take(make_loader(srcs, **kw()), 4)
+    ds = make_loader(srcs, **kw(num_workers=2))
+    it = iter(ds)
+    try:
+        workers = [next(it) for _ in range(2)]
+        state = it.get_state()
+        workers += [next(it) for _ in range(2)]
+    finally:
+        it.close()
+    assert_same_batches(workers, inproc)  # worker count does not change the data
+    it = iter(make_loader(srcs, **kw(num_workers=2)))  # a fresh pipeline resumed from the state
+    try:
+        it.set_state(state)
+        assert_same_batches([next(it) for _ in range(2)], inproc[2:])
+    finally:
+        it.close()
+    counter = SkipCounter()
+    it = iter(make_loader({"text_image": data["bad"]}, **kw(recipe="realcustom", num_epochs=1, shuffle=False,
+                                                             drop_remainder=False, num_workers=2)))
+    try:
+        n = 0
+        for batch in it:
+            counter.update(batch)
+            n += len(batch["caption"])
+    finally:
+        it.close()
+    assert counter.records == 3 and counter.by_reason["truncated"] == 1 and n == GOOD_SYNTH + len(synthetic.BAD_IMAGES) - 3
+
+
+def _tfds_builders(tfds):
+    """Two tiny TFDS builders: text-image (bytes and uint8 pixels) and multiview (sequences of bytes)."""
+    from tensorflow_datasets.core.registered import skip_registration
+
+    with skip_registration():  # keep the global builder registry clean
+        class TinyPairs(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded bytes
+                    "pixels": tfds.features.Tensor(shape=(20, 30, 3), dtype=np.uint8),  # raw pixels
+                    "caption": tfds.features.Text(),
+                }))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                rng = np.random.default_rng(0)
+                for i in range(6):
+                    im, text = synthetic.text_image(rng, 40)
+                    yield i, {"image": synthetic.encode(im), "pixels": np.asarray(im.resize((30, 20))), "caption": text}
+
+        class TinyViews(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                seq = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                    {"frames": seq, "masks": seq, "caption": tfds.features.Text()}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                rng = np.random.default_rng(1)
+                for i in range(4):
+                    frames, masks, text = synthetic.multiview_object(rng, 40, 3)
+                    yield i, {"frames": [synthetic.encode(f) for f in frames],
+                              "masks": [synthetic.encode(m) for m in masks], "caption": text}
+
+    return TinyPairs, TinyViews
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+    import tensorflow_datasets as tfds
+
+    pairs_cls, views_cls = _tfds_builders(tfds)
+    pairs = pairs_cls(data_dir=str(tmp_path), file_format="array_record")
+    views = views_cls(data_dir=str(tmp_path), file_format="array_record")
+    pairs.download_and_prepare()
+    views.download_and_prepare()
+    assert "tensorflow" not in sys.modules
+    src = sources.TfdsSource(pairs.data_dir, "train", image_key="image")
+    assert len(src) == 6 and isinstance(src[0], records.Example) and src[0].caption.startswith("a")
+    pix = sources.TfdsSource(pairs.data_dir, "train", image_key="pixels")
+    mv = sources.TfdsSource(views.data_dir, "train", kind="multiview", image_key="frames", mask_key="masks")
+    assert len(mv[0].frames) == 3 and len(mv[0].masks) == 3
+    batches = take(make_loader({"text_image": src, "multiview": mv}, **kw(recipe="table10_no3", with_mask=True)), 2)
+    assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["caption"][0].startswith("a")
+    assert any(b["is_multiview"].any() for b in batches)
+    out = take(make_loader({"text_image": pix}, **kw(recipe="realcustom")), 1)[0]
+    assert out["original_size"].tolist() == [[20, 30]] * 4
+    assert "tensorflow" not in sys.modules
+
+
+def test_tokenize_transform(tmp_path):
+    vocab = {c: i for i, c in enumerate("!abcdefghijklmnopqrstuvwxyz")}
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "!"}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
+                                                                "tokenizer_class": "CLIPTokenizer"}))
+    out = transforms.Tokenize(str(tmp_path)).map({"caption": "ab c"})
+    ids = out["input_ids"]
+    assert ids.shape == (77,) and ids.dtype == np.int32
+    assert ids[:5].tolist() == [vocab["<|startoftext|>"], vocab["a"], vocab["b</w>"], vocab["c</w>"],
+                                vocab["<|endoftext|>"]]
+    import pickle
+    assert pickle.loads(pickle.dumps(transforms.Tokenize([str(tmp_path)] * 2)))._tokenizers is None
