@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from customjax import parallel, trainer
 from customjax.checkpoint import Checkpointer, write_config
+from customjax.data.loader import make_train_loader
 from customjax.methods.build import build
 from customjax.methods.objective import ObjectiveConfig
 from customjax.tokenizer import tokenize
@@ -68,63 +69,6 @@ def to_device_batch(batch: dict, tokenizers, mesh) -> dict:
     return parallel.shard_batch(arrays, mesh)
 
 
-class TrainData:
-    """The grain pipeline of ``config.data`` as an iterator of local batches with a JSON-able state
-    and a running count of the records it skipped."""
-
-    def __init__(self, config, built, workdir: Path):
-        from customjax.data.loader import SkipCounter, make_loader
-
-        d = config.data
-        sources = {}
-        if d.synthetic:
-            sources = self._synthetic(workdir / "data", d.synthetic_examples, config.seed)
-        for kind in ("text_image", "multiview"):
-            if d[kind]:
-                sources[kind] = d[kind]
-        if not sources:
-            raise ValueError("no training data: set config.data.text_image and/or config.data.multiview "
-                             "(ArrayRecord shards from `python -m customjax.data.convert`), or data.synthetic")
-        enc = config.encoders
-        if built.method == "realcustompp":
-            ref = enc.image_size * enc.scale
-        else:
-            ref = built.image_side.clip.config.image_size
-        self.dataset = make_loader(sources, global_batch_size=config.train.batch, image_size=config.train.image_size,
-                                   reference_size=ref, total_steps=config.train.steps, recipe=d.recipe,
-                                   seed=config.seed, num_workers=d.workers)
-        self.it = iter(self.dataset)
-        self.skips = SkipCounter()
-
-    @staticmethod
-    def _synthetic(folder: Path, n: int, seed: int) -> dict:
-        """Small synthetic text-image and multiview shards (written once per workdir)."""
-        from customjax.data import synthetic
-        from customjax.data.convert import write_shards
-
-        if not (folder / "text_image.stats.json").is_file():
-            write_shards(synthetic.text_image_examples(n, seed=seed), folder, "text_image", progress=False)
-            write_shards(synthetic.multiview_examples(max(n // 4, 2), seed=seed), folder, "multiview", progress=False)
-        return {"text_image": str(folder / "text_image-*"), "multiview": str(folder / "multiview-*")}
-
-    def peek(self) -> dict:
-        state = self.it.get_state()
-        batch = next(self.it)
-        self.it.set_state(state)
-        return batch
-
-    def __next__(self) -> dict:
-        batch = next(self.it)
-        self.skips.update(batch)
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state) -> None:
-        self.it.set_state(state)
-
-
 def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> dict:
     """Runs (or resumes) training; returns the last metrics. ``on_step(step)`` is called after each
     step (tests use it to deliver SIGTERM at a chosen step)."""
@@ -144,7 +88,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     objective = ObjectiveConfig(**config.objective)
     step_fn = trainer.make_train_step(built, tx, objective, config.train.ema_decay)
 
-    loader = TrainData(config, built, workdir)
+    loader = make_train_loader(config)
     example = to_device_batch(loader.peek(), built.pipe.tokenizers, mesh)
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
     jstep, state_sh, frozen_sh, _ = trainer.compile_step(step_fn, mesh, state, frozen, shapes)
@@ -197,6 +141,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     finally:
         bar.close()
         ckpt.close()
+        loader.close()
         if metrics_file:
             metrics_file.close()
         if writer:

@@ -427,7 +427,8 @@ def test_multiworker_loading(data):
             n += len(batch["caption"])
     finally:
         it.close()
-    assert counter.records == 3 and counter.by_reason["truncated"] == 1 and n == GOOD_SYNTH + len(synthetic.BAD_IMAGES) - 3
+    assert counter.records == 3 and counter.by_reason["truncated"] == 1
+    assert n == GOOD_SYNTH + len(synthetic.BAD_IMAGES) - 3
 
 
 def _tfds_builders(tfds):

@@ -15,6 +15,7 @@ from customjax.data.transforms import RECORD_SKIP_REASONS, SKIP_REASONS
 
 __all__ = [
     "TABLE_X", "Recipe", "crop_ratio", "crop_ratio_bound", "multiview_probability", "recipe",
-    "SkipCounter", "TrainLoader", "make_loader", "make_train_loader", "Example", "ShardedWriter", "decode", "encode", "read_shard",
+    "SkipCounter", "TrainLoader", "make_loader", "make_train_loader",
+    "Example", "ShardedWriter", "decode", "encode", "read_shard",
     "ArrayRecordSource", "ConcatSource", "TfdsSource", "RECORD_SKIP_REASONS", "SKIP_REASONS",
 ]

@@ -237,10 +237,11 @@ def make_train_loader(config, built=None, *, process_index: int | None = None,
     """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
 
     Reads ``config.data`` (``text_image`` / ``multiview`` shard paths; ``synthetic`` writes a small
-    synthetic dataset of ``synthetic_size`` px images into a temporary folder, identical on every
-    process, when the paths are empty; ``mixture`` / ``crop`` / ``r_min`` / ``r_max`` the Table X
-    switches; ``workers``; optional ``fixed_p``, ``min_size``, ``reference_size``, ``shuffle``,
-    ``random_crop``, ``hflip``), ``config.train`` (``batch`` global, ``image_size``, ``steps``) and
+    synthetic dataset (``synthetic_examples`` text-image pairs and a quarter as many multiview
+    objects) into a temporary folder, identical on every process, when the paths are empty;
+    ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
+    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``), ``config.train`` (``batch`` global,
+    ``image_size``, ``steps``) and
     ``config.seed``. The reference side defaults to ``encoders.image_size * encoders.scale`` for
     RealCustom++ (the cross-scale view) and ``encoders.image_size`` otherwise. ``built`` is unused.
     """
@@ -249,16 +250,16 @@ def make_train_loader(config, built=None, *, process_index: int | None = None,
     sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
     if not sources:
         if not d.get("synthetic", False):
-            raise ValueError("config.data.text_image / config.data.multiview are empty and config.data.synthetic is off")
+            raise ValueError("config.data.text_image / config.data.multiview are empty "
+                             "and config.data.synthetic is off")
         import tempfile
 
         from customjax.data import synthetic
 
-        sources = synthetic.make_tiny_dataset(tempfile.mkdtemp(prefix="customjax_synthetic_"),
-                                              size=int(d.get("synthetic_size", 64)), seed=int(config.seed))
-    rec = curriculum.Recipe(data=d.get("mixture", "curriculum"), crop=d.get("crop", "curriculum"),
-                            fixed_p=float(d.get("fixed_p", 0.5)), r_min=float(d.get("r_min", curriculum.R_MIN)),
-                            r_max=float(d.get("r_max", curriculum.R_MAX)))
+        n = int(d.get("synthetic_examples", 64))
+        sources = synthetic.make_tiny_dataset(tempfile.mkdtemp(prefix="customjax_synthetic_"), num_text_image=n,
+                                              num_multiview=max(n // 4, 2), seed=int(config.seed))
+    rec = curriculum.recipe(d.get("recipe", "realcustompp"))
     reference_size = d.get("reference_size", None)
     if not reference_size:
         enc = config.encoders

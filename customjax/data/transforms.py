@@ -187,7 +187,9 @@ class DropSkipped(grain.transforms.Filter):
             self._pending[_REASON_INDEX[element.reason]] += 1
             if self._logged < _LOG_FIRST:
                 self._logged += 1
-                msg = element.message if element.message.startswith(element.where) else f"{element.where}: {element.message}"
+                msg = element.message
+                if not msg.startswith(element.where):
+                    msg = f"{element.where}: {msg}"
                 log.warning("skipped a record (%s): %s", element.reason, msg)
             return False
         element["skipped"] = element["skipped"] + self._pending
