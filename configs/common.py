@@ -88,7 +88,7 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     tiny = c.variant.startswith("tiny")
     c.train = ml_collections.ConfigDict(dict(
         steps=200 if tiny else 160_000, batch=4 if tiny else 64, log_every=10 if tiny else 50,
-        save_every=100 if tiny else 2000, sample_every=0 if tiny else 5000, max_to_keep=3,
+        save_every=100 if tiny else 2000, max_to_keep=3,
         async_save=True, image_size=32 if tiny else (1024 if c.variant == "sdxl" else 512),
         fsdp=1, remat=False, dtype="float32", ema_decay=0.0))
     c.optim = ml_collections.ConfigDict(dict(

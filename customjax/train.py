@@ -8,8 +8,8 @@ The same code runs on one CPU, N devices of one host and several hosts (``--dist
 ``jax.distributed.initialize()``; every process runs this command). The run resumes from the
 latest checkpoint in ``workdir``; SIGTERM (TPU preemption) saves one and exits. Writes
 ``workdir/config.json``, TensorBoard events (``workdir/tb``), ``workdir/metrics.jsonl``,
-checkpoints (``workdir/checkpoints``), preview samples with masks (``workdir/samples``) and, at
-the end, ``workdir/export/adapter.safetensors``.
+checkpoints (``workdir/checkpoints``) and, at the end, ``workdir/export/adapter.safetensors``
+(sample from it with ``python -m customjax.sample --checkpoint workdir/export``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "method config file[:variant]", lock_config=True)
-flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, samples)", required=True)
+flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, export)", required=True)
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
 flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
 
