@@ -26,7 +26,10 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     c.init_std = 0.02
-    c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", dtype="float32"))
+    # path: a diffusers folder; empty = random weights of kind `random` at `random_scale`
+    # ("tiny", or "full" = the real SD-1.5 / SDXL shapes, for benchmarks).
+    c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", random_scale="tiny",
+                                             dtype="float32"))
     c.encoders = ml_collections.ConfigDict(dict(
         siglip="", dino="", clip="", public=False, image_size=28 if variant.startswith("tiny") else 384, scale=2,
         siglip_shallow=(0,) if variant.startswith("tiny") else (7, 13, 19),

@@ -82,8 +82,10 @@ def build(config: ml_collections.ConfigDict) -> Built:
     if config.model.path:
         pipe, params = load_stable_diffusion(config.model.path, dtype=dtype)
     else:
-        log.warning("config.model.path is empty: using a random tiny %s pipeline", config.model.random)
-        pipe, params = random_pipeline(config.model.random, "tiny", seed=config.seed, std=0.1, dtype=dtype)
+        scale = config.model.get("random_scale", "tiny")
+        log.warning("config.model.path is empty: using a random %s %s pipeline", scale, config.model.random)
+        pipe, params = random_pipeline(config.model.random, scale, seed=config.seed, std=0.1 if scale == "tiny" else 0.02,
+                                       dtype=dtype)
     cross_dim = pipe.unet.config.cross_attention_dim[0]
     enc = config.encoders
     if config.method == "realcustompp":
