@@ -20,11 +20,16 @@ from customjax import trainer
 from customjax.checkpoint import Checkpointer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "training run folder", required=True)
-flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-flags.DEFINE_bool("ema", False, "export the EMA parameters")
-flags.DEFINE_bool("public", False, "use the public RealCustom++ key names")
-flags.DEFINE_string("out", None, "output .safetensors file", required=True)
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use, so that importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "training run folder", required=True)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_bool("ema", False, "export the EMA parameters")
+    flags.DEFINE_bool("public", False, "use the public RealCustom++ key names")
+    flags.DEFINE_string("out", None, "output .safetensors file", required=True)
+
 
 
 def export(workdir: str, out: str, step: int | None = None, ema: bool = False, public: bool = False) -> Path:
@@ -61,4 +66,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

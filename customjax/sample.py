@@ -36,15 +36,20 @@ from customjax.sampling.dual_branch import dual_branch_sample, unet_evaluations
 from customjax.tokenizer import tokenize, word_token_positions
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "method config file[:variant[,ablation...]]", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "adapter checkpoint (folder with adapter.safetensors, or the public "
-                    "RealCustom++ file); without it the adapter is randomly initialised")
-flags.DEFINE_string("prompts", None, "JSONL file of cases (prompt, words, references, seeds)")
-flags.DEFINE_string("prompt", None, "one prompt (with --word and --reference)")
-flags.DEFINE_multi_string("word", [], "target real word(s) of --prompt")
-flags.DEFINE_multi_string("reference", [], "reference image(s) of --prompt")
-flags.DEFINE_list("seeds", None, "seeds for every case (default: the case's own, else config.sample.seeds)")
-flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use, so that importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "method config file[:variant[,ablation...]]", lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "adapter checkpoint (folder with adapter.safetensors, or the public "
+                        "RealCustom++ file); without it the adapter is randomly initialised")
+    flags.DEFINE_string("prompts", None, "JSONL file of cases (prompt, words, references, seeds)")
+    flags.DEFINE_string("prompt", None, "one prompt (with --word and --reference)")
+    flags.DEFINE_multi_string("word", [], "target real word(s) of --prompt")
+    flags.DEFINE_multi_string("reference", [], "reference image(s) of --prompt")
+    flags.DEFINE_list("seeds", None, "seeds for every case (default: the case's own, else config.sample.seeds)")
+    flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
+
 
 
 class CaseError(ValueError):
@@ -199,6 +204,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+    define_flags()
     def _main(argv):
         try:
             main(argv)

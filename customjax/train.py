@@ -34,10 +34,15 @@ from customjax.methods.objective import ObjectiveConfig
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "method config file[:variant]", lock_config=True)
-flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, export)", required=True)
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
-flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use, so that importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "method config file[:variant]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, export)", required=True)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
+    flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
+
 
 
 class _Preempted:
@@ -179,4 +184,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

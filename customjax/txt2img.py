@@ -23,19 +23,24 @@ from customjax.pipeline import load_stable_diffusion
 from customjax.sampling.t2i import txt2img
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "diffusers pipeline folder (model_index.json, unet/, vae/, ...)", required=True)
-flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
-flags.DEFINE_string("prompts_file", None, "text file, one prompt per line")
-flags.DEFINE_string("negative_prompt", "", "negative prompt")
-flags.DEFINE_list("seeds", ["0"], "seeds; every prompt is sampled with every seed")
-flags.DEFINE_integer("steps", 25, "denoising steps")
-flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
-flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++2m"], "sampler")
-flags.DEFINE_integer("height", None, "image height (default: the model's)")
-flags.DEFINE_integer("width", None, "image width (default: the model's)")
-flags.DEFINE_integer("batch", 4, "images per compiled call")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)")
-flags.DEFINE_string("out", "out/txt2img", "output folder")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use, so that importing this module defines none)."""
+    flags.DEFINE_string("model", None, "diffusers pipeline folder (model_index.json, unet/, vae/, ...)", required=True)
+    flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+    flags.DEFINE_string("prompts_file", None, "text file, one prompt per line")
+    flags.DEFINE_string("negative_prompt", "", "negative prompt")
+    flags.DEFINE_list("seeds", ["0"], "seeds; every prompt is sampled with every seed")
+    flags.DEFINE_integer("steps", 25, "denoising steps")
+    flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
+    flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++2m"], "sampler")
+    flags.DEFINE_integer("height", None, "image height (default: the model's)")
+    flags.DEFINE_integer("width", None, "image width (default: the model's)")
+    flags.DEFINE_integer("batch", 4, "images per compiled call")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)")
+    flags.DEFINE_string("out", "out/txt2img", "output folder")
+
 
 
 def _prompts() -> list[str]:
@@ -85,4 +90,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
