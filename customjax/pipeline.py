@@ -88,6 +88,19 @@ def encode_text(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array,
     return ctx, outs[1].text_embeds
 
 
+def encode_cfg_text(pipe: StableDiffusion, text_params: tuple, ids: tuple, neg_ids: tuple,
+                    zero_uncond: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """[unconditional; conditional] text (2B, 77, D) and pooled embeddings in one encoder pass.
+    ``zero_uncond``: zero unconditional embeddings (diffusers SDXL ``force_zeros_for_empty_prompt``)."""
+    B = ids[0].shape[0]
+    ctx, pooled = encode_text(pipe, text_params, tuple(jnp.concatenate([n, c]) for n, c in zip(neg_ids, ids)))
+    if zero_uncond:
+        keep = (jnp.arange(2 * B) >= B)[:, None]
+        ctx = ctx * keep[..., None]
+        pooled = None if pooled is None else pooled * keep
+    return ctx, pooled
+
+
 def sdxl_time_ids(height: int, width: int, batch: int) -> jax.Array:
     """SDXL micro-conditioning: (original size, crop top-left, target size) = (h, w, 0, 0, h, w)."""
     return jnp.tile(jnp.array([[height, width, 0, 0, height, width]], jnp.float32), (batch, 1))

@@ -31,7 +31,7 @@ from customjax.images import grid, mask_strip, overlay, save_png
 from customjax.methods import realcustom, realcustompp
 from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter
 from customjax.parallel import data_mesh, replicate, shard_batch
-from customjax.sampling.common import cached_sampler
+from customjax.sampling.common import cached_sampler, seed_latents
 from customjax.sampling.dual_branch import dual_branch_sample, unet_evaluations
 from customjax.tokenizer import tokenize, word_token_positions
 
@@ -174,8 +174,7 @@ def main(argv) -> None:
                     for k, w in enumerate(c["words"]):
                         wm[i, k, word_token_positions(pipe.tokenizers[0], c["prompt"], w)] = True
                 feats = np.stack([c["tokens"] for c, _ in chunk])
-                lat = np.stack([np.asarray(jax.random.normal(jax.random.key(s), (H // f, W // f, pipe.unet.config.in_channels)))
-                                for _, s in chunk])
+                lat = seed_latents([s for _, s in chunk], (H // f, W // f, pipe.unet.config.in_channels))
                 batch = shard_batch(dict(ids=ids, neg=neg, wm=jnp.asarray(wm), feats=jnp.asarray(feats),
                                          lat=jnp.asarray(lat), m0=jnp.zeros((bsz, J, *hw_mask))), mesh)
                 res = dual_branch_sample(pipe, built.unet, smp, gcfg, visual, params, batch["ids"], batch["neg"],

@@ -14,6 +14,7 @@ checkpoints (``workdir/checkpoints``) and, at the end, ``workdir/export/adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -82,7 +83,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     write_config(workdir, config)
     built = build(config)
     if config.train.remat:
-        built = type(built)(**{**built.__dict__, "unet": built.unet.clone(remat=True)})
+        built = dataclasses.replace(built, unet=built.unet.clone(remat=True))
     mesh = parallel.make_mesh(config.train.fsdp)
     div = parallel.batch_size_divisor(mesh)
     if config.train.batch % div:
@@ -152,9 +153,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
         if writer:
             writer.close()
     if step == total and jax.process_index() == 0:
-        from customjax.methods.build import save_adapter
+        from customjax.methods.build import save_adapter, with_trainable
         params = state.ema if state.ema is not None else state.params
-        save_adapter(_with_trainable(built, jax.device_get(params)), workdir / "export")
+        save_adapter(with_trainable(built, jax.device_get(params)), workdir / "export")
     if _Preempted.flag:
         logging.warning("SIGTERM: saved step %d and stopped", step)
     return {"step": step, **last}
@@ -162,15 +163,6 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
 
 def _lr(config, step):
     return trainer.make_optimizer_schedule(config.optim)(step)
-
-
-def _with_trainable(built, trainable):
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict({"unet": built.params["unet"], **built.params["image"]})
-    flat.update(traverse_util.flatten_dict(trainable))
-    merged = traverse_util.unflatten_dict(flat)
-    image = {k: merged[k] for k in built.params["image"]}
-    return type(built)(**{**built.__dict__, "params": dict(built.params, unet=merged["unet"], image=image)})
 
 
 def main(argv) -> None:

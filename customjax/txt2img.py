@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from customjax.images import grid, save_png
 from customjax.pipeline import load_stable_diffusion
+from customjax.sampling.common import seed_latents
 from customjax.sampling.t2i import txt2img
 
 FLAGS = flags.FLAGS
@@ -69,8 +70,7 @@ def main(argv) -> None:
         # one noise draw per seed, so an image does not depend on its batch neighbours
         size = pipe.unet.config.sample_size * pipe.vae_scale
         h, w, f = FLAGS.height or size, FLAGS.width or size, pipe.vae_scale
-        lat = np.stack([np.asarray(jax.random.normal(jax.random.key(s), (h // f, w // f, pipe.unet.config.in_channels)))
-                        for _, s in chunk])
+        lat = seed_latents([s for _, s in chunk], (h // f, w // f, pipe.unet.config.in_channels))
         pad = FLAGS.batch - len(chunk)  # keep one compiled shape
         lat = np.concatenate([lat, np.repeat(lat[-1:], pad, axis=0)]) if pad else lat
         imgs = txt2img(pipe, params, [p for p, _ in chunk] + [chunk[-1][0]] * pad, jax.random.key(0),

@@ -40,15 +40,32 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
+_BUILT = {}
+
+
+def _pair(name, tmp_path_factory):
+    """(name, torch reference, our module, params, config), built once per config."""
+    if name not in _BUILT:
+        torch.manual_seed(0)
+        ref = TorchUNet(sample_size=8, in_channels=4, out_channels=4, **CONFIGS[name]).eval()
+        randomize(ref)
+        folder = tmp_path_factory.mktemp(name)
+        ref.save_pretrained(folder)
+        module, params, config = load_pretrained(folder, UNET)
+        _BUILT[name] = name, ref, module, params, config
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request, tmp_path_factory):
-    torch.manual_seed(0)
-    ref = TorchUNet(sample_size=8, in_channels=4, out_channels=4, **CONFIGS[request.param]).eval()
-    randomize(ref)
-    folder = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(folder)
-    module, params, config = load_pretrained(folder, UNET)
-    return request.param, ref, module, params, config
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory):
+    """The SDXL-like config: several transformer layers per block, so per-layer offsets and remat
+    of nested blocks are exercised."""
+    return _pair("sdxl", tmp_path_factory)
 
 
 def inputs(config, batch=2, size=8, text_len=7, seed=1):
@@ -76,13 +93,11 @@ def test_unet_parity(pair, report):
     assert np.std(want) > 0.1  # the comparison is not between near-zero outputs
 
 
-def test_per_layer_text_equals_shared_text(pair):
+def test_per_layer_text_equals_shared_text(sdxl_pair):
     """(L, B, N, D) text with the same sequence in every layer is the plain call; a change in one
     layer changes the output. (On the SDXL-like config, whose blocks hold several transformer
     layers, so the per-layer offsets are exercised.)"""
-    name, _, module, params, config = pair
-    if name != "sdxl":
-        return
+    name, _, module, params, config = sdxl_pair
     x, t, ctx, extra = inputs(config)
     f = jax.jit(module.apply)
     base = f({"params": params}, x, t, ctx, **extra)
@@ -92,10 +107,8 @@ def test_per_layer_text_equals_shared_text(pair):
     assert max_abs(f({"params": params}, x, t, per_layer, **extra), base) > 1e-3
 
 
-def test_remat_and_bf16(pair):
-    name, _, module, params, config = pair
-    if name != "sdxl":
-        return
+def test_remat_and_bf16(sdxl_pair):
+    name, _, module, params, config = sdxl_pair
     x, t, ctx, extra = inputs(config)
     base = jax.jit(module.apply)({"params": params}, x, t, ctx, **extra)
     remat = jax.jit(module.clone(remat=True).apply)({"params": params}, x, t, ctx, **extra)

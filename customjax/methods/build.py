@@ -167,8 +167,16 @@ def load_adapter(built: Built, checkpoint: str | os.PathLike) -> Built:
         tree = trainable_tree(built)
         u, c = load_public_checkpoint(files[0], unet_target=tree["unet"], projector_target=built.params["image"]["ccp"])
         loaded = {"unet": u, "ccp": c}
+    return with_trainable(built, loaded)
+
+
+def with_trainable(built: Built, tree: Any) -> Built:
+    """``built`` with the leaves of a trainable-shaped ``tree`` ({"unet": ..., "<adapter>": ...})
+    replacing its parameters."""
     flat = traverse_util.flatten_dict({"unet": built.params["unet"], **built.params["image"]})
-    for k, v in traverse_util.flatten_dict(loaded).items():
+    for k, v in traverse_util.flatten_dict(tree).items():
+        if k not in flat:
+            raise KeyError(f"parameter {'/'.join(k)} is not in the model")
         flat[k] = jnp.asarray(v)
     merged = traverse_util.unflatten_dict(flat)
     image = {k: merged[k] for k in built.params["image"]}

@@ -45,3 +45,9 @@ def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: float) -> jax.Array:
 def cached_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
     """One Sampler object per setting, so the jit cache (keyed on it) is hit on repeated calls."""
     return make_sampler(config, kind, steps)
+
+
+def seed_latents(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    """Initial noise (len(seeds), *shape), one independent draw per seed, so an image does not
+    depend on its batch neighbours or the batch size."""
+    return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape)) for s in seeds])

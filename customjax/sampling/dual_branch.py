@@ -29,7 +29,7 @@ from customjax import schedulers as S
 from customjax.control.spec import Capture, Control, ExtraTokens
 from customjax.guidance.mask import MaskConfig, guidance_mask
 from customjax.models.vae import unscale_latents
-from customjax.pipeline import StableDiffusion, encode_text, sdxl_time_ids
+from customjax.pipeline import StableDiffusion, encode_cfg_text, sdxl_time_ids
 from customjax.sampling.common import Sampler
 
 VisualFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]
@@ -89,12 +89,7 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
     """
     B = latents.shape[0]
     latent_hw = latents.shape[1:3]
-    both = tuple(jnp.concatenate([n, c]) for n, c in zip(neg_ids, ids))
-    ctx2, pooled2 = encode_text(pipe, params["text_encoders"], both)
-    if zero_uncond:  # diffusers SDXL: force_zeros_for_empty_prompt
-        keep = (jnp.arange(2 * B) >= B)[:, None]
-        ctx2 = ctx2 * keep[..., None]
-        pooled2 = pooled2 * keep
+    ctx2, pooled2 = encode_cfg_text(pipe, params["text_encoders"], ids, neg_ids, zero_uncond)
     ctx_u, ctx_c = ctx2[:B], ctx2[B:]
     pool_u, pool_c = (None, None) if pooled2 is None else (pooled2[:B], pooled2[B:])
     f = pipe.vae_scale

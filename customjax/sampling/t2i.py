@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from customjax.models.vae import unscale_latents
-from customjax.pipeline import StableDiffusion, encode_text, sdxl_time_ids
+from customjax.pipeline import StableDiffusion, encode_cfg_text, sdxl_time_ids
 from customjax.sampling.common import Sampler, cached_sampler, cfg_combine
 from customjax.tokenizer import tokenize
 
@@ -20,11 +20,7 @@ from customjax.tokenizer import tokenize
 def _txt2img(pipe: StableDiffusion, sampler: Sampler, params: dict, ids: tuple, neg_ids: tuple,
              x: jax.Array, guidance: float, zero_uncond: bool) -> jax.Array:
     B = ids[0].shape[0]
-    both = tuple(jnp.concatenate([n, c]) for n, c in zip(neg_ids, ids))
-    ctx, pooled = encode_text(pipe, params["text_encoders"], both)
-    if zero_uncond:  # diffusers SDXL: force_zeros_for_empty_prompt
-        keep = (jnp.arange(2 * B) >= B)[:, None]
-        ctx, pooled = ctx * keep[..., None], pooled * keep
+    ctx, pooled = encode_cfg_text(pipe, params["text_encoders"], ids, neg_ids, zero_uncond)
     extra = {}
     if pipe.is_sdxl:
         f = pipe.vae_scale
