@@ -105,7 +105,7 @@ def vae_config_dict(c: VAEConfig) -> dict:
 def clip_text_config_dict(c: CLIPTextConfig) -> dict:
     d = dataclasses.asdict(c)
     proj = d.pop("with_projection")
-    return dict(d, model_type="clip_text_model", bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1,
+    return dict(d, model_type="clip_text_model", bos_token_id=c.eos_token_id - 1, pad_token_id=c.eos_token_id,
                 architectures=["CLIPTextModelWithProjection" if proj else "CLIPTextModel"])
 
 

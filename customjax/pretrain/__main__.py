@@ -1,0 +1,3 @@
+from customjax.pretrain.run import run
+
+run()

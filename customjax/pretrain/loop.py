@@ -1,0 +1,107 @@
+"""The one training loop of the pretraining stages: a jitted step (batch split over the mesh's
+batch axes, parameters replicated, buffers donated), AdamW with warmup + cosine decay and global
+norm clipping, a progress bar, ``metrics.jsonl`` and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from customjax import parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    log_every: int = 25
+
+
+def optimizer(c: StageConfig) -> optax.GradientTransformation:
+    warmup = min(c.warmup, c.steps // 2)
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(c.steps, warmup + 1), c.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm), optax.adamw(sched, weight_decay=c.weight_decay))
+
+
+# The first steps are always logged: their losses fingerprint a run (data, initialisation and
+# objective), so a rerun of the recorded command can be checked against them cheaply.
+FINGERPRINT_STEPS = 3
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[[int], dict], c: StageConfig,
+        workdir: str | Path, *, seed: int = 0, mesh=None, max_steps: int | None = None) -> tuple[Any, list[dict]]:
+    """Trains ``params`` for ``c.steps`` steps of ``loss_fn(params, frozen, batch, key) -> (loss,
+    aux)`` on ``batches(step)`` (numpy arrays, batch-major); returns the parameters and the logged
+    metrics (also in ``workdir/name/metrics.jsonl`` and its TensorBoard events). ``max_steps`` stops
+    early (same schedule): a rerun of a run's first steps."""
+    mesh = mesh or parallel.data_mesh()
+    tx = optimizer(c)
+    rep = NamedSharding(mesh, P())
+    params = jax.device_put(params, rep)
+    frozen = jax.device_put(frozen, rep)
+    opt = jax.jit(tx.init, out_shardings=rep)(params)
+
+    def step(params, opt, frozen, batch, key):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    out = Path(workdir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _writer(out)
+    history = []
+    key = jax.random.key(seed)
+    t0 = time.time()
+    with open(out / "metrics.jsonl", "w") as log, tqdm(total=c.steps, desc=name, unit="step") as bar:
+        for i in range(c.steps if max_steps is None else min(max_steps, c.steps)):
+            batch = parallel.shard_batch(batches(i), mesh)
+            params, opt, m = jstep(params, opt, frozen, batch, jax.random.fold_in(key, i))
+            bar.update(1)
+            if (i + 1) % c.log_every == 0 or i + 1 == c.steps or i < FINGERPRINT_STEPS:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                m.update(step=i + 1, seconds=round(time.time() - t0, 1))
+                history.append(m)
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if writer:
+                    for k, v in m.items():
+                        writer.add_scalar(f"{name}/{k}", v, i + 1)
+    if writer:
+        writer.close()
+    return jax.device_get(params), history
+
+
+def _writer(folder: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder / "tb"))
+
+
+def sample_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
+    """Deterministic batch indices into a pool of ``n`` examples for ``step``."""
+    return np.random.default_rng([seed, step]).integers(0, n, batch)
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> float32 in [-1, 1]."""
+    return images.astype(np.float32) / 127.5 - 1.0

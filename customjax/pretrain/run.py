@@ -1,0 +1,207 @@
+"""``python -m customjax.pretrain``: the ShapeWorld base model, from nothing to a diffusers folder.
+
+    python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base
+    python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base --install
+
+Stages: render the training pool (``customjax.data.shapeworld``, training split only), train the
+tokenizer, the VAE, the CLIP and the UNet, write ``workdir/model`` (see :mod:`.folder`), and
+measure it on held-out prompts (``workdir/model/shapeworld.json``, a sample grid). A finished stage
+is kept in ``workdir/stages`` and reused when the command runs again (delete it to retrain).
+``--install`` copies the folder to the package (:data:`customjax.assets.SHAPEWORLD_BASE`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import serialization
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from customjax.data import shapeworld as sw
+from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from customjax.models.unet_config import UNetConfig
+from customjax.models.vae import AutoencoderKL, VAEConfig
+from customjax.models.vit import CLIPVisionConfig
+from customjax.pretrain.clip import train_clip
+from customjax.pretrain.evaluate import evaluate, headline
+from customjax.pretrain.folder import write_folder
+from customjax.pretrain.loop import StageConfig
+from customjax.pretrain.tokenizer import train_tokenizer, vocab_size
+from customjax.pretrain.unet import train_unet
+from customjax.pretrain.vae import encode, train_vae, with_latent_scale
+from customjax.schedulers import ScheduleConfig, noise_schedule
+from customjax.tokenizer import load_tokenizer, tokenize
+from customjax.zoo import SCHEDULER
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "configs/shapeworld_base.py[:cpu|gpu|test]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder", required=True)
+    flags.DEFINE_bool("install", False, "copy the finished model into the package (customjax/assets/)")
+    flags.DEFINE_string("grid", None, "where to write the evaluation sample grid (default workdir/samples.png)")
+
+
+def _stage(c) -> StageConfig:
+    return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup)
+
+
+def _cached(workdir: Path, name: str, train):
+    """``train()`` -> (params, history), or both from ``workdir/stages/name.msgpack`` if present."""
+    path = workdir / "stages" / f"{name}.msgpack"
+    if path.is_file():
+        logging.info("reusing the finished %s stage from %s", name, path)
+        d = serialization.msgpack_restore(path.read_bytes())
+        return d["params"], json.loads(d["history"])
+    params, history = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.msgpack_serialize({"params": jax.device_get(params), "history": json.dumps(history)}))
+    return params, history
+
+
+def configs(c, tokenizer_dir: Path) -> tuple:
+    """(text, vision, VAE, UNet) model configs of the world's stack."""
+    tok = load_tokenizer(tokenizer_dir)
+    text = CLIPTextConfig(vocab_size=vocab_size(tokenizer_dir), hidden_size=c.clip.hidden_size,
+                          intermediate_size=c.clip.intermediate_size, num_hidden_layers=c.clip.num_hidden_layers,
+                          num_attention_heads=c.clip.num_attention_heads,
+                          max_position_embeddings=c.tokenizer.model_max_length, eos_token_id=tok.eos_token_id,
+                          projection_dim=c.clip.projection_dim, with_projection=True)
+    vision = CLIPVisionConfig(hidden_size=c.clip.hidden_size, intermediate_size=c.clip.intermediate_size,
+                              num_hidden_layers=c.clip.num_hidden_layers, num_attention_heads=c.clip.num_attention_heads,
+                              image_size=c.size, patch_size=c.clip.patch_size, projection_dim=c.clip.projection_dim,
+                              with_projection=True)
+    vae = VAEConfig(block_out_channels=tuple(c.vae.block_out_channels), layers_per_block=c.vae.layers_per_block,
+                    norm_num_groups=c.vae.norm_num_groups, latent_channels=c.vae.latent_channels, sample_size=c.size)
+    n = len(c.unet.block_out_channels)
+    unet = UNetConfig(sample_size=c.size // 2 ** (n - 1), in_channels=c.vae.latent_channels,
+                      out_channels=c.vae.latent_channels, block_out_channels=tuple(c.unet.block_out_channels),
+                      layers_per_block=(c.unet.layers_per_block,) * n, heads=tuple(c.unet.heads),
+                      cross_attention_dim=(c.clip.hidden_size,) * n, transformer_layers=(1,) * n,
+                      norm_num_groups=c.unet.norm_num_groups, down_block_types=tuple(c.unet.down_block_types),
+                      up_block_types=tuple(c.unet.up_block_types))
+    return text, vision, vae, unet
+
+
+def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, list[str]]:
+    """(uint8 images, captions) of training scenes ``indices`` (default ``range(n)``); scene ``i`` is
+    a pure function of ``(seed, i)``, so any part of the pool can be regenerated alone."""
+    images, captions = [], []
+    for i in tqdm(range(n) if indices is None else indices, desc="render", unit="scene", mininterval=5):
+        ex_rng = np.random.default_rng([seed, 2, int(i)])
+        scene = sw.sample_scene(ex_rng, size)
+        captions.append(sw.caption(scene, ex_rng))
+        images.append(sw.render(scene, size)[0])
+    return np.stack(images), captions
+
+
+def pretrain(c, workdir, grid_out=None) -> Path:
+    """Runs every stage; returns the model folder."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    t0 = time.time()
+    logging.info("rendering %d training scenes", c.pool)
+    images, captions = training_pool(c.seed, c.pool, c.size)
+    crng = np.random.default_rng([c.seed, 1])   # more captions (no rendering) so that rare words get merges
+    corpus = captions + [sw.caption(sw.sample_scene(crng, c.size), crng) for _ in range(c.tokenizer.captions)]
+    tok_dir = train_tokenizer(corpus, workdir / "tokenizer", max_merges=c.tokenizer.max_merges,
+                              model_max_length=c.tokenizer.model_max_length)
+    tok = load_tokenizer(tok_dir)
+    ids = tokenize(tok, captions)
+    text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
+
+    vae_p, vae_h = _cached(workdir, "vae", lambda: train_vae(vae_cfg, images, _stage(c.vae), workdir,
+                                                             kl_weight=c.vae.kl_weight, seed=c.seed))
+    vae = AutoencoderKL(vae_cfg)
+    mean, logvar = encode(vae, vae_p, images)
+    vae_cfg = with_latent_scale(vae_cfg, mean[:1024])
+    clip_p, clip_h = _cached(workdir, "clip", lambda: train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip),
+                                                                 workdir, seed=c.seed)[1:])
+    sched = noise_schedule(ScheduleConfig.from_dict(SCHEDULER))
+    text = CLIPTextModel(text_cfg)
+    empty = tokenize(tok, [""])
+    unet_p, unet_h = _cached(workdir, "unet", lambda: train_unet(
+        unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, mean, logvar, ids, empty, _stage(c.unet),
+        workdir, p_uncond=c.unet.p_uncond, seed=c.seed))
+    info = dict(command=" ".join(["python -m customjax.pretrain"] + sys.argv[1:]), config=json.loads(c.to_json_best_effort()),
+                seed=c.seed, jax=jax.__version__, device=str(jax.devices()[0].device_kind), platform=platform.platform(),
+                train_seconds=round(time.time() - t0, 1),
+                final_loss={k: h[-1]["loss"] for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
+                loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in (("vae", vae_h), ("clip", clip_h),
+                                                                                 ("unet", unet_h))})
+    folder = write_folder(workdir / "model", tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
+                          vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info)
+    e = c.eval
+    res = evaluate(folder, prompts=e.prompts, steps=e.steps, guidance=e.guidance, batch=e.batch, seed=c.seed,
+                   grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
+    info["eval"] = res
+    (folder / "shapeworld.json").write_text(json.dumps(info, indent=2))
+    logging.info("held-out prompts: %s", headline(res["summary"]))
+    return folder
+
+
+def main(argv) -> None:
+    del argv
+    folder = pretrain(FLAGS.config, FLAGS.workdir, FLAGS.grid)
+    if FLAGS.install:
+        from customjax.assets import SHAPEWORLD_BASE
+        if SHAPEWORLD_BASE.exists():
+            shutil.rmtree(SHAPEWORLD_BASE)
+        shutil.copytree(folder, SHAPEWORLD_BASE)
+        print(f"installed {folder} -> {SHAPEWORLD_BASE}")
+    print(folder)
+
+
+def run() -> None:
+    define_flags()
+    app.run(main)
+
+
+class LazyRows:
+    """A read-only stand-in for an (n, ...) array whose rows are computed on indexing
+    (``rows[idx]`` -> ``fn(idx)``), for rerunning a few steps without rendering the whole pool."""
+
+    def __init__(self, n: int, fn):
+        self.n, self.fn = n, fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        return self.fn(np.atleast_1d(np.asarray(idx)))
+
+
+def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
+    """The losses of the first ``steps`` steps of every stage, rerun from ``c`` (the recorded
+    config) with the frozen parts that the UNet stage needs taken from the model ``folder``; equal
+    (up to float reduction order and the float16 storage of the frozen weights) to the recorded
+    ``loss_curves`` when the command, seed and settings are the same."""
+    from customjax.pipeline import load_stable_diffusion
+
+    folder, workdir = Path(folder), Path(workdir)
+    pool = lambda idx: training_pool(c.seed, c.pool, c.size, idx)
+    tok = load_tokenizer(folder / "tokenizer")
+    text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, folder / "tokenizer")
+    images = LazyRows(c.pool, lambda idx: pool(idx)[0])
+    ids = LazyRows(c.pool, lambda idx: tokenize(tok, pool(idx)[1]))
+    out = {"vae": train_vae(vae_cfg, images, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight, seed=c.seed,
+                            max_steps=steps)[1]}
+    out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[2]
+    pipe, params = load_stable_diffusion(folder)
+    moments = lambda idx: encode(pipe.vae, params["vae"], pool(idx)[0])
+    out["unet"] = train_unet(unet_cfg, pipe.text_encoders[0], params["text_encoders"][0], noise_schedule(pipe.schedule),
+                             pipe.vae.config.scaling_factor, LazyRows(c.pool, lambda i: moments(i)[0]),
+                             LazyRows(c.pool, lambda i: moments(i)[1]), ids, tokenize(tok, [""]), _stage(c.unet),
+                             workdir, p_uncond=c.unet.p_uncond, seed=c.seed, max_steps=steps)[1]
+    return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}

@@ -1,0 +1,52 @@
+"""Stage 3: the text-to-image UNet (latent diffusion, Rombach et al. 2022, Eq. 2): epsilon
+prediction on the frozen VAE's scaled latents, conditioned on the frozen CLIP text tower's last
+hidden state, with the caption dropped (empty prompt) with probability ``p_uncond`` so that
+classifier-free guidance works at sampling time."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customjax.models.clip_text import CLIPTextModel
+from customjax.models.unet import UNET, UNet2DConditionModel
+from customjax.models.unet_config import UNetConfig
+from customjax.models.vae import latent_dist_sample
+from customjax.pretrain.loop import StageConfig, fit, sample_indices
+from customjax.schedulers import NoiseSchedule, add_noise
+from customjax.weights.loaders import init_params
+
+
+def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: CLIPTextModel,
+              sched: NoiseSchedule, scaling_factor: float, p_uncond: float):
+    kz, kn, kt, kd = jax.random.split(key, 4)
+    z0 = latent_dist_sample(batch["mean"], batch["logvar"], kz) * scaling_factor
+    B = z0.shape[0]
+    drop = jax.random.uniform(kd, (B, 1)) < p_uncond
+    ids = jnp.where(drop, batch["empty_ids"], batch["ids"])
+    ctx = text.apply({"params": frozen}, ids).last_hidden_state
+    noise = jax.random.normal(kn, z0.shape)
+    t = jax.random.randint(kt, (B,), 0, sched.alphas_cumprod.shape[0])
+    pred = unet.apply({"params": params}, add_noise(sched, z0, noise, t), t, ctx)
+    return jnp.mean((pred - noise) ** 2), {}
+
+
+def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSchedule, scaling_factor: float,
+               mean: np.ndarray, logvar: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
+               workdir, *, p_uncond: float = 0.1, seed: int = 0, max_steps: int | None = None):
+    """(params, history): ``mean``/``logvar`` are the VAE posteriors of the training images and
+    ``ids`` their captions' token ids."""
+    unet = UNet2DConditionModel(cfg)
+    params = init_params(UNET, cfg, jax.random.key(seed + 2))
+    loss = functools.partial(unet_loss, unet=unet, text=text, sched=sched, scaling_factor=scaling_factor,
+                                 p_uncond=p_uncond)
+    empty = np.broadcast_to(empty_ids, (stage.batch, empty_ids.shape[-1]))
+
+    def batches(step):
+        idx = sample_indices(seed + 2, step, len(mean), stage.batch)
+        return {"mean": mean[idx], "logvar": logvar[idx], "ids": ids[idx], "empty_ids": np.array(empty)}
+
+    return fit("unet", loss, params, text_params, batches, stage, workdir, seed=seed, max_steps=max_steps)

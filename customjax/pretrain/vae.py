@@ -1,0 +1,51 @@
+"""Stage 1: the AutoencoderKL, trained as in LDM (Rombach et al. 2022, Sec. 3) without the
+adversarial and perceptual terms: L1 + L2 reconstruction of a posterior sample plus a small KL
+to N(0, I). ``scaling_factor`` is then set to 1 / std of the latents, as SD's 0.18215 was."""
+
+from __future__ import annotations
+
+import functools
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from customjax.models.vae import VAE, AutoencoderKL, VAEConfig, latent_dist_sample
+from customjax.pretrain.loop import StageConfig, fit, sample_indices, to_unit
+from customjax.weights.loaders import init_params
+
+
+def vae_loss(params, frozen, batch, key, *, model: AutoencoderKL, kl_weight: float):
+    x = batch["image"]
+    mean, logvar = model.apply({"params": params}, x, method="encode")
+    rec = model.apply({"params": params}, latent_dist_sample(mean, logvar, key), method="decode")
+    l1, l2 = jnp.mean(jnp.abs(rec - x)), jnp.mean((rec - x) ** 2)
+    kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    return l1 + l2 + kl_weight * kl, {"l1": l1, "kl": kl}
+
+
+def train_vae(cfg: VAEConfig, images: np.ndarray, stage: StageConfig, workdir, *, kl_weight: float,
+              seed: int = 0, max_steps: int | None = None):
+    """(params, history) trained on uint8 ``images``."""
+    model = AutoencoderKL(cfg)
+    params = init_params(VAE, cfg, jax.random.key(seed))
+    loss = functools.partial(vae_loss, model=model, kl_weight=kl_weight)
+
+    def batches(step):
+        return {"image": to_unit(images[sample_indices(seed, step, len(images), stage.batch)])}
+
+    return fit("vae", loss, params, None, batches, stage, workdir, seed=seed, max_steps=max_steps)
+
+
+def with_latent_scale(cfg: VAEConfig, mean: np.ndarray) -> VAEConfig:
+    """``scaling_factor`` = 1 / std of the posterior means, so the diffusion latents have unit variance."""
+    return dataclasses.replace(cfg, scaling_factor=float(1.0 / np.std(mean)))
+
+
+def encode(model: AutoencoderKL, params, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, logvar) of the posterior for uint8 ``images``, in chunks."""
+    f = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
+    outs = [jax.device_get(f(params, to_unit(images[i:i + chunk]))) for i in range(0, len(images), chunk)]
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
