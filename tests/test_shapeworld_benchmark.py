@@ -1,0 +1,228 @@
+"""The ShapeWorld customization benchmark (issue 6): its cases (held-out subjects, target word in
+every prompt, appearance only in the reference), its settings (how each maps to the sampler), the
+constant-mask route to the unmasked adapter, the report, and the fast command end to end on the
+tiny random pipeline."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from customjax.benchmark import shapeworld as bench
+from customjax.data import shapeworld as sw
+from customjax.metrics.shapeworld import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [s.name for s in bench.SETTINGS if s.fast]
+
+
+def config(path: str, arg: str):
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def _named(word: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
+APPEARANCE_WORDS = set(sw.PATTERN_WORDS.values()) | set(sw.PATTERNS) - {"solid"} | {"to"}
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_cases(size):
+    single, two = bench.make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
+    assert (len(single), len(two)) == (8, 3)
+    again = bench.make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
+    assert [c.to_dict() for c in single + two] == [c.to_dict() for c in again[0] + again[1]]   # deterministic
+    assert [c.prompt for c in bench.make_cases(8, seed=1, size=size)[0]] != [c.prompt for c in single]
+    heldout = set(sw.heldout_subjects())
+    assert len({c.subjects[0] for c in single}) == 4                 # 2 prompts per subject
+    assert any(len(c.scene.objects) == 2 for c in single) and any(len(c.scene.objects) == 1 for c in single)
+    for c in single + two:
+        n = len(c.subjects)
+        assert all(s in heldout and sw.is_heldout_subject(s) for s in c.subjects)
+        assert c.words == tuple(s.category for s in c.subjects) and len(set(c.words)) == n
+        assert tuple(o.subject for o in c.scene.objects[:n]) == c.subjects
+        for w in c.words:                                            # the target word is in the prompt
+            assert _named(w, c.prompt), (w, c.prompt)
+        # the subjects' appearance is not named: none of their colours, no pattern word
+        for s in c.subjects:
+            for colour in {s.appearance.primary, s.appearance.secondary} - {None}:
+                assert not _named(colour, c.prompt), (colour, c.prompt)
+        assert not any(_named(w, c.prompt) for w in APPEARANCE_WORDS), c.prompt
+        # the new context is named: background, each object's position, the subjects' sizes
+        assert _named(c.scene.background.color, c.prompt)
+        assert all(sw.POSITION_PHRASES[o.position] in c.prompt for o in c.scene.objects)
+        assert all(_named(o.size, c.prompt) for o in c.scene.objects[:n])
+        for o in c.scene.objects[n:]:                                # other objects: training subjects, named colour
+            assert not sw.is_heldout_subject(o.subject) and o.category not in c.words
+            assert _named(o.appearance.primary, c.prompt)
+        # the spec measure gets: objects[0] is the subject with its appearance
+        assert c.spec.objects[0] == sw.Obj(c.words[0], c.subjects[0].appearance, c.scene.objects[0].position,
+                                           c.scene.objects[0].size)
+        # the references show each subject alone, large, centred, on another (neutral) background
+        refs = c.reference_images(size)
+        assert refs.shape == (n, size, size, 3) and refs.dtype == np.uint8
+        for s, ref, img in zip(c.subjects, c.references, refs):
+            assert ref.background.color != c.scene.background.color and ref.objects[0].subject == s
+            m = measure(img, sw.Scene(ref.background, (sw.Obj(s.category, s.appearance, "center", "large"),)),
+                        reference=s)
+            assert m["category_correct"] and m["position_correct"] and m["size_correct"] and m["count_correct"]
+            assert m["appearance_similarity"] > 0.5   # one pose vs the metric's 8-pose mean
+        # the ground truth scores full controllability and high similarity
+        r = bench.score(sw.render(c.scene, size)[0], c)
+        assert r["controllability"] == 1.0 and r["similarity"] > 0.5, (c.name, r)
+        assert (r["others_correct"] is None) == (len(c.scene.objects) == 1)
+    # an image of the right context without the subject's appearance scores low similarity
+    c = single[0]
+    other = sw.Subject(c.words[0], next(a for a in sw.all_appearances() if a.pattern == "solid"
+                                        and sw.compatible(a, c.scene.background) and a != c.subjects[0].appearance))
+    wrong = sw.Scene(c.scene.background, (sw.Obj(other.category, other.appearance, *[getattr(c.scene.objects[0], f)
+                     for f in ("position", "size", "center", "radius", "rotation")]),))
+    r = bench.score(sw.render(wrong, size)[0], c)
+    assert r["controllability"] == 1.0 and r["similarity"] < 0.3
+
+
+def test_settings_map_to_the_sampler():
+    from customjax.methods.build import guidance_config
+
+    cfg = config("realcustompp.py", "tiny")
+    ablations = bench.load_ablations(ROOT / "configs" / "realcustompp.py")
+    g = {s.name: guidance_config(bench.setting_config(cfg, s, ablations)) for s in bench.SETTINGS
+         if s.method == "realcustompp"}
+    by = {s.name: s for s in bench.SETTINGS}
+    base = dataclasses.replace(guidance_config(cfg), record_masks=False)   # the benchmark keeps final masks only
+    # t2i and the unmasked adapter: no guidance branch, a constant mask of value s, visual scale 1
+    for name in ["t2i"] + [n for n in g if n.startswith("unmasked_")]:
+        assert g[name] == g["t2i"] and g[name].t_stop == 0 and g[name].visual_scale == 1.0
+    assert [by[n].init_mask for n in bench.SETTING_NAMES if n == "t2i" or n.startswith("unmasked_")] == \
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert g["amg"] == g["tstop"] == g["gamma020"] == g["two_algorithm1"] == base
+    assert g["binary"].mask.norm == "binary" and g["cross_only"].mask.self_factors == ()
+    assert [g[f"gamma{k}"].mask.gamma_scope for k in ("010", "020", "030", "050")] == [0.1, 0.2, 0.3, 0.5]
+    assert g["no_early_stop"].t_stop is None and base.t_stop == cfg.guidance.t_stop
+    assert g["two_overlap"].mask.multi == "overlap" and by["two_overlap"].subjects == 2
+    assert g["two_overlap"].references == g["two_algorithm1"].references == "many2many"
+    rc = config("realcustom.py", "tiny")
+    assert guidance_config(bench.setting_config(rc, by["realcustom"], ablations)).cfg == "realcustom"
+    # --steps rescales T_stop in proportion
+    c4 = bench.with_steps(cfg, 4)
+    assert (c4.sample.steps, c4.guidance.t_stop) == (4, 2) and cfg.sample.steps == 10
+
+
+def test_constant_mask_is_the_unmasked_adapter():
+    """The visual attention output is mask x scale x Attn: a constant mask s with scale 1 is the
+    adapter everywhere at scale s, and 0 is plain text conditioning. (The other route, gamma_scope 1
+    with binary norm, selects every position: an all-ones mask.)"""
+    from customjax.control.spec import Control, ControlConfig, ExtraKV, ExtraTokens
+    from customjax.guidance.mask import MaskConfig, select
+    from customjax.models.attention import Attention
+
+    B, T, hw = 2, 16, (4, 4)
+    layer = Attention(2, 4, 8, True, control=ControlConfig(extra_kv=(ExtraKV("vision", 6),)))
+    rng = np.random.default_rng(0)
+    x, ctx, toks = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, 8), (B, 5, 10), (B, 1, 3, 6)))
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), x, ctx, hw))["params"]
+    p = jax.tree_util.tree_map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32), shapes)
+    apply = jax.jit(lambda c: layer.apply({"params": p}, x, ctx, hw, c))
+    run = lambda mask, scale: apply(Control({"vision": ExtraTokens(toks, mask, jnp.float32(scale))}))
+    for s in (0.25, 1.0):
+        np.testing.assert_allclose(run(jnp.full((B, 1, 8, 8), s), 1.0), run(None, s), atol=1e-6)
+    np.testing.assert_allclose(run(jnp.zeros((B, 1, 8, 8)), 1.0), run(None, 0.0), atol=1e-6)
+    assert np.abs(run(None, 1.0) - run(None, 0.0)).max() > 1e-3
+    scores = jnp.asarray(rng.random((B, 1, 8, 8)), jnp.float32)
+    assert np.array_equal(select(scores, MaskConfig(gamma_scope=1.0, norm="binary")), np.ones((B, 1, 8, 8)))
+
+
+def test_report_from_figures(tmp_path):
+    """Markdown groups every setting like the papers' tables; the plot draws with CLIP scores too."""
+    rng = np.random.default_rng(0)
+    fig = lambda: (lambda m: dict(mean=m, lo=max(m - 0.05, 0), hi=min(m + 0.05, 1), n=8))(float(rng.random()))
+    entries = [dict(name=s.name, group=s.group, label=s.label, subjects=s.subjects, init_mask=s.init_mask,
+                    same_as="amg" if s.name in ("tstop", "gamma020") else None, unet_evaluations_per_image=30,
+                    guidance=dict(gamma_scope=0.2, t_stop=12),
+                    summary={k: fig() for k in bench.METRICS}) for s in bench.SETTINGS]
+    report = dict(device=dict(kind="cpu", platform="cpu"), commit="abc", dirty=False, steps=25, sampler="ddim",
+                  image_size=64, seeds=[0, 1], cases=[dict(words=["star"])] * 4 + [dict(words=["star", "ring"])],
+                  checkpoint="x", definition=bench.CONTROLLABILITY, notes=[], settings=entries)
+    md = bench.markdown(report)
+    assert all(s.label in md for s in bench.SETTINGS) and md.count("## ") == len(bench.GROUPS)
+    assert "(= amg)" in md and "CLIP-T" in md
+    bench.plot(report, tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (900, 640)
+
+
+def test_clip_scores_resize_and_average_references():
+    """CLIP-T / CLIP-I get images at the vision tower's size; two references are averaged."""
+    class Stub:
+        vision = type("V", (), {"config": type("C", (), {"image_size": 16})()})()
+
+        def clip_t(self, images, prompts):
+            assert images.shape[1:] == (16, 16, 3) and len(prompts) == len(images)
+            return images.mean((1, 2, 3)) / 255.0
+
+        def clip_i(self, images, refs):
+            assert images.shape == refs.shape and images.shape[1:] == (16, 16, 3)
+            return refs.mean((1, 2, 3)) / 255.0
+
+    single, two = bench.make_cases(1, seed=0, size=32, pairs=1)
+    images = np.stack([sw.render(c.scene, 32)[0] for c in single + two])
+    t, i = bench.clip_scores(Stub(), images, single + two, 32)
+    assert t.shape == i.shape == (2,)
+    refs = [np.asarray(Image.fromarray(r).resize((16, 16), Image.BICUBIC)).mean() / 255.0
+            for r in two[0].reference_images(32)]
+    assert i[1] == pytest.approx(np.mean(refs), abs=1e-6)
+    cfg = config("realcustompp.py", "tiny")
+    assert bench.clip_scorer(cfg)[0] is None and "no CLIP" in bench.clip_scorer(cfg)[1]
+
+
+def test_fast_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    # low XLA optimisation: the three tiny samplers compile faster (the test checks plumbing, not speed)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "benchmarks/shapeworld_custom.py", "--config", "configs/realcustompp.py:tiny",
+                        "--fast", "--noprogress", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    print(f"\n[benchmark] fast run {time.time() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr[-4000:]
+    rep = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in rep["settings"]] == FAST
+    assert rep["steps"] == 4 and rep["seeds"] == [0] and rep["image_size"] == 32 and rep["device"]["platform"] == "cpu"
+    assert any("no CLIP" in n for n in rep["notes"])
+    heldout = {s.key for s in sw.heldout_subjects()}
+    assert len(rep["cases"]) == 3 and all(s["key"] in heldout for c in rep["cases"] for s in c["subjects"])
+    for s in rep["settings"]:
+        n = 1 if s["subjects"] == 2 else 2
+        for k in ("controllability", "background_correct", "position_correct", "similarity", "mask_mean"):
+            v = s["summary"][k]
+            assert v["n"] == n and 0.0 <= v["lo"] <= v["mean"] <= v["hi"] <= 1.0, (s["name"], k, v)
+        assert "clip_t" not in s["summary"]
+    by = {s["name"]: s for s in rep["settings"]}
+    # t2i and the four unmasked scales: one compiled sampler, constant masks 0 .. 1 (all ones at s = 1)
+    assert by["t2i"]["compiled"] and not any(by[n]["compiled"] for n in FAST if n.startswith("unmasked_"))
+    for n in ["t2i"] + [n for n in FAST if n.startswith("unmasked_")]:
+        assert by[n]["summary"]["mask_mean"]["mean"] == pytest.approx(by[n]["init_mask"])
+        assert by[n]["unet_evaluations_per_image"] == 2 * 4
+    assert by["amg"]["compiled"] and by["amg"]["unet_evaluations_per_image"] == 3 * 2 + 2 * 2
+    assert by["amg"]["summary"]["mask_mean"]["mean"] < 0.25              # Top-K at gamma_scope 0.2, max-normed
+    assert len(rep["images"]) == 6 * 2 + 1 and {i["setting"] for i in rep["images"]} == set(FAST)
+    md = (out / "results.md").read_text()
+    assert all(by[n]["label"] in md for n in FAST)
+    assert Image.open(out / "frontier.png").size == (900, 640)
+    grid = Image.open(out / "samples.png")
+    assert grid.width >= (1 + 6) * 96 and grid.height >= 2 * 96 + 24
