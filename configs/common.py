@@ -14,7 +14,15 @@ MODELS = {
     "tiny_sdxl": dict(random="sdxl", steps=10, t_stop=5, w=7.5, cross=(2,), self_=(2,), mask_factor=2, size=32),
     "sd15": dict(random="", steps=50, t_stop=25, w=12.5, cross=(4, 8), self_=(1,), mask_factor=1, size=512),
     "sdxl": dict(random="", steps=25, t_stop=12, w=7.5, cross=(4,), self_=(2,), mask_factor=2, size=1024),
+    # The shipped ShapeWorld base (customjax/assets/shapeworld_base): 64 px images, 16 x 16 latents,
+    # cross-attention at 8 x 8 and 4 x 4 (factors 2 and 4).
+    "shapeworld": dict(random="", steps=25, t_stop=12, w=5.0, cross=(2,), self_=(2,), mask_factor=2, size=64),
 }
+
+
+def shapeworld_base() -> str:
+    from customjax.assets import SHAPEWORLD_BASE
+    return str(SHAPEWORLD_BASE)
 
 
 def base(method: str, variant: str) -> ml_collections.ConfigDict:
@@ -30,10 +38,17 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     # ("tiny", or "full" = the real SD-1.5 / SDXL shapes, for benchmarks).
     c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", random_scale="tiny",
                                              dtype="float32"))
+    # kind: "siglip_dino" (RealCustom++: SigLIP + DINOv2 folders) or "clip" (one CLIP image encoder,
+    # `clip`, for both methods; ShapeWorld uses the base model's own image_encoder/).
     c.encoders = ml_collections.ConfigDict(dict(
-        siglip="", dino="", clip="", public=False, image_size=28 if variant.startswith("tiny") else 384, scale=2,
+        kind="siglip_dino", siglip="", dino="", clip="", public=False,
+        image_size=28 if variant.startswith("tiny") else 384, scale=2,
         siglip_shallow=(0,) if variant.startswith("tiny") else (7, 13, 19),
         dino_shallow=(0,) if variant.startswith("tiny") else (4, 10, 16)))
+    if variant == "shapeworld":
+        c.model.path = shapeworld_base()
+        c.encoders.update(dict(kind="clip", clip=c.model.path + "/image_encoder", image_size=64, scale=2,
+                               siglip_shallow=(0, 1), dino_shallow=(0, 1)))
     c.guidance = ml_collections.ConfigDict(dict(
         gamma_scope=0.2, norm="max", cross_factors=m["cross"], self_factors=m["self_"],
         mask_factor=m["mask_factor"], multi="algorithm1", t_stop=ml_collections.config_dict.placeholder(int),
@@ -47,7 +62,7 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
 
 # Ablation presets: name -> (paper table row, overrides of config.guidance).
 def _all_factors(c):
-    return (1, 2, 4, 8) if c.variant in ("sd15", "tiny") else (2, 4)
+    return (1, 2, 4, 8) if c.variant in ("sd15", "tiny") else (2, 4)   # SDXL, ShapeWorld: 2, 4
 
 
 ABLATIONS = {
@@ -93,7 +108,11 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         steps=200 if tiny else 160_000, batch=4 if tiny else 64, log_every=10 if tiny else 50,
         save_every=100 if tiny else 2000, max_to_keep=3,
         async_save=True, image_size=32 if tiny else (1024 if c.variant == "sdxl" else 512),
-        fsdp=1, remat=False, dtype="float32", ema_decay=0.0))
+        fsdp=1, remat=False, dtype="float32", ema_decay=0.0,
+        # preview samples with their masks every preview_every steps and at the end (0 = off):
+        # preview_count cases from sample.prompts (a sample-CLI JSONL) or else the first batch,
+        # sampled with sample.steps / sample.sampler at sample.height x sample.width.
+        preview_every=100 if tiny else 1000, preview_count=4))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3 if tiny else 1e-4, schedule="constant", warmup_steps=10 if tiny else 1000,
         total_steps=ml_collections.FieldReference(None, field_type=int), final_lr_ratio=0.1,
@@ -103,7 +122,11 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                                  gamma_low=0.3, gamma_high=1.0))
     # recipe: customjax.data.curriculum presets ("realcustompp" = Table X No.6, "table10_no1".."no6",
     # "realcustom" = text-image reconstruction only, the conference version).
+    # hflip / random_crop: augmentation of the target. latents: a folder of
+    # `python -m customjax.data.precompute` (VAE posteriors of centre crops) read instead of
+    # text_image / multiview; the target is then neither cropped at random nor flipped.
     c.data = ml_collections.ConfigDict(dict(
         text_image="", multiview="", synthetic=tiny, synthetic_examples=64, workers=0,
-        recipe="realcustompp" if c.method == "realcustompp" else "realcustom"))
+        recipe="realcustompp" if c.method == "realcustompp" else "realcustom", hflip=True, random_crop=False,
+        latents=""))
     return c

@@ -8,8 +8,13 @@ The same code runs on one CPU, N devices of one host and several hosts (``--dist
 ``jax.distributed.initialize()``; every process runs this command). The run resumes from the
 latest checkpoint in ``workdir``; SIGTERM (TPU preemption) saves one and exits. Writes
 ``workdir/config.json``, TensorBoard events (``workdir/tb``), ``workdir/metrics.jsonl``,
-checkpoints (``workdir/checkpoints``) and, at the end, ``workdir/export/adapter.safetensors``
-(sample from it with ``python -m customjax.sample --checkpoint workdir/export``).
+checkpoints (``workdir/checkpoints``), preview samples with their masks every
+``train.preview_every`` steps (``workdir/previews``, TensorBoard ``preview/*``; see
+:mod:`customjax.preview`) and, at the end, ``workdir/export/adapter.safetensors`` (sample from it
+with ``python -m customjax.sample --checkpoint workdir/export``).
+
+``--config.data.latents DIR`` trains on VAE latents precomputed by ``python -m
+customjax.data.precompute`` (no VAE encoder in the step; the target is the unaugmented centre crop).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.sharding import NamedSharding
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -32,6 +38,7 @@ from customjax.checkpoint import Checkpointer, write_config
 from customjax.data.loader import make_train_loader
 from customjax.methods.build import build
 from customjax.methods.objective import ObjectiveConfig
+from customjax.preview import make_preview
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
@@ -68,11 +75,20 @@ def _metrics_writer(workdir: Path):
 
 
 def to_device_batch(batch: dict, tokenizers, mesh) -> dict:
-    """numpy batch (image, reference, caption) -> sharded arrays with token ids per tokenizer."""
+    """numpy batch (image or precomputed latent_mean / latent_logvar, reference, caption) -> sharded
+    arrays with token ids per tokenizer."""
     ids = tuple(tokenize(t, [str(c) for c in batch["caption"]]) for t in tokenizers)
-    arrays = {"image": np.asarray(batch["image"], np.float32), "reference": np.asarray(batch["reference"], np.float32),
-              "ids": ids}
-    return parallel.shard_batch(arrays, mesh)
+    arrays = {"reference": np.asarray(batch["reference"], np.float32), "ids": ids}
+    if "latent_mean" in batch:  # stored dtype (float16 halves the transfer); loss_fn casts
+        arrays.update(latent_mean=np.asarray(batch["latent_mean"]), latent_logvar=np.asarray(batch["latent_logvar"]))
+    else:
+        arrays["image"] = np.asarray(batch["image"], np.float32)
+    if jax.process_count() == 1:
+        return parallel.shard_batch(arrays, mesh)
+    # several processes: each holds its consecutive part of the global batch (the loader's layout)
+    return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, parallel.batch_spec(a.ndim)), a, (a.shape[0] * jax.process_count(),) + a.shape[1:]),
+        arrays)
 
 
 def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> dict:
@@ -88,6 +104,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     div = parallel.batch_size_divisor(mesh)
     if config.train.batch % div:
         raise ValueError(f"config.train.batch={config.train.batch} must be a multiple of the {div} batch-sharded devices")
+    if config.data.get("latents"):
+        from customjax.data.precompute import check_vae
+        check_vae(config.data.latents, built.params["vae"])
     frozen, trainable = trainer.split(built)
     tx = trainer.make_optimizer(config.optim)
     state = trainer.init_state(trainable, tx, jax.random.key(config.seed), ema=config.train.ema_decay > 0)
@@ -95,7 +114,8 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     step_fn = trainer.make_train_step(built, tx, objective, config.train.ema_decay)
 
     loader = make_train_loader(config)
-    example = to_device_batch(loader.peek(), built.pipe.tokenizers, mesh)
+    first = loader.peek()
+    example = to_device_batch(first, built.pipe.tokenizers, mesh)
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
     jstep, state_sh, frozen_sh, _ = trainer.compile_step(step_fn, mesh, state, frozen, shapes)
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
@@ -111,6 +131,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     start = int(state.step)
 
     writer = _metrics_writer(workdir)
+    preview = make_preview(config, built, mesh, first, workdir, writer)
+    if preview is not None:
+        preview.compile(_sampling_params(state), frozen)
     _Preempted.install()
     metrics_file = open(workdir / "metrics.jsonl", "a") if jax.process_index() == 0 else None
     total = config.train.steps
@@ -139,6 +162,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
                 if writer:
                     for k, v in m.items():
                         writer.add_scalar(k, v, step)
+            if preview is not None and not _Preempted.flag and (step % config.train.preview_every == 0
+                                                                 or step == total):
+                preview(step, _sampling_params(state), frozen)
             done = step == total or _Preempted.flag or (stop_after is not None and step - start >= stop_after)
             if step % config.train.save_every == 0 or done:
                 ckpt.save(step, state, loader.get_state(), {"step": step}, force=True)
@@ -154,11 +180,15 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
             writer.close()
     if step == total and jax.process_index() == 0:
         from customjax.methods.build import save_adapter, with_trainable
-        params = state.ema if state.ema is not None else state.params
-        save_adapter(with_trainable(built, jax.device_get(params)), workdir / "export")
+        save_adapter(with_trainable(built, jax.device_get(_sampling_params(state))), workdir / "export")
     if _Preempted.flag:
         logging.warning("SIGTERM: saved step %d and stopped", step)
     return {"step": step, **last}
+
+
+def _sampling_params(state: trainer.TrainState):
+    """The trainable tree to sample with: the EMA when there is one."""
+    return state.ema if state.ema is not None else state.params
 
 
 def _lr(config, step):

@@ -376,6 +376,52 @@ def test_train_loader_from_config():
         loader.make_train_loader(c, process_index=0, process_count=1)
 
 
+def test_precomputed_latent_records_and_loader(data, tmp_path):
+    """The precompute record format round-trips (per-frame posteriors, missing frames, storage
+    dtypes); a latents-mode loader reads the same elements and references as the image loader
+    without target flips, with the posterior of exactly the frame the image loader uses as target,
+    whose centre crop is what precompute encodes. Fake posteriors: value = 100 * record + frame."""
+    from customjax.data import precompute
+
+    ex = records.read_shard(records.find_shards(data["multiview"])[0])[0]
+    means = [np.full((4, 4, 4), 1.5, np.float32), None, np.arange(64, dtype=np.float32).reshape(4, 4, 4)]
+    for dtype in precompute.DTYPES:
+        rec = precompute.with_latents(ex, (32, 32), means, [m if m is None else -m for m in means], dtype)
+        assert records.decode(rec).frames == ex.frames  # still a plain record
+        lat = precompute.read_latents(rec)
+        assert lat["image_size"] == (32, 32) and lat["mean"][1] is None and lat["logvar"][1] is None
+        np.testing.assert_array_equal(lat["mean"][2].astype(np.float32), means[2])
+        np.testing.assert_array_equal(lat["logvar"][0].astype(np.float32), -means[0])
+    assert precompute.read_latents(records.encode(ex)) is None
+    plain = {"record": records.encode(ex), "kind": "multiview", "where": "x", "step": 0, "index": 0}
+    assert transforms.ParseRecord(latents=True).map(plain).reason == "bad_record"
+    with pytest.raises(ValueError, match="hflip"):
+        transforms.Augment(image_size=(32, 32), reference_size=24, total_steps=8, latents=True)
+
+    examples = {}
+    for kind in ("text_image", "multiview"):
+        examples[kind] = [e for f in records.find_shards(data[kind]) for e in records.read_shard(f)]
+        with records.ShardedWriter(tmp_path / kind, kind) as w:
+            for r, e in enumerate(examples[kind]):
+                m = [np.full((4, 4, 4), 100.0 * r + fi, np.float32) for fi in range(len(e.frames))]
+                w.write(precompute.with_latents(e, (32, 32), m, m, "float32"))
+    srcs = {k: data[k] for k in examples}
+    lat_srcs = {k: str(tmp_path / k) for k in examples}
+    want = take(make_loader(srcs, **kw(hflip=False)), 8)
+    got = take(make_loader(lat_srcs, **kw(latents=True)), 8)
+    assert_same_batches(got, want, keys=("reference", "caption", "index", "is_multiview"))
+    assert "image" not in got[0] and got[0]["latent_mean"].shape == (4, 4, 4, 4)
+    seen = set()
+    for g, w in zip(got, want):
+        for j in range(4):
+            kind = "multiview" if g["is_multiview"][j] else "text_image"
+            r, fi = divmod(int(g["latent_mean"][j, 0, 0, 0]), 100)
+            crop = precompute.center_crop(examples[kind][r].frames[fi], "test", (32, 32))
+            np.testing.assert_allclose(crop / 127.5 - 1, w["image"][j], atol=1e-6)
+            seen.add(kind)
+    assert seen == {"text_image", "multiview"}
+
+
 def test_bad_images_are_skipped_and_counted_exactly(data):
     injected = list(synthetic.BAD_IMAGES)
     assert data["stats"]["written"] == GOOD_SYNTH + len(injected)

@@ -44,6 +44,8 @@ from customjax.models.vit import SiglipVisionModel
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZES = ("bicubic", "bilinear", "bilinear_align_corners")
 SPLITS = ("crops", "polyphase")
 
@@ -195,8 +197,10 @@ def reference_features(images: jax.Array, *, siglip: nn.Module, siglip_params: A
     """The CCP's inputs from reference images (B, H, W, 3) in [0, 1].
 
     ``siglip`` / ``dino``: a ``SiglipVisionModel`` and a ``Dinov2Model`` (with or without registers)
-    with their parameters. ``shallow`` / ``high`` = False skip those features (no high-resolution
-    views are encoded then)."""
+    with their parameters. ``dino=None`` uses the first encoder alone (any ViT of
+    :mod:`customjax.models.vit`, e.g. the ShapeWorld CLIP; c0 is then its width, normalised with
+    ``siglip_mean`` / ``siglip_std``). ``shallow`` / ``high`` = False skip those features (no
+    high-resolution views are encoded then)."""
     c = config
     B = images.shape[0]
     glob, views = reference_views(images, c)
@@ -208,11 +212,15 @@ def reference_features(images: jax.Array, *, siglip: nn.Module, siglip_params: A
         return [x[:B] for x in sh], dp
 
     s_sh, s_deep = encode("SigLIP", siglip, siglip_params, c.siglip_mean, c.siglip_std, c.siglip_shallow, c.siglip_deep)
-    d_sh, d_deep = encode("DINOv2", dino, dino_params, c.dino_mean, c.dino_std, c.dino_shallow, c.dino_deep)
-    if s_deep.shape[1] != d_deep.shape[1]:
-        raise ValueError(f"SigLIP gives {s_deep.shape[1]} patch tokens and DINOv2 {d_deep.shape[1]} at "
-                         f"{c.image_size}px; their patch grids must agree")
-    cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
+    if dino is None:
+        cat = lambda a, b: a
+        d_sh, d_deep = [None] * len(s_sh), None
+    else:
+        d_sh, d_deep = encode("DINOv2", dino, dino_params, c.dino_mean, c.dino_std, c.dino_shallow, c.dino_deep)
+        if s_deep.shape[1] != d_deep.shape[1]:
+            raise ValueError(f"SigLIP gives {s_deep.shape[1]} patch tokens and DINOv2 {d_deep.shape[1]} at "
+                             f"{c.image_size}px; their patch grids must agree")
+        cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
     deep_all = cat(s_deep, d_deep)                                              # (B [+ B k2], n, c0)
     deep = deep_all[:B]
     shallow_f = jnp.concatenate([cat(a, b) for a, b in zip(s_sh, d_sh)], axis=1) if shallow and s_sh else None

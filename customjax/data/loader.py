@@ -15,7 +15,8 @@ the processes read disjoint elements, and the global batch of a step is the same
 of processes and workers. A skipped record shifts the later elements of that worker's stream by one
 (it is replaced by the next element, whose step is at most one batch later).
 
-Per batch: ``image`` (B, H, W, 3) float32 in [-1, 1]; ``reference`` (B, R, R, 3) float32 in [0, 1];
+Per batch: ``image`` (B, H, W, 3) float32 in [-1, 1] (or, from precomputed latents, ``latent_mean`` /
+``latent_logvar`` (B, h, w, c) in their stored dtype); ``reference`` (B, R, R, 3) float32 in [0, 1];
 ``caption`` (B,) str; ``is_multiview`` (B,) bool; ``step`` (B,) int32; ``index`` (B,) int64;
 ``original_size`` / ``crop_top_left`` (B, 2) int32 (SDXL micro-conditioning); ``skipped`` (B, 6) int32
 (see :mod:`~customjax.data.transforms`); ``mask`` (B, H, W) float32 with ``with_mask``;
@@ -25,6 +26,7 @@ Per batch: ``image`` (B, H, W, 3) float32 in [-1, 1]; ``reference`` (B, R, R, 3)
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Mapping, Sequence
 
 import grain
@@ -97,6 +99,7 @@ def make_loader(
     with_mask: bool = False,
     mask_reference: bool = False,
     max_skip_ratio: float | None = 0.5,
+    latents: bool = False,
     read_threads: int = 2,
     read_buffer: int | None = None,
     worker_buffer_size: int = 2,
@@ -117,6 +120,10 @@ def make_loader(
       min_size: images whose short side is smaller are skipped (``too_small``).
       max_skip_ratio: raise when more than this fraction of a window of 1000 elements is skipped.
       num_workers: grain worker processes per host (0: in-process; ``read_threads`` threads decode).
+      latents: the sources hold records written by :mod:`customjax.data.precompute`; batches carry the
+        target's precomputed VAE posterior ``latent_mean`` / ``latent_logvar`` (B, h, w, c) instead of
+        ``image``. The target is then the centre crop, unflipped (``random_crop`` and ``hflip`` are
+        ignored); the reference is cut from the stored frames as usual (Eq. 11).
     """
     if process_index is None or process_count is None:
         import jax
@@ -142,10 +149,10 @@ def make_loader(
     view = StepAligned(mixture, process_index, process_count, num_workers, local_batch, aligned=num_epochs is None)
     augment = transforms.Augment(
         image_size=size, reference_size=int(reference_size or size[0]), total_steps=total_steps, seed=seed,
-        recipe=recipe, min_size=min_size, random_crop=random_crop, hflip=hflip, reference_hflip=reference_hflip,
-        with_mask=with_mask, mask_reference=mask_reference)
+        recipe=recipe, min_size=min_size, random_crop=random_crop and not latents, hflip=hflip and not latents,
+        reference_hflip=reference_hflip, with_mask=with_mask, mask_reference=mask_reference, latents=latents)
 
-    ds = grain.MapDataset.source(view).map(transforms.ParseRecord()).map(augment)
+    ds = grain.MapDataset.source(view).map(transforms.ParseRecord(latents=latents)).map(augment)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer or 2 * local_batch))
     ds = ds.filter(transforms.DropSkipped())
@@ -232,20 +239,11 @@ class TrainLoader:
             self._it.close()
 
 
-def make_train_loader(config, built=None, *, process_index: int | None = None,
-                      process_count: int | None = None) -> TrainLoader:
-    """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
-
-    Reads ``config.data`` (``text_image`` / ``multiview`` shard paths; ``synthetic`` writes a small
-    synthetic dataset (``synthetic_examples`` text-image pairs and a quarter as many multiview
-    objects) into a temporary folder, identical on every process, when the paths are empty;
-    ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
-    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``), ``config.train`` (``batch`` global,
-    ``image_size``, ``steps``) and
-    ``config.seed``. The reference side defaults to ``encoders.image_size * encoders.scale`` for
-    RealCustom++ (the cross-scale view) and ``encoders.image_size`` otherwise. ``built`` is unused.
-    """
-    del built
+def train_sources(config) -> dict:
+    """``{kind: data}`` of the raw training data of a method config: ``config.data.text_image`` /
+    ``multiview`` shard paths, or (both empty and ``config.data.synthetic``) a small synthetic dataset
+    (``synthetic_examples`` text-image pairs and a quarter as many multiview objects) written into a
+    temporary folder, the same on every process and every call."""
     d = config.data
     sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
     if not sources:
@@ -259,6 +257,33 @@ def make_train_loader(config, built=None, *, process_index: int | None = None,
         n = int(d.get("synthetic_examples", 64))
         sources = synthetic.make_tiny_dataset(tempfile.mkdtemp(prefix="customjax_synthetic_"), num_text_image=n,
                                               num_multiview=max(n // 4, 2), seed=int(config.seed))
+    return sources
+
+
+def make_train_loader(config, built=None, *, process_index: int | None = None,
+                      process_count: int | None = None) -> TrainLoader:
+    """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
+
+    Reads ``config.data`` (the sources of :func:`train_sources`, or ``latents``: a folder written by
+    ``python -m customjax.data.precompute`` read instead of them (see ``make_loader(latents=True)``);
+    ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
+    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``), ``config.train`` (``batch`` global,
+    ``image_size``, ``steps``) and
+    ``config.seed``. The reference side defaults to ``encoders.image_size * encoders.scale`` for
+    RealCustom++ (the cross-scale view) and ``encoders.image_size`` otherwise. ``built`` is unused.
+    """
+    del built
+    d = config.data
+    latents = bool(d.get("latents", ""))
+    if latents:
+        from customjax.data import precompute
+
+        sources = precompute.latent_sources(d.latents, image_size=_pair(config.train.image_size))
+        if d.get("hflip", True) or d.get("random_crop", False):
+            logging.getLogger(__name__).info("precomputed latents (%s): the target is the centre crop, "
+                                             "data.hflip / data.random_crop do not apply", d.latents)
+    else:
+        sources = train_sources(config)
     rec = curriculum.recipe(d.get("recipe", "realcustompp"))
     reference_size = d.get("reference_size", None)
     if not reference_size:
@@ -269,5 +294,5 @@ def make_train_loader(config, built=None, *, process_index: int | None = None,
         image_size=config.train.image_size, reference_size=int(reference_size), total_steps=int(config.train.steps),
         recipe=rec, seed=int(config.seed), num_workers=int(d.get("workers", 0)), process_index=process_index,
         process_count=process_count, shuffle=bool(d.get("shuffle", True)), min_size=int(d.get("min_size", 0)),
-        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)))
+        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)), latents=latents)
     return TrainLoader(ds)

@@ -60,7 +60,12 @@ def skip_vector(**counts: int) -> np.ndarray:
 
 class ParseRecord(grain.transforms.Map):
     """``{"record": bytes | Example | Skipped, "kind", "where", ...}`` -> the same with an :class:`Example`,
-    or a :class:`Skipped` (``bad_record``) for bytes that are not a schema record or of the wrong kind."""
+    or a :class:`Skipped` (``bad_record``) for bytes that are not a schema record or of the wrong kind.
+    With ``latents`` also ``"latents"``: the record's precomputed VAE posteriors
+    (:func:`customjax.data.precompute.read_latents`; a record without them is ``bad_record``)."""
+
+    def __init__(self, latents: bool = False):
+        self.latents = latents
 
     def map(self, element):
         rec, where = element["record"], element["where"]
@@ -68,11 +73,20 @@ class ParseRecord(grain.transforms.Map):
             return rec
         try:
             example = rec if isinstance(rec, Example) else decode(rec, where)
+            if self.latents:
+                from customjax.data.precompute import read_latents
+
+                lat = read_latents(rec, where) if isinstance(rec, (bytes, bytearray)) else None
+                if lat is None:
+                    raise RecordError(f"{where}: no precomputed latents (write them with customjax.data.precompute)")
         except RecordError as e:
             return Skipped("bad_record", where, str(e))
         if example.kind != element["kind"]:
             return Skipped("bad_record", where, f"a {example.kind} record in a {element['kind']} source")
-        return {**element, "record": example}
+        out = {**element, "record": example}
+        if self.latents:
+            out["latents"] = lat
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +101,11 @@ class Augment(grain.transforms.Map):
 
     Also ``caption``, ``is_multiview``, ``step``, ``index``, SDXL's ``original_size`` / ``crop_top_left``,
     and ``skipped`` (frames / masks replaced). Returns :class:`Skipped` for unusable records.
+
+    With ``latents`` (records of :mod:`customjax.data.precompute`, parsed by ``ParseRecord(latents=True)``)
+    the target is not cut from the frame: ``latent_mean`` / ``latent_logvar`` (h, w, c) of the chosen
+    target frame replace ``image`` (they were computed from its centre crop, unflipped; ``random_crop``
+    and ``hflip`` must be off). Frames and the reference are chosen exactly as without.
     """
 
     image_size: tuple[int, int]
@@ -100,6 +119,11 @@ class Augment(grain.transforms.Map):
     reference_hflip: bool = False
     with_mask: bool = False
     mask_reference: bool = False
+    latents: bool = False
+
+    def __post_init__(self):
+        if self.latents and (self.random_crop or self.hflip):
+            raise ValueError("precomputed latents are centre crops: random_crop and hflip must be off")
 
     def map(self, element):
         if isinstance(element, Skipped):
@@ -138,7 +162,15 @@ class Augment(grain.transforms.Map):
         skipped = skip_vector(bad_frame=len(errors))
 
         box, top_left = images.cover_crop_box(t_size, (H, W), target_offset)
-        out = {"image": np.asarray(images.crop_resize(t_im, t_size, box, (H, W)))}
+        if self.latents:
+            lat = element["latents"]
+            if tuple(lat["image_size"]) != (H, W):
+                raise ValueError(f"{where}: latents precomputed at {tuple(lat['image_size'])}, training at {(H, W)}")
+            if lat["mean"][ti] is None:
+                return Skipped("bad_record", where, f"frame {ti} has no precomputed latents")
+            out = {"latent_mean": lat["mean"][ti], "latent_logvar": lat["logvar"][ti]}
+        else:
+            out = {"image": np.asarray(images.crop_resize(t_im, t_size, box, (H, W)))}
         masks = ex.masks or (None,) * len(ex.frames)
         if self.with_mask:
             mask = np.full((H, W), 255, np.uint8)
@@ -222,7 +254,8 @@ class ToFloat(grain.transforms.Map):
     """uint8 -> float32: ``image`` to [-1, 1] (the diffusion target), ``reference`` and ``mask`` to [0, 1]."""
 
     def map(self, element):
-        element["image"] = element["image"].astype(np.float32) / 127.5 - 1.0
+        if "image" in element:
+            element["image"] = element["image"].astype(np.float32) / 127.5 - 1.0
         element["reference"] = element["reference"].astype(np.float32) / 255.0
         if "mask" in element:
             element["mask"] = element["mask"].astype(np.float32) / 255.0

@@ -16,7 +16,7 @@ import ml_collections
 from flax import traverse_util
 
 from customjax.adapters.ccp import CCPConfig, CrossLayerCrossScaleProjector
-from customjax.adapters.features import PUBLIC_FEATURES, FeatureConfig
+from customjax.adapters.features import CLIP_MEAN, CLIP_STD, PUBLIC_FEATURES, FeatureConfig
 from customjax.adapters.scoring import AdaptiveScoring, ScoringConfig
 from customjax.control.spec import ControlConfig, ExtraKV
 from customjax.guidance.mask import MaskConfig
@@ -89,19 +89,25 @@ def build(config: ml_collections.ConfigDict) -> Built:
     cross_dim = pipe.unet.config.cross_attention_dim[0]
     enc = config.encoders
     if config.method == "realcustompp":
-        siglip, sp = _encoder(enc.siglip, SIGLIP_VISION, TINY_SIGLIP, SiglipVisionModel, dtype, k_a)
-        dino, dp = _encoder(enc.dino, DINOV2, TINY_DINO, Dinov2Model, dtype, k_b)
-        c0 = siglip.config.hidden_size + dino.config.hidden_size
+        one_clip = enc.get("kind", "siglip_dino") == "clip"   # one CLIP image encoder (ShapeWorld)
+        if one_clip:
+            siglip, sp = _encoder(enc.clip, CLIP_VISION, TINY_CLIP, CLIPVisionModel, dtype, k_a)
+            dino, dp = None, {}
+        else:
+            siglip, sp = _encoder(enc.siglip, SIGLIP_VISION, TINY_SIGLIP, SiglipVisionModel, dtype, k_a)
+            dino, dp = _encoder(enc.dino, DINOV2, TINY_DINO, Dinov2Model, dtype, k_b)
+        c0 = siglip.config.hidden_size + (dino.config.hidden_size if dino else 0)
         ccp = CrossLayerCrossScaleProjector(CCPConfig(
             vision_dim=c0, out_dim=cross_dim, dim_head=config.ccp.dim_head, cross_layer=config.ccp.cross_layer,
             cross_scale=config.ccp.cross_scale, combine=config.ccp.combine, deep_proj=config.ccp.deep_proj), dtype)
         feats = FeatureConfig(image_size=enc.image_size, scale=enc.scale, siglip_shallow=tuple(enc.siglip_shallow),
-                              dino_shallow=tuple(enc.dino_shallow))
+                              dino_shallow=tuple(enc.dino_shallow),
+                              **(dict(siglip_mean=CLIP_MEAN, siglip_std=CLIP_STD) if one_clip else {}))
         if enc.public:  # the released code's views and feature layers (see adapters/features.py)
             feats = dataclasses.replace(PUBLIC_FEATURES, image_size=enc.image_size, scale=enc.scale,
                                         siglip_shallow=feats.siglip_shallow, dino_shallow=feats.dino_shallow)
             for name, model, block in (("SigLIP", siglip, feats.siglip_deep), ("DINOv2", dino, feats.dino_deep)):
-                if block >= model.config.num_hidden_layers:
+                if model is not None and block >= model.config.num_hidden_layers:
                     raise ValueError(f"config.encoders.public: the released features read {name} block {block}, "
                                      f"but this {name} has {model.config.num_hidden_layers} layers")
         side = realcustompp.ImageSide(siglip, dino, ccp, feats)

@@ -70,12 +70,20 @@ def visual_tokens(built: Any, frozen: dict, trainable: dict, batch: dict, z_t: j
 
 def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built: Any,
             cfg: ObjectiveConfig) -> tuple[jax.Array, dict]:
-    """Mean squared error of the eps (or v) prediction; returns (loss, metrics)."""
+    """Mean squared error of the eps (or v) prediction; returns (loss, metrics). The target is
+    ``batch["image"]`` encoded by the frozen VAE, or its precomputed posterior ``batch["latent_mean"]`` /
+    ``batch["latent_logvar"]`` (:mod:`customjax.data.precompute`); either way z0 is one draw from it
+    with the same key, so both give the same loss for the same posterior."""
     pipe, unet = built.pipe, built.unet
     k_lat, k_t, k_noise, k_drop, k_vis = jax.random.split(key, 5)
-    img = batch["image"]
-    B = img.shape[0]
-    mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, img, method="encode")
+    if "latent_mean" in batch:
+        mean, logvar = (batch[k].astype(jnp.float32) for k in ("latent_mean", "latent_logvar"))
+        H, W = mean.shape[1] * pipe.vae_scale, mean.shape[2] * pipe.vae_scale
+    else:
+        img = batch["image"]
+        H, W = img.shape[1:3]
+        mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, img, method="encode")
+    B = mean.shape[0]
     z0 = jax.lax.stop_gradient(scale_latents(latent_dist_sample(mean, logvar, k_lat), pipe.vae.config))
     ctx, pooled = encode_text(pipe, frozen["text_encoders"], batch["ids"])
     e_ctx, e_pooled = encode_text(pipe, frozen["text_encoders"], frozen["empty_ids"])
@@ -94,7 +102,7 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     control = Control({"vision": ExtraTokens(tokens, None, jnp.where(drop_image, 0.0, 1.0), tmask)})
     extra = {}
     if pipe.is_sdxl:
-        extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(img.shape[1], img.shape[2], B))
+        extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(H, W, B))
     params = merge(frozen["unet"], trainable["unet"])
     pred = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra).astype(jnp.float32)
     tgt = S.target(sched, pipe.schedule.prediction_type, z0, noise, t)

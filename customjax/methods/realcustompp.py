@@ -24,7 +24,8 @@ KV_NAME = "vision"
 @dataclasses.dataclass(frozen=True)
 class ImageSide:
     """The reference encoders and the projector (static modules; parameters live apart in
-    ``{"siglip", "dino", "ccp"}``)."""
+    ``{"siglip", "dino", "ccp"}``). ``dino=None``: one encoder (in the ``siglip`` slot) alone, e.g.
+    the ShapeWorld base model's CLIP image encoder; ``params["dino"]`` is then empty."""
 
     siglip: Any
     dino: Any
