@@ -21,7 +21,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.tokenizer = dict(captions=500 if test else 20_000, max_merges=2000, model_max_length=32)
     c.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        kl_weight=1e-4, steps=4 if test else (6000 if gpu else 1200), batch=8, lr=1e-3, warmup=100))
+        kl_weight=1e-4, object_weight=4.0, steps=4 if test else (8000 if gpu else 2000), batch=8, lr=1e-3,
+        warmup=100))
     c.clip = ml_collections.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=8,
         projection_dim=64, steps=4 if test else (6000 if gpu else 1200), batch=8 if test else 64, lr=1e-3, warmup=100))

@@ -56,16 +56,25 @@ def _stage(c) -> StageConfig:
     return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup)
 
 
-def _cached(workdir: Path, name: str, train):
-    """``train()`` -> (params, history), or both from ``workdir/stages/name.msgpack`` if present."""
+def _key(c, *sections: str) -> str:
+    """What a stage's result depends on: the seed, the pool and the named config sections."""
+    return json.dumps([c.seed, c.pool, c.size] + [c[s].to_json_best_effort(sort_keys=True) for s in sections])
+
+
+def _cached(workdir: Path, name: str, key: str, train):
+    """``train()`` -> (params, history), or both from ``workdir/stages/name.msgpack`` if it was
+    trained with the same ``key`` (see :func:`_key`)."""
     path = workdir / "stages" / f"{name}.msgpack"
     if path.is_file():
-        logging.info("reusing the finished %s stage from %s", name, path)
         d = serialization.msgpack_restore(path.read_bytes())
-        return d["params"], json.loads(d["history"])
+        if d.get("settings") == key:
+            logging.info("reusing the finished %s stage from %s", name, path)
+            return d["params"], json.loads(d["history"])
+        logging.warning("%s was trained with other settings; training the %s stage again", path, name)
     params, history = train()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.msgpack_serialize({"params": jax.device_get(params), "history": json.dumps(history)}))
+    path.write_bytes(serialization.msgpack_serialize({"params": jax.device_get(params), "history": json.dumps(history),
+                                                      "settings": key}))
     return params, history
 
 
@@ -93,16 +102,19 @@ def configs(c, tokenizer_dir: Path) -> tuple:
     return text, vision, vae, unet
 
 
-def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, list[str]]:
-    """(uint8 images, captions) of training scenes ``indices`` (default ``range(n)``); scene ``i`` is
-    a pure function of ``(seed, i)``, so any part of the pool can be regenerated alone."""
-    images, captions = [], []
+def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 images, object masks (N, H, W) bool, captions) of training scenes ``indices`` (default
+    ``range(n)``); scene ``i`` is a pure function of ``(seed, i)``, so any part of the pool can be
+    regenerated alone."""
+    images, fg, captions = [], [], []
     for i in tqdm(range(n) if indices is None else indices, desc="render", unit="scene", mininterval=5):
         ex_rng = np.random.default_rng([seed, 2, int(i)])
         scene = sw.sample_scene(ex_rng, size)
         captions.append(sw.caption(scene, ex_rng))
-        images.append(sw.render(scene, size)[0])
-    return np.stack(images), captions
+        image, masks = sw.render(scene, size)
+        images.append(image)
+        fg.append(masks.any(0))
+    return np.stack(images), np.stack(fg), captions
 
 
 def pretrain(c, workdir, grid_out=None) -> Path:
@@ -112,7 +124,7 @@ def pretrain(c, workdir, grid_out=None) -> Path:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     t0 = time.time()
     logging.info("rendering %d training scenes", c.pool)
-    images, captions = training_pool(c.seed, c.pool, c.size)
+    images, fg, captions = training_pool(c.seed, c.pool, c.size)
     crng = np.random.default_rng([c.seed, 1])   # more captions (no rendering) so that rare words get merges
     corpus = captions + [sw.caption(sw.sample_scene(crng, c.size), crng) for _ in range(c.tokenizer.captions)]
     tok_dir = train_tokenizer(corpus, workdir / "tokenizer", max_merges=c.tokenizer.max_merges,
@@ -121,17 +133,18 @@ def pretrain(c, workdir, grid_out=None) -> Path:
     ids = tokenize(tok, captions)
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
 
-    vae_p, vae_h = _cached(workdir, "vae", lambda: train_vae(vae_cfg, images, _stage(c.vae), workdir,
-                                                             kl_weight=c.vae.kl_weight, seed=c.seed))
+    vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda: train_vae(
+        vae_cfg, images, fg, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight,
+        seed=c.seed))
     vae = AutoencoderKL(vae_cfg)
     mean, logvar = encode(vae, vae_p, images)
     vae_cfg = with_latent_scale(vae_cfg, mean[:1024])
-    clip_p, clip_h = _cached(workdir, "clip", lambda: train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip),
+    clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda: train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip),
                                                                  workdir, seed=c.seed)[1:])
     sched = noise_schedule(ScheduleConfig.from_dict(SCHEDULER))
     text = CLIPTextModel(text_cfg)
     empty = tokenize(tok, [""])
-    unet_p, unet_h = _cached(workdir, "unet", lambda: train_unet(
+    unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, mean, logvar, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, seed=c.seed))
     info = dict(command=" ".join(["python -m customjax.pretrain"] + sys.argv[1:]), config=json.loads(c.to_json_best_effort()),
@@ -194,8 +207,9 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     tok = load_tokenizer(folder / "tokenizer")
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, folder / "tokenizer")
     images = LazyRows(c.pool, lambda idx: pool(idx)[0])
-    ids = LazyRows(c.pool, lambda idx: tokenize(tok, pool(idx)[1]))
-    out = {"vae": train_vae(vae_cfg, images, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight, seed=c.seed,
+    ids = LazyRows(c.pool, lambda idx: tokenize(tok, pool(idx)[2]))
+    out = {"vae": train_vae(vae_cfg, images, LazyRows(c.pool, lambda idx: pool(idx)[1]), _stage(c.vae), workdir,
+                            kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight, seed=c.seed,
                             max_steps=steps)[1]}
     out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[2]
     pipe, params = load_stable_diffusion(folder)

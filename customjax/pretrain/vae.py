@@ -17,24 +17,30 @@ from customjax.pretrain.loop import StageConfig, fit, sample_indices, to_unit
 from customjax.weights.loaders import init_params
 
 
-def vae_loss(params, frozen, batch, key, *, model: AutoencoderKL, kl_weight: float):
+def vae_loss(params, frozen, batch, key, *, model: AutoencoderKL, kl_weight: float, object_weight: float):
+    """Reconstruction error per pixel weighted by 1 + object_weight on object pixels (``batch["fg"]``):
+    objects are a small part of a scene but all of what its description names."""
     x = batch["image"]
     mean, logvar = model.apply({"params": params}, x, method="encode")
     rec = model.apply({"params": params}, latent_dist_sample(mean, logvar, key), method="decode")
-    l1, l2 = jnp.mean(jnp.abs(rec - x)), jnp.mean((rec - x) ** 2)
+    w = 1.0 + object_weight * batch["fg"][..., None]
+    w = w / jnp.mean(w)
+    err = rec - x
+    l1, l2 = jnp.mean(w * jnp.abs(err)), jnp.mean(w * err ** 2)
     kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
-    return l1 + l2 + kl_weight * kl, {"l1": l1, "kl": kl}
+    return l1 + l2 + kl_weight * kl, {"l1": jnp.mean(jnp.abs(err)), "kl": kl}
 
 
-def train_vae(cfg: VAEConfig, images: np.ndarray, stage: StageConfig, workdir, *, kl_weight: float,
-              seed: int = 0, max_steps: int | None = None):
-    """(params, history) trained on uint8 ``images``."""
+def train_vae(cfg: VAEConfig, images: np.ndarray, fg: np.ndarray, stage: StageConfig, workdir, *, kl_weight: float,
+              object_weight: float, seed: int = 0, max_steps: int | None = None):
+    """(params, history) trained on uint8 ``images`` with object masks ``fg`` (N, H, W)."""
     model = AutoencoderKL(cfg)
     params = init_params(VAE, cfg, jax.random.key(seed))
-    loss = functools.partial(vae_loss, model=model, kl_weight=kl_weight)
+    loss = functools.partial(vae_loss, model=model, kl_weight=kl_weight, object_weight=object_weight)
 
     def batches(step):
-        return {"image": to_unit(images[sample_indices(seed, step, len(images), stage.batch)])}
+        idx = sample_indices(seed, step, len(images), stage.batch)
+        return {"image": to_unit(images[idx]), "fg": np.asarray(fg[idx], np.float32)}
 
     return fit("vae", loss, params, None, batches, stage, workdir, seed=seed, max_steps=max_steps)
 
