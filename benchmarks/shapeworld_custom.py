@@ -14,7 +14,7 @@ Writes ``results.json`` (every figure, setting, case, seed, the device and commi
 controllability: the unmasked frontier and the masked settings) and ``samples.png``. ``--fast``:
 2 cases, 1 two-subject case, 1 seed, 4 steps, the settings marked fast (t2i, the four unmasked
 scales, AMG, two subjects with Algorithm 1: three compiled samplers).
-Definitions: ``customjax/benchmark/shapeworld.py``.
+Definitions: ``customjax/benchmark/`` (cases, settings, generate, scoring, report; run: ``shapeworld.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from customjax.benchmark import shapeworld as bench
+from customjax.benchmark.report import markdown, write_report
+from customjax.benchmark.settings import SETTING_NAMES, SETTINGS, load_ablations, with_steps
+from customjax.benchmark.shapeworld import run_benchmark
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "RealCustom++ config file[:variant[,ablation...]]", lock_config=False)
@@ -39,7 +41,7 @@ flags.DEFINE_integer("case_seed", 0, "seed of the case set")
 flags.DEFINE_list("seeds", ["0", "1"], "sampling seeds (initial noise), the same for every setting")
 flags.DEFINE_integer("steps", None, "sampling steps (default: the config's); T_stop is rescaled in proportion")
 flags.DEFINE_integer("batch", None, "images per sampler call (default: config.sample.batch)")
-flags.DEFINE_list("settings", None, f"settings to run (default: all): {','.join(bench.SETTING_NAMES)}")
+flags.DEFINE_list("settings", None, f"settings to run (default: all): {','.join(SETTING_NAMES)}")
 flags.DEFINE_bool("fast", False, "2 cases, 1 pair, seed 0, 4 steps, the fast settings (explicit flags win)")
 flags.DEFINE_string("out", "docs/shapeworld_custom", "output folder")
 flags.DEFINE_bool("progress", True, "progress bar")
@@ -56,17 +58,17 @@ def main(argv) -> None:
     pairs = FLAGS.pairs if given("pairs") else (1 if fast else max(cases // 2, 1))
     seeds = [0] if fast and not given("seeds") else [int(s) for s in FLAGS.seeds]
     steps = 4 if fast and not given("steps") else FLAGS.steps
-    settings = FLAGS.settings or [s.name for s in bench.SETTINGS if s.fast or not fast]
-    cfg = bench.with_steps(FLAGS.config, steps)
-    rc = None if FLAGS.realcustom_config is None else bench.with_steps(FLAGS.realcustom_config, cfg.sample.steps)
+    settings = FLAGS.settings or [s.name for s in SETTINGS if s.fast or not fast]
+    cfg = with_steps(FLAGS.config, steps)
+    rc = None if FLAGS.realcustom_config is None else with_steps(FLAGS.realcustom_config, cfg.sample.steps)
     config_file = FLAGS["config"].config_filename
-    report, extra = bench.run_benchmark(
-        cfg, checkpoint=FLAGS.checkpoint, ablations=bench.load_ablations(config_file), settings=settings,
+    report, extra = run_benchmark(
+        cfg, checkpoint=FLAGS.checkpoint, ablations=load_ablations(config_file), settings=settings,
         rc_cfg=rc, rc_checkpoint=FLAGS.realcustom_checkpoint, cases=cases, prompts_per_subject=pps, pairs=pairs,
         case_seed=FLAGS.case_seed, seeds=seeds, batch=FLAGS.batch, progress=FLAGS.progress)
     report["command"] = " ".join(sys.argv)
-    paths = bench.write_report(report, extra, FLAGS.out)
-    print(bench.markdown(report))
+    paths = write_report(report, extra, FLAGS.out)
+    print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({report['seconds']} s)")
 
 

@@ -30,10 +30,11 @@ from tqdm import tqdm
 from customjax.images import grid, mask_strip, overlay, save_png
 from customjax.methods import realcustom, realcustompp
 from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter
-from customjax.parallel import data_mesh, replicate, shard_batch
-from customjax.sampling.common import cached_sampler, seed_latents
-from customjax.sampling.dual_branch import dual_branch_sample, unet_evaluations
-from customjax.tokenizer import tokenize, word_token_positions
+from customjax.parallel import data_mesh, replicate
+from customjax.sampling.batch import Job, resize_reference, sample_batches
+from customjax.sampling.common import cached_sampler
+from customjax.sampling.dual_branch import unet_evaluations
+from customjax.tokenizer import word_token_positions
 
 FLAGS = flags.FLAGS
 
@@ -113,9 +114,7 @@ def check_cases(cases: list[dict], tokenizer, references_mode: str, default_seed
     return out
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                      np.float32) / 255.0
+_resize = resize_reference   # the former private name (customjax.preview imports it)
 
 
 def main(argv) -> None:
@@ -145,54 +144,31 @@ def main(argv) -> None:
         visual = realcustom.ScoringVisual(side.scoring, cfg.scoring.gamma_num)
         adapter = built.params["image"]["scoring"]
     for c in cases:
-        imgs = np.stack([_resize(i, ref_size) for i in c["images"]])
+        imgs = np.stack([resize_reference(i, ref_size) for i in c["images"]])
         c["tokens"] = np.asarray(tok_fn(side, built.params["image"], jnp.asarray(imgs)))
 
-    jobs = [(c, s) for c in cases for s in c["seeds"]]
+    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c) for c in cases for s in c["seeds"]]
     mesh = data_mesh()
     bsz = max(cfg.sample.batch, mesh.shape["data"])
     bsz += -bsz % mesh.shape["data"]
     params = replicate({"unet": built.params["unet"], "vae": built.params["vae"],
                         "text_encoders": built.params["text_encoders"], "adapter": adapter}, mesh)
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
-    H, W, f = cfg.sample.height, cfg.sample.width, pipe.vae_scale
-    hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
     records, images = [], []
-    groups: dict = {}
-    for j in jobs:  # one compiled shape per (subjects, references, tokens)
-        groups.setdefault((len(j[0]["words"]), j[0]["tokens"].shape), []).append(j)
     with tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
-        for (J, tshape), group in groups.items():
-            for b in range(0, len(group), bsz):
-                chunk = group[b:b + bsz]
-                chunk = chunk + [chunk[-1]] * (bsz - len(chunk))       # pad to one compiled shape
-                prompts = [c["prompt"] for c, _ in chunk]
-                ids = tuple(jnp.asarray(tokenize(t, prompts)) for t in pipe.tokenizers)
-                neg = tuple(jnp.asarray(tokenize(t, [""] * bsz)) for t in pipe.tokenizers)
-                wm = np.zeros((bsz, J, ids[0].shape[1]), bool)
-                for i, (c, _) in enumerate(chunk):
-                    for k, w in enumerate(c["words"]):
-                        wm[i, k, word_token_positions(pipe.tokenizers[0], c["prompt"], w)] = True
-                feats = np.stack([c["tokens"] for c, _ in chunk])
-                lat = seed_latents([s for _, s in chunk], (H // f, W // f, pipe.unet.config.in_channels))
-                batch = shard_batch(dict(ids=ids, neg=neg, wm=jnp.asarray(wm), feats=jnp.asarray(feats),
-                                         lat=jnp.asarray(lat), m0=jnp.zeros((bsz, J, *hw_mask))), mesh)
-                res = dual_branch_sample(pipe, built.unet, smp, gcfg, visual, params, batch["ids"], batch["neg"],
-                                         batch["wm"], batch["feats"], batch["lat"], batch["m0"],
-                                         zero_uncond=pipe.is_sdxl)
-                res = jax.tree_util.tree_map(np.asarray, res)
-                n_real = min(bsz, len(group) - b)
-                for i in range(n_real):
-                    c, s = chunk[i]
-                    name = f"{len(records):04d}_seed{s}"
-                    save_png(res["images"][i], out / f"{name}.png")
-                    save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
-                    if "mask_steps" in res:
-                        save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
-                    records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
-                                        references=c["references"], seed=s, case=c["where"]))
-                    images.append(res["images"][i])
-                bar.update(n_real)
+        for done, res in sample_batches(pipe, built.unet, smp, gcfg, visual, params, jobs, bsz, mesh,
+                                        (cfg.sample.height, cfg.sample.width)):
+            for i, job in enumerate(done):
+                c, s = job.case, job.seed
+                name = f"{len(records):04d}_seed{s}"
+                save_png(res["images"][i], out / f"{name}.png")
+                save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
+                if "mask_steps" in res:
+                    save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
+                records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
+                                    references=c["references"], seed=s, case=c["where"]))
+                images.append(res["images"][i])
+            bar.update(len(done))
     save_png(grid(np.stack(images)), out / "grid.png")
     record = dict(config=json.loads(cfg.to_json_best_effort()), checkpoint=FLAGS.checkpoint,
                   device=str(jax.devices()[0]), devices=len(jax.devices()), batch=bsz,

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customjax.benchmark import shapeworld as bench
+from customjax.benchmark.cases import make_cases
+from customjax.benchmark.report import markdown, plot
+from customjax.benchmark.scoring import CONTROLLABILITY, METRICS, clip_scorer, clip_scores, score
+from customjax.benchmark.settings import GROUPS, SETTING_NAMES, SETTINGS, load_ablations, setting_config, with_steps
 from customjax.data import shapeworld as sw
 from customjax.metrics.shapeworld import measure
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [s.name for s in bench.SETTINGS if s.fast]
+FAST = [s.name for s in SETTINGS if s.fast]
 
 
 def config(path: str, arg: str):
@@ -43,11 +46,11 @@ APPEARANCE_WORDS = set(sw.PATTERN_WORDS.values()) | set(sw.PATTERNS) - {"solid"}
 
 @pytest.mark.parametrize("size", [64, 32])
 def test_cases(size):
-    single, two = bench.make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
+    single, two = make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
     assert (len(single), len(two)) == (8, 3)
-    again = bench.make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
+    again = make_cases(8, seed=0, size=size, prompts_per_subject=2, pairs=3)
     assert [c.to_dict() for c in single + two] == [c.to_dict() for c in again[0] + again[1]]   # deterministic
-    assert [c.prompt for c in bench.make_cases(8, seed=1, size=size)[0]] != [c.prompt for c in single]
+    assert [c.prompt for c in make_cases(8, seed=1, size=size)[0]] != [c.prompt for c in single]
     heldout = set(sw.heldout_subjects())
     assert len({c.subjects[0] for c in single}) == 4                 # 2 prompts per subject
     assert any(len(c.scene.objects) == 2 for c in single) and any(len(c.scene.objects) == 1 for c in single)
@@ -83,7 +86,7 @@ def test_cases(size):
             assert m["category_correct"] and m["position_correct"] and m["size_correct"] and m["count_correct"]
             assert m["appearance_similarity"] > 0.5   # one pose vs the metric's 8-pose mean
         # the ground truth scores full controllability and high similarity
-        r = bench.score(sw.render(c.scene, size)[0], c)
+        r = score(sw.render(c.scene, size)[0], c)
         assert r["controllability"] == 1.0 and r["similarity"] > 0.5, (c.name, r)
         assert (r["others_correct"] is None) == (len(c.scene.objects) == 1)
     # an image of the right context without the subject's appearance scores low similarity
@@ -92,7 +95,7 @@ def test_cases(size):
                                         and sw.compatible(a, c.scene.background) and a != c.subjects[0].appearance))
     wrong = sw.Scene(c.scene.background, (sw.Obj(other.category, other.appearance, *[getattr(c.scene.objects[0], f)
                      for f in ("position", "size", "center", "radius", "rotation")]),))
-    r = bench.score(sw.render(wrong, size)[0], c)
+    r = score(sw.render(wrong, size)[0], c)
     assert r["controllability"] == 1.0 and r["similarity"] < 0.3
 
 
@@ -100,15 +103,15 @@ def test_settings_map_to_the_sampler():
     from customjax.methods.build import guidance_config
 
     cfg = config("realcustompp.py", "tiny")
-    ablations = bench.load_ablations(ROOT / "configs" / "realcustompp.py")
-    g = {s.name: guidance_config(bench.setting_config(cfg, s, ablations)) for s in bench.SETTINGS
+    ablations = load_ablations(ROOT / "configs" / "realcustompp.py")
+    g = {s.name: guidance_config(setting_config(cfg, s, ablations)) for s in SETTINGS
          if s.method == "realcustompp"}
-    by = {s.name: s for s in bench.SETTINGS}
+    by = {s.name: s for s in SETTINGS}
     base = dataclasses.replace(guidance_config(cfg), record_masks=False)   # the benchmark keeps final masks only
     # t2i and the unmasked adapter: no guidance branch, a constant mask of value s, visual scale 1
     for name in ["t2i"] + [n for n in g if n.startswith("unmasked_")]:
         assert g[name] == g["t2i"] and g[name].t_stop == 0 and g[name].visual_scale == 1.0
-    assert [by[n].init_mask for n in bench.SETTING_NAMES if n == "t2i" or n.startswith("unmasked_")] == \
+    assert [by[n].init_mask for n in SETTING_NAMES if n == "t2i" or n.startswith("unmasked_")] == \
         [0.0, 0.25, 0.5, 0.75, 1.0]
     assert g["amg"] == g["tstop"] == g["gamma020"] == g["two_algorithm1"] == base
     assert g["binary"].mask.norm == "binary" and g["cross_only"].mask.self_factors == ()
@@ -117,9 +120,9 @@ def test_settings_map_to_the_sampler():
     assert g["two_overlap"].mask.multi == "overlap" and by["two_overlap"].subjects == 2
     assert g["two_overlap"].references == g["two_algorithm1"].references == "many2many"
     rc = config("realcustom.py", "tiny")
-    assert guidance_config(bench.setting_config(rc, by["realcustom"], ablations)).cfg == "realcustom"
+    assert guidance_config(setting_config(rc, by["realcustom"], ablations)).cfg == "realcustom"
     # --steps rescales T_stop in proportion
-    c4 = bench.with_steps(cfg, 4)
+    c4 = with_steps(cfg, 4)
     assert (c4.sample.steps, c4.guidance.t_stop) == (4, 2) and cfg.sample.steps == 10
 
 
@@ -154,14 +157,14 @@ def test_report_from_figures(tmp_path):
     entries = [dict(name=s.name, group=s.group, label=s.label, subjects=s.subjects, init_mask=s.init_mask,
                     same_as="amg" if s.name in ("tstop", "gamma020") else None, unet_evaluations_per_image=30,
                     guidance=dict(gamma_scope=0.2, t_stop=12),
-                    summary={k: fig() for k in bench.METRICS}) for s in bench.SETTINGS]
+                    summary={k: fig() for k in METRICS}) for s in SETTINGS]
     report = dict(device=dict(kind="cpu", platform="cpu"), commit="abc", dirty=False, steps=25, sampler="ddim",
                   image_size=64, seeds=[0, 1], cases=[dict(words=["star"])] * 4 + [dict(words=["star", "ring"])],
-                  checkpoint="x", definition=bench.CONTROLLABILITY, notes=[], settings=entries)
-    md = bench.markdown(report)
-    assert all(s.label in md for s in bench.SETTINGS) and md.count("## ") == len(bench.GROUPS)
+                  checkpoint="x", definition=CONTROLLABILITY, notes=[], settings=entries)
+    md = markdown(report)
+    assert all(s.label in md for s in SETTINGS) and md.count("## ") == len(GROUPS)
     assert "(= amg)" in md and "CLIP-T" in md
-    bench.plot(report, tmp_path / "p.png")
+    plot(report, tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size == (900, 640)
 
 
@@ -178,15 +181,15 @@ def test_clip_scores_resize_and_average_references():
             assert images.shape == refs.shape and images.shape[1:] == (16, 16, 3)
             return refs.mean((1, 2, 3)) / 255.0
 
-    single, two = bench.make_cases(1, seed=0, size=32, pairs=1)
+    single, two = make_cases(1, seed=0, size=32, pairs=1)
     images = np.stack([sw.render(c.scene, 32)[0] for c in single + two])
-    t, i = bench.clip_scores(Stub(), images, single + two, 32)
+    t, i = clip_scores(Stub(), images, single + two, 32)
     assert t.shape == i.shape == (2,)
     refs = [np.asarray(Image.fromarray(r).resize((16, 16), Image.BICUBIC)).mean() / 255.0
             for r in two[0].reference_images(32)]
     assert i[1] == pytest.approx(np.mean(refs), abs=1e-6)
     cfg = config("realcustompp.py", "tiny")
-    assert bench.clip_scorer(cfg)[0] is None and "no CLIP" in bench.clip_scorer(cfg)[1]
+    assert clip_scorer(cfg)[0] is None and "no CLIP" in clip_scorer(cfg)[1]
 
 
 def test_fast_benchmark_end_to_end(tmp_path):

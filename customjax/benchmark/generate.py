@@ -1,0 +1,87 @@
+"""Sampling the benchmark's cases: a built method with its reference side (:class:`Model`), the
+cases' reference tokens, and :func:`generate` (batched through ``customjax.sampling.batch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from customjax.benchmark.cases import Case
+
+
+@dataclasses.dataclass
+class Model:
+    """One built method with its reference side and replicated sampler parameters."""
+
+    cfg: Any
+    built: Any
+    params: Any
+    tok_fn: Callable
+    visual: Callable
+    ref_size: int
+    tokens: dict = dataclasses.field(default_factory=dict)   # case name -> (R, N, D)
+
+
+def load_model(cfg, checkpoint: str | None, mesh) -> Model:
+    """Builds ``cfg``'s method, loads the adapter ``checkpoint`` (none: random) and replicates the
+    sampler parameters over ``mesh``."""
+    import logging
+
+    from customjax.methods import realcustom, realcustompp
+    from customjax.methods.build import build, load_adapter
+    from customjax.parallel import replicate
+
+    built = build(cfg)
+    if checkpoint:
+        built = load_adapter(built, checkpoint)
+    else:
+        logging.warning("%s: no checkpoint, the adapter is randomly initialised (plumbing only)", cfg.method)
+    if built.method == "realcustompp":
+        tok_fn, visual, adapter = realcustompp.reference_tokens, realcustompp.constant_visual, None
+        ref_size = cfg.encoders.image_size * cfg.encoders.scale
+    else:
+        tok_fn, adapter = realcustom.reference_tokens, built.params["image"]["scoring"]
+        visual = realcustom.ScoringVisual(built.image_side.scoring, cfg.scoring.gamma_num)
+        ref_size = cfg.encoders.image_size
+    params = replicate({"unet": built.params["unet"], "vae": built.params["vae"],
+                        "text_encoders": built.params["text_encoders"], "adapter": adapter}, mesh)
+    return Model(cfg, built, params, tok_fn, visual, ref_size)
+
+
+def reference_tokens(model: Model, case: Case, size: int) -> np.ndarray:
+    """The case's reference tokens (R, N, D), computed once per case and model."""
+    import jax.numpy as jnp
+
+    from customjax.sampling.batch import resize_reference
+
+    if case.name not in model.tokens:
+        refs = case.reference_images(size).astype(np.float32) / 255.0
+        imgs = np.stack([resize_reference(r, model.ref_size) for r in refs])
+        model.tokens[case.name] = np.asarray(model.tok_fn(model.built.image_side, model.built.params["image"],
+                                                          jnp.asarray(imgs)))
+    return model.tokens[case.name]
+
+
+def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float, batch: int, mesh, size: int,
+             on_batch: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, H, W, 3) and final masks (n, J, h, w) of ``jobs`` (case, seed), all with
+    ``len(case.words) == J``, in batches of ``batch`` (the last padded: one compiled shape)."""
+    from customjax.images import to_uint8
+    from customjax.sampling.batch import Job, sample_batches
+    from customjax.sampling.common import cached_sampler
+
+    cfg, pipe = model.cfg, model.built.pipe
+    smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
+    work = [Job(c.prompt, c.words, reference_tokens(model, c, size), seed) for c, seed in jobs]
+    if len({(len(j.words), j.tokens.shape) for j in work}) > 1:
+        raise ValueError("generate: every job needs the same number of subjects and reference tokens")
+    images, masks = [], []
+    for done, res in sample_batches(pipe, model.built.unet, smp, gcfg, model.visual, model.params, work, batch,
+                                    mesh, (size, size), init_mask=init_mask):
+        images.append(to_uint8(res["images"]))
+        masks.append(res["masks"])
+        on_batch(len(done))
+    return np.concatenate(images), np.concatenate(masks)

@@ -1,0 +1,105 @@
+"""The benchmark's sampling settings (:data:`SETTINGS`): config overrides of the base (RealCustom++)
+config, the papers' ablation presets (``configs/common.py: ABLATIONS``) where they exist:
+
+  * ``t2i``: no reference (``t_stop=0``, constant all-zero mask: the visual branch contributes
+    nothing; exactly plain CFG text-to-image with weight ``guidance.w``);
+  * ``unmasked_sXXX``: the adapter everywhere at visual scale s (``t_stop=0``, constant mask = s,
+    ``visual_scale=1``: the visual attention output is multiplied by mask x scale, so a constant
+    mask s is the unmasked adapter at scale s; the guidance branch never runs). The four scales and
+    ``t2i`` (s = 0) differ only in a traced input and share one compiled sampler;
+  * ``amg`` (the config as given: AMG), ``binary``, ``cross_only`` (``no_amg_s``), ``gamma0XX``,
+    ``tstop`` (= amg) / ``no_early_stop``;
+  * ``realcustom``: the RealCustom adapter (``--realcustom_config`` / ``--realcustom_checkpoint``;
+    scoring module, Eq. 13 two-scale CFG, its own mask settings);
+  * ``two_algorithm1`` / ``two_overlap``: two-subject cases, Many2Many references, disjoint masks
+    (Algorithm 1) or independent, possibly overlapping Top-K.
+
+Settings that resolve to the same sampler configuration and constant mask are sampled once
+(``same_as`` in the report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How to sample: ``ablations`` (``configs/common.py: ABLATIONS`` presets) then ``guidance``
+    overrides of ``config.guidance``, on the RealCustom++ config (``method="realcustompp"``) or the
+    RealCustom one; ``init_mask``: the constant mask before the first guidance mask (with
+    ``t_stop=0``: the mask throughout)."""
+
+    name: str
+    group: str
+    label: str
+    method: str = "realcustompp"
+    ablations: tuple[str, ...] = ()
+    guidance: tuple[tuple[str, Any], ...] = ()
+    init_mask: float = 0.0
+    subjects: int = 1
+    fast: bool = False
+
+
+GROUPS = {
+    "frontier": "Unmasked-adapter frontier (RealCustom++ Fig. 1(c) / 2): text-to-image and the adapter everywhere",
+    "mask": "Mask construction (RealCustom++ Tables V, XII; AMG = cross-attn + self-attn augmentation, max norm)",
+    "gamma": "Top-K ratio gamma_scope (RealCustom++ Table VI)",
+    "early_stop": "Early stop of the guidance branch (RealCustom++ Table VII / XII AMG-T)",
+    "realcustom": "RealCustom (conference version: adaptive scoring module, Eq. 13 guidance)",
+    "two_subject": "Two subjects, Many2Many references (RealCustom++ Algorithm 1 vs overlapping masks)",
+}
+_NOMASK = (("t_stop", 0), ("visual_scale", 1.0))
+SETTINGS: tuple[Setting, ...] = (
+    Setting("t2i", "frontier", "text-to-image (no reference, s = 0)", guidance=_NOMASK, init_mask=0.0, fast=True),
+    *(Setting(f"unmasked_s{int(s * 100):03d}", "frontier", f"adapter without mask, s = {s}", guidance=_NOMASK,
+              init_mask=s, fast=True) for s in (0.25, 0.5, 0.75, 1.0)),
+    Setting("amg", "mask", "RealCustom++ AMG (default)", fast=True),
+    Setting("binary", "mask", "w/o mask norm (binary mask)", ablations=("binary",)),
+    Setting("cross_only", "mask", "cross-attn only (w/o AMG-S self-attn augmentation)", ablations=("no_amg_s",)),
+    *(Setting(f"gamma{int(g * 100):03d}", "gamma", f"gamma_scope = {g}", ablations=(f"gamma{int(g * 100):03d}",))
+      for g in (0.1, 0.2, 0.3, 0.5)),
+    Setting("tstop", "early_stop", "early stop at T_stop (AMG-T)"),
+    Setting("no_early_stop", "early_stop", "w/o early stop (guidance every step)", ablations=("no_early_stop",)),
+    Setting("realcustom", "realcustom", "RealCustom (scoring module, Eq. 13 CFG)", method="realcustom"),
+    Setting("two_algorithm1", "two_subject", "two subjects, Algorithm 1 (disjoint masks)",
+            guidance=(("references", "many2many"), ("multi", "algorithm1")), subjects=2, fast=True),
+    Setting("two_overlap", "two_subject", "two subjects, masks may overlap", ablations=("overlap",),
+            guidance=(("references", "many2many"),), subjects=2),
+)
+SETTING_NAMES = tuple(s.name for s in SETTINGS)
+
+
+def setting_config(base, setting: Setting, ablations: Mapping[str, tuple[str, Callable]]):
+    """A copy of ``base`` with the setting's presets and overrides applied (masks are not recorded)."""
+    c = base.copy_and_resolve_references()
+    for name in setting.ablations:
+        if name not in ablations:
+            raise ValueError(f"setting {setting.name}: unknown ablation preset {name!r}")
+        c.guidance.update(ablations[name][1](c))
+    c.guidance.update(dict(setting.guidance))
+    c.sample.record_masks = False
+    return c
+
+
+def with_steps(cfg, steps: int | None):
+    """``cfg`` with ``steps`` sampling steps and T_stop rescaled in proportion (the papers use half)."""
+    c = cfg.copy_and_resolve_references()
+    if steps and steps != c.sample.steps:
+        if c.guidance.t_stop is not None:
+            c.guidance.t_stop = max(1, round(c.guidance.t_stop * steps / c.sample.steps))
+        c.sample.steps = steps
+    return c
+
+
+def load_ablations(config_file: str | Path) -> dict:
+    """``ABLATIONS`` of the ``common.py`` beside a config file (``configs/common.py``)."""
+    import importlib.util
+
+    path = Path(str(config_file).split(":")[0]).resolve().parent / "common.py"
+    spec = importlib.util.spec_from_file_location("_benchmark_config_common", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ABLATIONS
