@@ -56,7 +56,8 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     c.guidance.t_stop = m["t_stop"]      # None (no early stop) allowed
     c.sample = ml_collections.ConfigDict(dict(
         sampler="ddim", steps=m["steps"], height=m["size"], width=m["size"], batch=4, seeds=(0,),
-        record_masks=True, prompts="", out="out/sample"))
+        record_masks=True, prompts="examples/shapeworld/cases.jsonl" if variant == "shapeworld" else "",
+        out="out/sample"))
     return c
 
 
@@ -104,17 +105,18 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Training settings (``python -m customjax.train``). RealCustom++ Sec. IV-A: lr 1e-4,
     160k iterations on 8 GPUs; tiny: a few hundred steps on the CPU."""
     tiny = c.variant.startswith("tiny")
+    sw = c.variant == "shapeworld"   # the shipped ShapeWorld base: a few minutes on a CPU
     c.train = ml_collections.ConfigDict(dict(
-        steps=200 if tiny else 160_000, batch=4 if tiny else 64, log_every=10 if tiny else 50,
-        save_every=100 if tiny else 2000, max_to_keep=3,
-        async_save=True, image_size=32 if tiny else (1024 if c.variant == "sdxl" else 512),
+        steps=200 if tiny else (600 if sw else 160_000), batch=4 if tiny else (8 if sw else 64),
+        log_every=10 if tiny or sw else 50, save_every=100 if tiny else (200 if sw else 2000), max_to_keep=3,
+        async_save=True, image_size=32 if tiny else (64 if sw else (1024 if c.variant == "sdxl" else 512)),
         fsdp=1, remat=False, dtype="float32", ema_decay=0.0,
         # preview samples with their masks every preview_every steps and at the end (0 = off):
         # preview_count cases from sample.prompts (a sample-CLI JSONL) or else the first batch,
         # sampled with sample.steps / sample.sampler at sample.height x sample.width.
-        preview_every=100 if tiny else 1000, preview_count=4))
+        preview_every=100 if tiny else (300 if sw else 1000), preview_count=4))
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3 if tiny else 1e-4, schedule="constant", warmup_steps=10 if tiny else 1000,
+        lr=1e-3 if tiny else (5e-4 if sw else 1e-4), schedule="constant", warmup_steps=10 if tiny or sw else 1000,
         total_steps=ml_collections.FieldReference(None, field_type=int), final_lr_ratio=0.1,
         clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, accumulate=1))
     c.optim.total_steps = c.train.get_ref("steps")
@@ -126,7 +128,9 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # `python -m customjax.data.precompute` (VAE posteriors of centre crops) read instead of
     # text_image / multiview; the target is then neither cropped at random nor flipped.
     c.data = ml_collections.ConfigDict(dict(
-        text_image="", multiview="", synthetic=tiny, synthetic_examples=64, workers=0,
-        recipe="realcustompp" if c.method == "realcustompp" else "realcustom", hflip=True, random_crop=False,
+        text_image="", multiview="", synthetic=tiny, synthetic_examples=64, shapeworld_examples=4000 if sw else 0,
+        workers=0,
+        recipe="realcustompp" if c.method == "realcustompp" else "realcustom",
+        hflip=not sw, random_crop=False,   # no flips in ShapeWorld: its captions name left and right
         latents=""))
     return c

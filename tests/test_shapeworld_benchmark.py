@@ -229,3 +229,20 @@ def test_fast_benchmark_end_to_end(tmp_path):
     assert Image.open(out / "frontier.png").size == (900, 640)
     grid = Image.open(out / "samples.png")
     assert grid.width >= (1 + 6) * 96 and grid.height >= 2 * 96 + 24
+
+
+def test_shipped_shapeworld_examples_are_the_generated_cases(tmp_path):
+    """examples/shapeworld/ (the README main job's sample cases) is what write_sample_cases makes."""
+    import pathlib
+
+    from PIL import Image
+
+    from customjax.benchmark.cases import write_sample_cases
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    lines = write_sample_cases(tmp_path)
+    shipped = [json.loads(x) for x in (repo / "examples/shapeworld/cases.jsonl").read_text().splitlines()]
+    assert [(x["prompt"], x["words"]) for x in lines] == [(x["prompt"], x["words"]) for x in shipped]
+    for made, ours in zip(lines, shipped):
+        for a, b in zip(made["references"], ours["references"]):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(repo / b))), b

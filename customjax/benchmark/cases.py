@@ -180,3 +180,29 @@ def make_cases(n: int, seed: int = 0, size: int = 64, *, prompts_per_subject: in
             case = _pair(crng, take(ca), take(cb), size, name=f"p{k:03d}")
         two.append(case)
     return single, two
+
+
+def write_sample_cases(out_dir, n: int = 4, pairs: int = 1, seed: int = 0, size: int = 64,
+                       seeds: Sequence[int] = (0, 1)) -> list[dict]:
+    """Writes cases as the sample CLI's input: ``out_dir/cases.jsonl`` (prompt, words, references,
+    seeds) and the reference PNGs beside it (paths relative to the repository root when ``out_dir``
+    is). ``python -c "from customjax.benchmark.cases import write_sample_cases as w;
+    w('examples/shapeworld')"`` wrote ``examples/shapeworld/``."""
+    import json
+    import pathlib
+
+    from PIL import Image
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    single, two = make_cases(n, seed, size, pairs=pairs)
+    lines = []
+    for case in single + two:
+        refs = []
+        for j, ref in enumerate(case.references):
+            path = out / f"{case.name}_ref{j}.png"
+            Image.fromarray(sw.render(ref, size)[0]).save(path)
+            refs.append(str(path))
+        lines.append({"prompt": case.prompt, "words": list(case.words), "references": refs, "seeds": list(seeds)})
+    (out / "cases.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines

@@ -241,11 +241,22 @@ class TrainLoader:
 
 def train_sources(config) -> dict:
     """``{kind: data}`` of the raw training data of a method config: ``config.data.text_image`` /
-    ``multiview`` shard paths, or (both empty and ``config.data.synthetic``) a small synthetic dataset
-    (``synthetic_examples`` text-image pairs and a quarter as many multiview objects) written into a
-    temporary folder, the same on every process and every call."""
+    ``multiview`` shard paths, or (both empty) a generated dataset written into a temporary folder,
+    the same on every process and every call: ``config.data.shapeworld_examples`` ShapeWorld
+    text-image pairs and a quarter as many 4-frame multiview objects (training split,
+    :mod:`customjax.data.shapeworld`), or with ``config.data.synthetic`` a small synthetic dataset
+    (``synthetic_examples`` text-image pairs and a quarter as many multiview objects)."""
     d = config.data
     sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
+    if not sources and d.get("shapeworld_examples", 0):
+        import tempfile
+
+        from customjax.data import shapeworld
+
+        n = int(d.shapeworld_examples)
+        return shapeworld.write_dataset(tempfile.mkdtemp(prefix="customjax_shapeworld_"), num_text_image=n,
+                                        num_multiview=max(n // 4, 2), size=int(config.train.image_size),
+                                        seed=int(config.seed), num_eval=0)
     if not sources:
         if not d.get("synthetic", False):
             raise ValueError("config.data.text_image / config.data.multiview are empty "

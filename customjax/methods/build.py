@@ -185,7 +185,7 @@ def with_trainable(built: Built, tree: Any) -> Built:
             raise KeyError(f"parameter {'/'.join(k)} is not in the model")
         flat[k] = jnp.asarray(v)
     merged = traverse_util.unflatten_dict(flat)
-    image = {k: merged[k] for k in built.params["image"]}
+    image = {k: merged.get(k, v) for k, v in built.params["image"].items()}   # v: empty trees (no DINOv2)
     return dataclasses.replace(built, params=dict(built.params, unet=merged["unet"], image=image))
 
 
