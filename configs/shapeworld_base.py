@@ -1,7 +1,7 @@
 """Pretraining of the ShapeWorld base model (``python -m customjax.pretrain``).
 
-Variants: ``cpu`` (the shipped model: completes on a 2-core CPU), ``gpu`` (the same
-architecture, longer: minutes on one GPU), ``test`` (a few steps of everything, for the tests).
+Variants: ``cpu`` (completes on a 2-core CPU), ``gpu`` (the same architecture, longer: minutes on
+one GPU), ``test`` (micro models and a few steps of every stage, for the tests).
 
     python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base
 """
@@ -12,25 +12,33 @@ import ml_collections
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     if variant not in ("cpu", "gpu", "test"):
         raise ValueError(f"unknown variant {variant!r}; choose cpu, gpu or test")
-    test, gpu = variant == "test", variant == "gpu"
+    gpu = variant == "gpu"
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
     c.size = 64
-    c.pool = 256 if test else (60_000 if gpu else 24_000)   # training scenes rendered once
-    c.tokenizer = dict(captions=500 if test else 20_000, max_merges=2000, model_max_length=32)
+    c.pool = 60_000 if gpu else 24_000   # training scenes rendered once
+    c.tokenizer = dict(captions=20_000, max_merges=2000, model_max_length=32)
     c.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        kl_weight=1e-4, object_weight=4.0, steps=4 if test else (8000 if gpu else 2000), batch=8, lr=1e-3,
-        warmup=100))
+        kl_weight=1e-4, object_weight=4.0, steps=8000 if gpu else 2000, batch=8, lr=1e-3, warmup=100))
     c.clip = ml_collections.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=8,
-        projection_dim=64, steps=4 if test else (6000 if gpu else 1200), batch=8 if test else 64, lr=1e-3, warmup=100))
+        projection_dim=64, steps=6000 if gpu else 1200, batch=64, lr=1e-3, warmup=100))
     c.unet = ml_collections.ConfigDict(dict(
         block_out_channels=(32, 64, 64), layers_per_block=1, heads=(2, 4, 4), norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        p_uncond=0.1, steps=4 if test else (30_000 if gpu else 3000), batch=8 if test else 24, lr=5e-4, warmup=200))
-    c.eval = ml_collections.ConfigDict(dict(prompts=8 if test else 200, steps=4 if test else 25, guidance=5.0,
-                                            batch=8 if test else 50, grid=16))
+        p_uncond=0.1, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4, warmup=200))
+    c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, batch=50, grid=16))
+    if variant == "test":
+        c.size, c.pool = 32, 64
+        c.tokenizer.captions = 200
+        c.vae.update(dict(block_out_channels=(8, 16, 16), norm_num_groups=4, steps=4, batch=4))
+        c.clip.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           projection_dim=16, steps=4, batch=4))
+        c.unet.update(dict(block_out_channels=(16, 32), heads=(2, 2), norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), steps=4, batch=4))
+        c.eval.update(dict(prompts=4, steps=2, batch=4, grid=4))
     return c

@@ -65,25 +65,6 @@ def _losses(workdir):
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs below compile the same train step (each ``train`` call jits anew): a persistent
-    compilation cache, for this module only, compiles it once."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """An uninterrupted 6-step run with previews every 4 steps (shared by the tests below)."""

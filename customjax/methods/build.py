@@ -80,6 +80,10 @@ def build(config: ml_collections.ConfigDict) -> Built:
     key = jax.random.key(config.seed)
     k_pipe, k_ctrl, k_a, k_b, k_c = jax.random.split(key, 5)
     if config.model.path:
+        if not (Path(config.model.path) / "model_index.json").is_file() and config.variant == "shapeworld":
+            raise FileNotFoundError(
+                f"config.model.path={config.model.path}: the ShapeWorld base model is not installed; make it with "
+                "`python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base --install`")
         pipe, params = load_stable_diffusion(config.model.path, dtype=dtype)
     else:
         scale = config.model.get("random_scale", "tiny")

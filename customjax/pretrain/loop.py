@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ class StageConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     log_every: int = 25
+    save_every: int = 500     # resumable snapshot of params, optimizer state and step (0 = none)
 
 
 def optimizer(c: StageConfig) -> optax.GradientTransformation:
@@ -66,11 +68,19 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
     out = Path(workdir) / name
     out.mkdir(parents=True, exist_ok=True)
     writer = _writer(out)
-    history = []
+    snapshot = out / "snapshot.msgpack"
+    history, start = [], 0
+    if snapshot.is_file() and max_steps is None:      # an interrupted run of this stage: go on from it
+        raw = serialization.msgpack_restore(snapshot.read_bytes())
+        params = jax.device_put(serialization.from_state_dict(params, raw["params"]), rep)
+        opt = jax.device_put(serialization.from_state_dict(opt, raw["opt"]), rep)
+        start, history = int(raw["step"]), json.loads(raw["history"])
     key = jax.random.key(seed)
     t0 = time.time()
-    with open(out / "metrics.jsonl", "w") as log, tqdm(total=c.steps, desc=name, unit="step") as bar:
-        for i in range(c.steps if max_steps is None else min(max_steps, c.steps)):
+    end = c.steps if max_steps is None else min(max_steps, c.steps)
+    with open(out / "metrics.jsonl", "a" if start else "w") as log, \
+            tqdm(total=c.steps, initial=start, desc=name, unit="step") as bar:
+        for i in range(start, end):
             batch = parallel.shard_batch(batches(i), mesh)
             params, opt, m = jstep(params, opt, frozen, batch, jax.random.fold_in(key, i))
             bar.update(1)
@@ -84,6 +94,12 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
                 if writer:
                     for k, v in m.items():
                         writer.add_scalar(f"{name}/{k}", v, i + 1)
+            if c.save_every and max_steps is None and (i + 1) % c.save_every == 0 and i + 1 < c.steps:
+                snapshot.write_bytes(serialization.msgpack_serialize(
+                    {"params": serialization.to_state_dict(jax.device_get(params)),
+                     "opt": serialization.to_state_dict(jax.device_get(opt)), "step": i + 1,
+                     "history": json.dumps(history)}))
+    snapshot.unlink(missing_ok=True)
     if writer:
         writer.close()
     return jax.device_get(params), history

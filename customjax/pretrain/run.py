@@ -93,7 +93,8 @@ def configs(c, tokenizer_dir: Path) -> tuple:
     vae = VAEConfig(block_out_channels=tuple(c.vae.block_out_channels), layers_per_block=c.vae.layers_per_block,
                     norm_num_groups=c.vae.norm_num_groups, latent_channels=c.vae.latent_channels, sample_size=c.size)
     n = len(c.unet.block_out_channels)
-    unet = UNetConfig(sample_size=c.size // 2 ** (n - 1), in_channels=c.vae.latent_channels,
+    factor = 2 ** (len(c.vae.block_out_channels) - 1)
+    unet = UNetConfig(sample_size=c.size // factor, in_channels=c.vae.latent_channels,
                       out_channels=c.vae.latent_channels, block_out_channels=tuple(c.unet.block_out_channels),
                       layers_per_block=(c.unet.layers_per_block,) * n, heads=tuple(c.unet.heads),
                       cross_attention_dim=(c.clip.hidden_size,) * n, transformer_layers=(1,) * n,
