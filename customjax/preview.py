@@ -83,7 +83,8 @@ class Cases:
 def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_size: int, seed: int = 0) -> Cases:
     """The first ``count`` cases of a sample-CLI JSONL file with as many words as the first one
     (one compiled shape); every case is checked as the sample CLI does."""
-    from customjax.sample import CaseError, _resize, load_image
+    from customjax.sample import CaseError, check_case, load_image
+    from customjax.sampling.batch import resize_reference
 
     prompts, words, refs, seeds = [], [], [], []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -93,25 +94,13 @@ def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_
             continue
         where = f"{path}:{n}"
         c = json.loads(line)
-        for key in ("prompt", "words", "references"):
-            if key not in c:
-                raise CaseError(f"{where}: missing {key!r}")
-        ws = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
-        rs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
+        ws, rs = check_case(c, tokenizer, references_mode, where)
         if words and len(ws) != len(words[0]):
             logging.warning("preview: %s has %d words, the first case %d; skipped", where, len(ws), len(words[0]))
             continue
-        for w in ws:
-            try:
-                word_token_positions(tokenizer, c["prompt"], w)
-            except ValueError as e:
-                raise CaseError(f"{where}: {e}") from None
-        want = 1 if references_mode == "one2many" else len(ws)
-        if len(rs) != want or not ws:
-            raise CaseError(f"{where}: {len(rs)} reference(s) for {len(ws)} word(s); {references_mode} needs {want}")
         prompts.append(c["prompt"])
         words.append(ws)
-        refs.append(np.stack([_resize(load_image(r, where), ref_size) for r in rs]))
+        refs.append(np.stack([resize_reference(load_image(r, where), ref_size) for r in rs]))
         seeds.append(int((c.get("seeds") or [seed])[0]))
     if not prompts:
         raise CaseError(f"{path}: no cases")
@@ -121,7 +110,7 @@ def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_
 def cases_from_batch(batch: dict, tokenizer, count: int, ref_size: int, seed: int) -> Cases | None:
     """Up to ``count`` examples of a (local) training batch whose caption has a subject word;
     process 0's choice on every process."""
-    from customjax.sample import _resize
+    from customjax.sampling.batch import resize_reference
 
     captions = [str(c) for c in batch["caption"]][:count]
     refs = np.asarray(batch["reference"], np.float32)[:count]
@@ -147,7 +136,7 @@ def cases_from_batch(batch: dict, tokenizer, count: int, ref_size: int, seed: in
     if not keep:
         return None
     if refs.shape[1] != ref_size:
-        refs = np.stack([_resize(r, ref_size) for r in refs])
+        refs = np.stack([resize_reference(r, ref_size) for r in refs])
     return Cases(prompts, words, refs[keep][:, None], [seed + i for i in range(len(keep))])
 
 

@@ -87,34 +87,38 @@ def load_image(path: str, where: str) -> np.ndarray:
         raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
+def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[list[str], list[str]]:
+    """(words, reference paths) of one case, or a :class:`CaseError` naming ``where``: keys
+    present, every target word in the prompt, one reference per word (one for One2Many)."""
+    for key in ("prompt", "words", "references"):
+        if key not in c:
+            raise CaseError(f"{where}: missing {key!r}")
+    words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
+    refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
+    if not words:
+        raise CaseError(f"{where}: no target word given")
+    for w in words:
+        try:
+            word_token_positions(tokenizer, c["prompt"], w)
+        except ValueError as e:
+            raise CaseError(f"{where}: {e}") from None
+    want = 1 if references_mode == "one2many" else len(words)
+    if len(refs) != want:
+        raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
+                        f"{references_mode} needs {want}")
+    return words, refs
+
+
 def check_cases(cases: list[dict], tokenizer, references_mode: str, default_seeds) -> list[dict]:
     """Validates every case before compilation; returns them with images loaded."""
     out = []
     for c in cases:
         where = c.get("_where", "?")
-        for key in ("prompt", "words", "references"):
-            if key not in c:
-                raise CaseError(f"{where}: missing {key!r}")
-        words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
-        refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
-        if not words:
-            raise CaseError(f"{where}: no target word given")
-        for w in words:
-            try:
-                word_token_positions(tokenizer, c["prompt"], w)
-            except ValueError as e:
-                raise CaseError(f"{where}: {e}") from None
-        want = 1 if references_mode == "one2many" else len(words)
-        if len(refs) != want:
-            raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
-                            f"{references_mode} needs {want}")
+        words, refs = check_case(c, tokenizer, references_mode, where)
         images = [load_image(r, where) for r in refs]
         seeds = [int(s) for s in (FLAGS.seeds or c.get("seeds") or default_seeds)]
         out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where))
     return out
-
-
-_resize = resize_reference   # the former private name (customjax.preview imports it)
 
 
 def main(argv) -> None:

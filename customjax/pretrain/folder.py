@@ -22,7 +22,7 @@ from flax import traverse_util
 
 from customjax.weights.convert import to_torch_state
 from customjax.weights.safetensors_io import save_file
-from customjax.zoo import SCHEDULER, clip_text_config_dict, unet_config_dict, vae_config_dict
+from customjax.zoo import clip_text_config_dict, unet_config_dict, vae_config_dict
 
 STORE_DTYPE = np.float16
 
@@ -44,7 +44,7 @@ def vision_config_dict(c) -> dict:
                 architectures=["CLIPVisionModelWithProjection" if proj else "CLIPVisionModel"])
 
 
-def write_folder(out, *, tokenizer_dir, unet_cfg, unet_p, vae_cfg, vae_p, text_cfg, vision_cfg, clip_p,
+def write_folder(out, *, scheduler: dict, tokenizer_dir, unet_cfg, unet_p, vae_cfg, vae_p, text_cfg, vision_cfg, clip_p,
                  info: dict) -> Path:
     """Writes the folder (replacing ``out``); ``info`` (command, seed, settings, figures) goes to
     ``out/shapeworld.json``."""
@@ -67,7 +67,7 @@ def write_folder(out, *, tokenizer_dir, unet_cfg, unet_p, vae_cfg, vae_p, text_c
                              vision_config=_without(vision_config_dict(vision_cfg), "architectures")),
           full, "model.safetensors")
     (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -103,6 +103,11 @@ def configs(c, tokenizer_dir: Path) -> tuple:
     return text, vision, vae, unet
 
 
+def scheduler_config(c) -> dict:
+    """The diffusers DDIM scheduler config of the model (SD's betas; the UNet's prediction type)."""
+    return dict(SCHEDULER, prediction_type=c.unet.get("prediction_type", "epsilon"))
+
+
 def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 images, object masks (N, H, W) bool, captions) of training scenes ``indices`` (default
     ``range(n)``); scene ``i`` is a pure function of ``(seed, i)``, so any part of the pool can be
@@ -142,19 +147,20 @@ def pretrain(c, workdir, grid_out=None) -> Path:
     vae_cfg = with_latent_scale(vae_cfg, mean[:1024])
     clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda: train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip),
                                                                  workdir, seed=c.seed)[1:])
-    sched = noise_schedule(ScheduleConfig.from_dict(SCHEDULER))
+    scheduler = scheduler_config(c)
+    sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
     empty = tokenize(tok, [""])
     unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, mean, logvar, ids, empty, _stage(c.unet),
-        workdir, p_uncond=c.unet.p_uncond, seed=c.seed))
+        workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed))
     info = dict(command=" ".join(["python -m customjax.pretrain"] + sys.argv[1:]), config=json.loads(c.to_json_best_effort()),
                 seed=c.seed, jax=jax.__version__, device=str(jax.devices()[0].device_kind), platform=platform.platform(),
                 train_seconds=round(time.time() - t0, 1),
                 final_loss={k: h[-1]["loss"] for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
                 loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in (("vae", vae_h), ("clip", clip_h),
                                                                                  ("unet", unet_h))})
-    folder = write_folder(workdir / "model", tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
+    folder = write_folder(workdir / "model", scheduler=scheduler, tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
                           vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info)
     e = c.eval
     res = evaluate(folder, prompts=e.prompts, steps=e.steps, guidance=e.guidance, batch=e.batch, seed=c.seed,
@@ -218,5 +224,6 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out["unet"] = train_unet(unet_cfg, pipe.text_encoders[0], params["text_encoders"][0], noise_schedule(pipe.schedule),
                              pipe.vae.config.scaling_factor, LazyRows(c.pool, lambda i: moments(i)[0]),
                              LazyRows(c.pool, lambda i: moments(i)[1]), ids, tokenize(tok, [""]), _stage(c.unet),
-                             workdir, p_uncond=c.unet.p_uncond, seed=c.seed, max_steps=steps)[1]
+                             workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
+                             seed=c.seed, max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}

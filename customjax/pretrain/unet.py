@@ -1,5 +1,5 @@
-"""Stage 3: the text-to-image UNet (latent diffusion, Rombach et al. 2022, Eq. 2): epsilon
-prediction on the frozen VAE's scaled latents, conditioned on the frozen CLIP text tower's last
+"""Stage 3: the text-to-image UNet (latent diffusion, Rombach et al. 2022, Eq. 2): epsilon or
+v prediction (Salimans & Ho 2022, as SD-2) on the frozen VAE's scaled latents, conditioned on the frozen CLIP text tower's last
 hidden state, with the caption dropped (empty prompt) with probability ``p_uncond`` so that
 classifier-free guidance works at sampling time."""
 
@@ -16,12 +16,12 @@ from customjax.models.unet import UNET, UNet2DConditionModel
 from customjax.models.unet_config import UNetConfig
 from customjax.models.vae import latent_dist_sample
 from customjax.pretrain.loop import StageConfig, fit, sample_indices
-from customjax.schedulers import NoiseSchedule, add_noise
+from customjax.schedulers import NoiseSchedule, add_noise, target
 from customjax.weights.loaders import init_params
 
 
 def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: CLIPTextModel,
-              sched: NoiseSchedule, scaling_factor: float, p_uncond: float):
+              sched: NoiseSchedule, scaling_factor: float, p_uncond: float, prediction_type: str):
     kz, kn, kt, kd = jax.random.split(key, 4)
     z0 = latent_dist_sample(batch["mean"], batch["logvar"], kz) * scaling_factor
     B = z0.shape[0]
@@ -31,18 +31,19 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
     noise = jax.random.normal(kn, z0.shape)
     t = jax.random.randint(kt, (B,), 0, sched.alphas_cumprod.shape[0])
     pred = unet.apply({"params": params}, add_noise(sched, z0, noise, t), t, ctx)
-    return jnp.mean((pred - noise) ** 2), {}
+    return jnp.mean((pred - target(sched, prediction_type, z0, noise, t)) ** 2), {}
 
 
 def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSchedule, scaling_factor: float,
                mean: np.ndarray, logvar: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
-               workdir, *, p_uncond: float = 0.1, seed: int = 0, max_steps: int | None = None):
+               workdir, *, p_uncond: float = 0.1, prediction_type: str = "epsilon", seed: int = 0,
+               max_steps: int | None = None):
     """(params, history): ``mean``/``logvar`` are the VAE posteriors of the training images and
     ``ids`` their captions' token ids."""
     unet = UNet2DConditionModel(cfg)
     params = init_params(UNET, cfg, jax.random.key(seed + 2))
     loss = functools.partial(unet_loss, unet=unet, text=text, sched=sched, scaling_factor=scaling_factor,
-                                 p_uncond=p_uncond)
+                                 p_uncond=p_uncond, prediction_type=prediction_type)
     empty = np.broadcast_to(empty_ids, (stage.batch, empty_ids.shape[-1]))
 
     def batches(step):
