@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ import jaxlib
 import numpy as np
 from flax import traverse_util
 
+from customjax.benchmark.provenance import git_state
 from customjax.control.capture import collect
 from customjax.control.params import attach, is_control_param
 from customjax.control.spec import Capture, Control, ControlConfig, ExtraKV, ExtraTokens
@@ -118,14 +118,6 @@ class EvalCounter:
 
 def device_tag(kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - informational only
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +450,7 @@ def main(argv=None) -> dict | None:
                          "host": platform.node(), "cpus": os.cpu_count()},
               "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                            "python": sys.version.split()[0]},
-              "git_commit": git_commit(),
+              **{f"git_{k}": v for k, v in git_state().items()},   # git_commit, git_dirty
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": {"batch": B, "steps": a.steps, "t_stop": a.t_stop, "sampler": a.sampler,
                            "guidance": a.guidance, "dtype": a.dtype, "param_dtype": "float32", "image_px": size,

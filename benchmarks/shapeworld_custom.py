@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from customjax.benchmark.report import markdown, write_report
-from customjax.benchmark.settings import SETTING_NAMES, SETTINGS, load_ablations, with_steps
+from customjax.benchmark.settings import SETTING_NAMES, SETTINGS, config_apply_variant, with_steps
 from customjax.benchmark.shapeworld import run_benchmark
 
 FLAGS = flags.FLAGS
@@ -63,7 +63,7 @@ def main(argv) -> None:
     rc = None if FLAGS.realcustom_config is None else with_steps(FLAGS.realcustom_config, cfg.sample.steps)
     config_file = FLAGS["config"].config_filename
     report, extra = run_benchmark(
-        cfg, checkpoint=FLAGS.checkpoint, ablations=load_ablations(config_file), settings=settings,
+        cfg, checkpoint=FLAGS.checkpoint, apply_variant=config_apply_variant(config_file), settings=settings,
         rc_cfg=rc, rc_checkpoint=FLAGS.realcustom_checkpoint, cases=cases, prompts_per_subject=pps, pairs=pairs,
         case_seed=FLAGS.case_seed, seeds=seeds, batch=FLAGS.batch, progress=FLAGS.progress)
     report["command"] = " ".join(sys.argv)

@@ -47,6 +47,8 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
         dino_shallow=(0,) if variant.startswith("tiny") else (4, 10, 16)))
     if variant == "shapeworld":
         c.model.path = shapeworld_base()
+        c.model.missing_hint = ("the ShapeWorld base model is not installed; make it with `python -m customjax.pretrain "
+                                "--config configs/shapeworld_base.py:cpu --workdir runs/base --install`")
         c.encoders.update(dict(kind="clip", clip=c.model.path + "/image_encoder", image_size=64, scale=2,
                                siglip_shallow=(0, 1), dino_shallow=(0, 1)))
     c.guidance = ml_collections.ConfigDict(dict(

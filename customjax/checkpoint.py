@@ -1,23 +1,36 @@
 """Orbax checkpoints of a training run: the train state (trainable parameters, optimizer state,
 EMA, step, RNG), the data iterator state and the config, saved asynchronously, ``max_to_keep``
-kept, the latest restored on start; plus export of the trainable tree to safetensors."""
+kept, the latest restored on start. Run folders are ``etils.epath`` paths: local, or a bucket URL
+(``gs://...``) where orbax and the file backend of ``epath`` reach it."""
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def run_path(path: str | os.PathLike) -> epath.Path:
+    """A run folder as an ``epath.Path``: a URL (``gs://bucket/run``) as is, a local path made
+    absolute (``pathlib`` would turn ``gs://b`` into the local folder ``gs:/b``)."""
+    p = epath.Path(path)
+    return p if is_remote(p) else p.absolute()
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL (``gs://...``, ``s3://...``) rather than a local path."""
+    return "://" in os.fspath(path)
 
 
 class Checkpointer:
     """A thin CheckpointManager wrapper for ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
-        self.dir = Path(workdir).absolute() / "checkpoints"
+        self.dir = run_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                            enable_async_checkpointing=async_save))
@@ -49,6 +62,13 @@ class Checkpointer:
                                        abstract_state, out["state"])
         return state, out["data"], out["meta"]
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes agreed to stop at ``step`` after a preemption notice (SIGTERM to
+        any of them), per JAX's preemption sync service (``jax.distributed.initialize``); call it
+        at every step on every process. False without the service (one process, no
+        ``jax.distributed``)."""
+        return self.manager.reached_preemption(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -61,8 +81,8 @@ def _is_key(a: Any) -> bool:
     return hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
-def write_config(workdir: str | os.PathLike, config: Any) -> Path:
-    path = Path(workdir) / "config.json"
+def write_config(workdir: str | os.PathLike, config: Any) -> epath.Path:
+    path = run_path(workdir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
     return path

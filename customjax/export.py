@@ -33,7 +33,7 @@ def define_flags() -> None:
 
 
 def export(workdir: str, out: str, step: int | None = None, ema: bool = False, public: bool = False) -> Path:
-    from customjax.methods.build import build, trainable_tree
+    from customjax.methods.build import build
     from customjax.weights.convert import to_torch_state
     from customjax.weights.safetensors_io import save_file
 

@@ -14,7 +14,25 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(img, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def resize_reference(img: np.ndarray, size: int) -> np.ndarray:
+    """A reference image (H, W, 3), uint8 or float in [0, 1], resized (bicubic, as an 8-bit PIL
+    image; floats are rounded by :func:`to_uint8`) to float32 (size, size, 3) in [0, 1]."""
+    img = np.asarray(img)
+    u8 = img if img.dtype == np.uint8 else to_uint8(img)
+    return np.asarray(Image.fromarray(u8).resize((size, size), Image.BICUBIC), np.float32) / 255.0
+
+
 def save_png(img: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes ``img`` (float in [0, 1] or uint8) as PNG; ``path`` may be an ``etils.epath`` path
+    (a bucket URL such as ``gs://...``)."""
+    if "://" in os.fspath(path):
+        import io
+
+        from etils import epath
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(img)).save(buf, format="PNG")
+        epath.Path(path).write_bytes(buf.getvalue())
+        return
     Image.fromarray(to_uint8(img)).save(path)
 
 

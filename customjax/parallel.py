@@ -39,15 +39,43 @@ def batch_spec(ndim: int) -> P:
     return P(BATCH, *([None] * (ndim - 1)))
 
 
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Places arrays with their leading (batch) axis split over ``data`` x ``fsdp``."""
+def shard_batch(tree: Any, mesh: Mesh, whole: bool = False) -> Any:
+    """Places arrays with their leading (batch) axis split over ``data`` x ``fsdp``
+    (``jax.make_array_from_process_local_data``). Each process passes its consecutive part of the
+    global batch (leading axis ``global // process_count``; the train loader's layout), or with
+    ``whole=True`` every process passes the same whole global batch. With one process both are the
+    whole batch."""
     n = batch_size_divisor(mesh)
+    procs = 1 if whole else jax.process_count()
 
     def put(a):
-        if a.shape[0] % n:
-            raise ValueError(f"batch of {a.shape[0]} does not split over {n} devices; use a multiple of {n}")
-        return jax.device_put(a, NamedSharding(mesh, batch_spec(a.ndim)))
+        if not isinstance(a, jax.Array):
+            a = np.asarray(a)
+        shape = (a.shape[0] * procs,) + tuple(a.shape[1:])
+        if shape[0] % n:
+            raise ValueError(f"batch of {shape[0]} does not split over {n} devices; use a multiple of {n}")
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(a.ndim)), a, shape)
     return jax.tree_util.tree_map(put, tree)
+
+
+def batch_shapes(tree: Any, whole: bool = False) -> Any:
+    """The global ``jax.ShapeDtypeStruct`` of each array that :func:`shard_batch` builds from
+    ``tree`` (host arrays; nothing is placed)."""
+    procs = 1 if whole else jax.process_count()
+
+    def shape(a):
+        a = a if hasattr(a, "dtype") else np.asarray(a)
+        return jax.ShapeDtypeStruct((a.shape[0] * procs,) + tuple(a.shape[1:]), a.dtype)
+    return jax.tree_util.tree_map(shape, tree)
+
+
+def to_host(tree: Any, mesh: Mesh) -> Any:
+    """numpy copies of arrays that may be split across processes (e.g. fsdp parameters): every
+    process must call it (one collective); each gets the whole values."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    tree = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
 def param_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2 ** 18) -> P:

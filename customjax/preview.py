@@ -31,13 +31,15 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from customjax import parallel, trainer
+from customjax.checkpoint import run_path
 from customjax.control.params import merge
-from customjax.images import grid, overlay, save_png, to_uint8
-from customjax.methods import realcustom, realcustompp
-from customjax.methods.build import Built, guidance_config
-from customjax.sampling.common import cached_sampler, seed_latents
+from customjax.images import grid, overlay, resize_reference, save_png, to_uint8
+from customjax.methods.build import Built, guidance_config, reference_size, sampler_params, sampling_side
+from customjax.sampling.batch import batch_inputs, pad_to
+from customjax.sampling.cases import CaseError, check_case, load_image, read_cases
+from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import dual_branch_sample
-from customjax.tokenizer import tokenize, word_token_positions
+from customjax.tokenizer import word_token_positions
 
 _DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "some", "my", "his", "her", "its", "their",
                 "one", "two", "three", "four", "several", "many"}
@@ -82,18 +84,13 @@ class Cases:
 
 def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_size: int, seed: int = 0) -> Cases:
     """The first ``count`` cases of a sample-CLI JSONL file with as many words as the first one
-    (one compiled shape); every case is checked as the sample CLI does."""
-    from customjax.sample import CaseError, check_case, load_image
-    from customjax.sampling.batch import resize_reference
-
+    (one compiled shape); every case is read and checked as the sample CLI does
+    (:mod:`customjax.sampling.cases`)."""
     prompts, words, refs, seeds = [], [], [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for c in read_cases(path):
         if len(prompts) == count:
             break
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        c = json.loads(line)
+        where = c["_where"]
         ws, rs = check_case(c, tokenizer, references_mode, where)
         if words and len(ws) != len(words[0]):
             logging.warning("preview: %s has %d words, the first case %d; skipped", where, len(ws), len(words[0]))
@@ -110,8 +107,6 @@ def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_
 def cases_from_batch(batch: dict, tokenizer, count: int, ref_size: int, seed: int) -> Cases | None:
     """Up to ``count`` examples of a (local) training batch whose caption has a subject word;
     process 0's choice on every process."""
-    from customjax.sampling.batch import resize_reference
-
     captions = [str(c) for c in batch["caption"]][:count]
     refs = np.asarray(batch["reference"], np.float32)[:count]
     if jax.process_count() > 1:  # every process must sample the same inputs
@@ -147,45 +142,27 @@ class Preview:
     def __init__(self, config, built: Built, mesh, cases: Cases, workdir: Path, writer=None):
         pipe = built.pipe
         self.cases, self.writer, self.mesh = cases, writer, mesh
-        self.out = Path(workdir) / "previews"
+        self.out = run_path(workdir) / "previews"
         gcfg = dataclasses.replace(guidance_config(config), record_masks=False)
         smp = cached_sampler(pipe.schedule, config.sample.sampler, int(config.sample.steps))
-        H, W, f = int(config.sample.height), int(config.sample.width), pipe.vae_scale
         n = len(cases.prompts)
-        div = parallel.batch_size_divisor(mesh)
-        pad = n + (-n % div)
-        take = lambda xs: list(xs) + [xs[-1]] * (pad - n)    # pad with the last case (one compiled shape)
-        prompts, words = take(cases.prompts), take(cases.words)
-        J = len(words[0])
-        ids = tuple(tokenize(t, prompts) for t in pipe.tokenizers)
-        wm = np.zeros((pad, J, ids[0].shape[1]), bool)
-        for i, (p, ws) in enumerate(zip(prompts, words)):
-            for k, w in enumerate(ws):
-                wm[i, k, word_token_positions(pipe.tokenizers[0], p, w)] = True
-        hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
-        inputs = dict(ids=ids, neg=tuple(tokenize(t, [""] * pad) for t in pipe.tokenizers), wm=wm,
-                      refs=np.stack(take(list(cases.references))),
-                      lat=seed_latents(take(cases.seeds), (H // f, W // f, pipe.unet.config.in_channels)),
-                      m0=np.zeros((pad, J, *hw_mask), np.float32))
+        pad = n + (-n % parallel.batch_size_divisor(mesh))     # pad with the last case (one compiled shape)
+        inputs = batch_inputs(pipe, gcfg, pad_to(cases.prompts, pad), pad_to(cases.words, pad),
+                              pad_to(cases.seeds, pad), (int(config.sample.height), int(config.sample.width)))
+        inputs["refs"] = np.stack(pad_to(list(cases.references), pad))
         sh = jax.tree_util.tree_map(lambda a: NamedSharding(mesh, parallel.batch_spec(np.ndim(a))), inputs)
         self.inputs = trainer.place(inputs, sh)
-        side = built.image_side
-        if built.method == "realcustompp":
-            tok_fn, visual, adapter = realcustompp.reference_tokens, realcustompp.constant_visual, None
-        else:
-            tok_fn, visual, adapter = realcustom.reference_tokens, realcustom.ScoringVisual(
-                side.scoring, config.scoring.gamma_num), "scoring"
+        side, ss = built.image_side, sampling_side(built, config)
         image_names = tuple(built.params["image"])
 
         def sample(trainable: dict, frozen: dict, x: dict) -> dict:
             image = {k: trainable[k] if k in trainable else frozen[k] for k in image_names}
             refs = x["refs"]
             B, R = refs.shape[:2]
-            feats = tok_fn(side, image, refs.reshape(B * R, *refs.shape[2:]))
+            feats = ss.tokens(side, image, refs.reshape(B * R, *refs.shape[2:]))
             feats = feats.reshape(B, R, *feats.shape[1:])
-            params = {"unet": merge(frozen["unet"], trainable["unet"]), "vae": frozen["vae"],
-                      "text_encoders": frozen["text_encoders"], "adapter": image[adapter] if adapter else None}
-            return dual_branch_sample(pipe, built.unet, smp, gcfg, visual, params, x["ids"], x["neg"], x["wm"],
+            params = sampler_params(built, dict(frozen, unet=merge(frozen["unet"], trainable["unet"]), image=image))
+            return dual_branch_sample(pipe, built.unet, smp, gcfg, ss.visual, params, x["ids"], x["neg"], x["wm"],
                                       feats, x["lat"], x["m0"], zero_uncond=pipe.is_sdxl)
 
         self._jit = jax.jit(sample, out_shardings=NamedSharding(mesh, P()))
@@ -240,8 +217,7 @@ def make_preview(config, built: Built, mesh, batch: dict, workdir: Path, writer=
     if not config.train.get("preview_every", 0):
         return None
     count = int(config.train.get("preview_count", 4))
-    enc = config.encoders
-    ref_size = enc.image_size * (enc.scale if built.method == "realcustompp" else 1)
+    ref_size = reference_size(config)
     tokenizer = built.pipe.tokenizers[0]
     if config.sample.get("prompts"):
         cases = cases_from_file(config.sample.prompts, tokenizer, config.guidance.references, count, ref_size,

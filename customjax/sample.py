@@ -24,17 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
 from tqdm import tqdm
 
-from customjax.images import grid, mask_strip, overlay, save_png
-from customjax.methods import realcustom, realcustompp
-from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter
+from customjax.images import grid, mask_strip, overlay, resize_reference, save_png
+from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter, sampler_params, sampling_side
 from customjax.parallel import data_mesh, replicate
-from customjax.sampling.batch import Job, resize_reference, sample_batches
+from customjax.sampling.batch import Job, sample_batches
+from customjax.sampling.cases import CaseError, check_cases, read_cases
 from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import unet_evaluations
-from customjax.tokenizer import word_token_positions
 
 FLAGS = flags.FLAGS
 
@@ -52,73 +50,13 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
 
 
-
-class CaseError(ValueError):
-    pass
-
-
-def read_cases() -> list[dict]:
+def flag_cases() -> list[dict]:
+    """The cases the flags name: ``--prompts`` (a JSONL file) or ``--prompt`` / ``--word`` / ``--reference``."""
     if FLAGS.prompts:
-        path = Path(FLAGS.prompts)
-        if not path.is_file():
-            raise CaseError(f"--prompts {path}: no such file")
-        cases = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    cases.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise CaseError(f"{path}:{n}: not JSON ({e})") from None
-                cases[-1]["_where"] = f"{path}:{n}"
-    elif FLAGS.prompt:
-        cases = [{"prompt": FLAGS.prompt, "words": FLAGS.word, "references": FLAGS.reference, "_where": "flags"}]
-    else:
-        raise CaseError("give --prompts FILE.jsonl, or --prompt with --word and --reference")
-    return cases
-
-
-def load_image(path: str, where: str) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except FileNotFoundError:
-        raise CaseError(f"{where}: reference image {path} does not exist") from None
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[list[str], list[str]]:
-    """(words, reference paths) of one case, or a :class:`CaseError` naming ``where``: keys
-    present, every target word in the prompt, one reference per word (one for One2Many)."""
-    for key in ("prompt", "words", "references"):
-        if key not in c:
-            raise CaseError(f"{where}: missing {key!r}")
-    words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
-    refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
-    if not words:
-        raise CaseError(f"{where}: no target word given")
-    for w in words:
-        try:
-            word_token_positions(tokenizer, c["prompt"], w)
-        except ValueError as e:
-            raise CaseError(f"{where}: {e}") from None
-    want = 1 if references_mode == "one2many" else len(words)
-    if len(refs) != want:
-        raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
-                        f"{references_mode} needs {want}")
-    return words, refs
-
-
-def check_cases(cases: list[dict], tokenizer, references_mode: str, default_seeds) -> list[dict]:
-    """Validates every case before compilation; returns them with images loaded."""
-    out = []
-    for c in cases:
-        where = c.get("_where", "?")
-        words, refs = check_case(c, tokenizer, references_mode, where)
-        images = [load_image(r, where) for r in refs]
-        seeds = [int(s) for s in (FLAGS.seeds or c.get("seeds") or default_seeds)]
-        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where))
-    return out
+        return read_cases(FLAGS.prompts)
+    if FLAGS.prompt:
+        return [{"prompt": FLAGS.prompt, "words": FLAGS.word, "references": FLAGS.reference, "_where": "flags"}]
+    raise CaseError("give --prompts FILE.jsonl, or --prompt with --word and --reference")
 
 
 def main(argv) -> None:
@@ -128,7 +66,8 @@ def main(argv) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
     t0 = time.time()
     gcfg = guidance_config(cfg)
-    cases = check_cases(read_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds))
+    cases = check_cases(flag_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds),
+                        seeds_override=FLAGS.seeds)
     built = build(cfg)
     pipe = built.pipe
     if FLAGS.checkpoint:
@@ -139,28 +78,20 @@ def main(argv) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # reference tokens, once per reference image
-    side = built.image_side
-    ref_size = cfg.encoders.image_size * (cfg.encoders.scale if built.method == "realcustompp" else 1)
-    tok_fn = realcustompp.reference_tokens if built.method == "realcustompp" else realcustom.reference_tokens
-    if built.method == "realcustompp":
-        visual, adapter = realcustompp.constant_visual, None
-    else:
-        visual = realcustom.ScoringVisual(side.scoring, cfg.scoring.gamma_num)
-        adapter = built.params["image"]["scoring"]
+    ss = sampling_side(built, cfg)
     for c in cases:
-        imgs = np.stack([resize_reference(i, ref_size) for i in c["images"]])
-        c["tokens"] = np.asarray(tok_fn(side, built.params["image"], jnp.asarray(imgs)))
+        imgs = np.stack([resize_reference(i, ss.ref_size) for i in c["images"]])
+        c["tokens"] = np.asarray(ss.tokens(built.image_side, built.params["image"], jnp.asarray(imgs)))
 
     jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c) for c in cases for s in c["seeds"]]
     mesh = data_mesh()
     bsz = max(cfg.sample.batch, mesh.shape["data"])
     bsz += -bsz % mesh.shape["data"]
-    params = replicate({"unet": built.params["unet"], "vae": built.params["vae"],
-                        "text_encoders": built.params["text_encoders"], "adapter": adapter}, mesh)
+    params = replicate(sampler_params(built), mesh)
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
     records, images = [], []
     with tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
-        for done, res in sample_batches(pipe, built.unet, smp, gcfg, visual, params, jobs, bsz, mesh,
+        for done, res in sample_batches(pipe, built.unet, smp, gcfg, ss.visual, params, jobs, bsz, mesh,
                                         (cfg.sample.height, cfg.sample.width)):
             for i, job in enumerate(done):
                 c, s = job.case, job.seed

@@ -88,3 +88,17 @@ def word_token_mask(tokenizer: CLIPTokenizerFast, prompts: Sequence[str], words:
     for b, (prompt, word) in enumerate(zip(prompts, words)):
         mask[b, word_token_positions(tokenizer, prompt, word)] = True
     return mask
+
+
+def word_masks(tokenizer: CLIPTokenizerFast, prompts: Sequence[str], words: Sequence[Sequence[str]]) -> np.ndarray:
+    """Boolean ``(B, J, model_max_length)`` masks: ``[b, j]`` is :func:`word_token_mask` of the j-th
+    of the J target words of prompt b (every prompt with J words)."""
+    if len(words) != len(prompts):
+        raise ValueError(f"got word lists for {len(words)} prompts, and {len(prompts)} prompts")
+    counts = {len(ws) for ws in words}
+    if len(counts) > 1:
+        raise ValueError(f"every prompt needs the same number of target words, got {sorted(counts)}")
+    J = counts.pop() if counts else 0
+    if J == 0:
+        return np.zeros((len(prompts), 0, tokenizer.model_max_length), bool)
+    return np.stack([word_token_mask(tokenizer, prompts, [ws[j] for ws in words]) for j in range(J)], axis=1)

@@ -6,7 +6,10 @@
 
 The same code runs on one CPU, N devices of one host and several hosts (``--distributed`` calls
 ``jax.distributed.initialize()``; every process runs this command). The run resumes from the
-latest checkpoint in ``workdir``; SIGTERM (TPU preemption) saves one and exits. Writes
+latest checkpoint in ``workdir``; SIGTERM (TPU preemption) saves one and exits (several processes:
+JAX's preemption sync service picks one step at which all of them save). ``workdir`` is an
+``etils.epath`` path: local or a bucket (``gs://...``; needs epath's file backend, gcsfs or
+TensorFlow, as orbax does). Process 0 writes
 ``workdir/config.json``, TensorBoard events (``workdir/tb``), ``workdir/metrics.jsonl``,
 checkpoints (``workdir/checkpoints``), preview samples with their masks every
 ``train.preview_every`` steps (``workdir/previews``, TensorBoard ``preview/*``; see
@@ -19,25 +22,22 @@ customjax.data.precompute`` (no VAE encoder in the step; the target is the unaug
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
+import tempfile
+import threading
 import time
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import NamedSharding
+from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from customjax import parallel, trainer
-from customjax.checkpoint import Checkpointer, write_config
+from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
 from customjax.data.loader import make_train_loader
-from customjax.methods.build import build
-from customjax.methods.objective import ObjectiveConfig
 from customjax.preview import make_preview
 from customjax.tokenizer import tokenize
 
@@ -52,18 +52,65 @@ def define_flags() -> None:
     flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
 
 
-
-class _Preempted:
-    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
-
-    flag = False
-
-    @classmethod
-    def install(cls) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "flag", True))
+def _preemption_service() -> bool:
+    """Whether JAX's preemption sync service runs (``jax.distributed.initialize`` with
+    ``jax_enable_preemption_service``): it catches SIGTERM itself and agrees on a stop step."""
+    from jax._src import distributed
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-def _metrics_writer(workdir: Path):
+class _Preemption:
+    """When to stop for a preemption (SIGTERM). With JAX's preemption service (multi-process runs)
+    all processes stop at the step it agrees on (:meth:`Checkpointer.reached_preemption`), so none
+    enters the collective save while another runs a step; its SIGTERM notifier must keep the
+    signal. Without it (one process), a SIGTERM handler sets a flag, read at the next step; the
+    previous handler is restored by :meth:`close`."""
+
+    def __init__(self, ckpt: Checkpointer):
+        self.ckpt, self.flag, self.service = ckpt, False, _preemption_service()
+        self._installed, self._previous = False, None
+        if not self.service and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        """Call at every step, on every process."""
+        return self.ckpt.reached_preemption(step) if self.service else self.flag
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+
+class _JsonLines:
+    """``metrics.jsonl``, appended to (a bucket cannot append: there the file is rewritten whole)."""
+
+    def __init__(self, path: epath.Path):
+        self.path, self.remote = path, is_remote(path)
+        if self.remote:
+            self.lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        else:
+            self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+        else:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if not self.remote:
+            self.file.close()
+
+
+def _metrics_writer(workdir: epath.Path):
     if jax.process_index() != 0:
         return None
     try:
@@ -74,72 +121,75 @@ def _metrics_writer(workdir: Path):
     return SummaryWriter(str(workdir / "tb"))
 
 
-def to_device_batch(batch: dict, tokenizers, mesh) -> dict:
-    """numpy batch (image or precomputed latent_mean / latent_logvar, reference, caption) -> sharded
-    arrays with token ids per tokenizer."""
+def host_batch(batch: dict, tokenizers) -> dict:
+    """A loader batch (image or precomputed latent_mean / latent_logvar, reference, caption) ->
+    numpy arrays with token ids per tokenizer (this process's part of the global batch)."""
     ids = tuple(tokenize(t, [str(c) for c in batch["caption"]]) for t in tokenizers)
     arrays = {"reference": np.asarray(batch["reference"], np.float32), "ids": ids}
     if "latent_mean" in batch:  # stored dtype (float16 halves the transfer); loss_fn casts
         arrays.update(latent_mean=np.asarray(batch["latent_mean"]), latent_logvar=np.asarray(batch["latent_logvar"]))
     else:
         arrays["image"] = np.asarray(batch["image"], np.float32)
-    if jax.process_count() == 1:
-        return parallel.shard_batch(arrays, mesh)
-    # several processes: each holds its consecutive part of the global batch (the loader's layout)
-    return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(
-        NamedSharding(mesh, parallel.batch_spec(a.ndim)), a, (a.shape[0] * jax.process_count(),) + a.shape[1:]),
-        arrays)
+    return arrays
+
+
+def to_device_batch(batch: dict, tokenizers, mesh) -> dict:
+    """A loader batch -> global arrays split over the mesh's batch axes; each process passes its
+    consecutive part of the global batch (the loader's layout)."""
+    return parallel.shard_batch(host_batch(batch, tokenizers), mesh)
+
+
+def _export(built, params, folder: epath.Path) -> None:
+    from customjax.methods.build import save_adapter, with_trainable
+    built = with_trainable(built, params)
+    if not is_remote(folder):
+        save_adapter(built, folder)
+        return
+    with tempfile.TemporaryDirectory() as tmp:    # save_adapter writes local files
+        local = save_adapter(built, tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / local.name).write_bytes(local.read_bytes())
 
 
 def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> dict:
     """Runs (or resumes) training; returns the last metrics. ``on_step(step)`` is called after each
     step (tests use it to deliver SIGTERM at a chosen step)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(workdir, config)
-    built = build(config)
-    if config.train.remat:
-        built = dataclasses.replace(built, unet=built.unet.clone(remat=True))
-    mesh = parallel.make_mesh(config.train.fsdp)
-    div = parallel.batch_size_divisor(mesh)
-    if config.train.batch % div:
-        raise ValueError(f"config.train.batch={config.train.batch} must be a multiple of the {div} batch-sharded devices")
+    workdir = run_path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_config(workdir, config)
+    s = trainer.setup(config)
+    built, mesh = s.built, s.mesh
     if config.data.get("latents"):
         from customjax.data.precompute import check_vae
         check_vae(config.data.latents, built.params["vae"])
-    frozen, trainable = trainer.split(built)
-    tx = trainer.make_optimizer(config.optim)
-    state = trainer.init_state(trainable, tx, jax.random.key(config.seed), ema=config.train.ema_decay > 0)
-    objective = ObjectiveConfig(**config.objective)
-    step_fn = trainer.make_train_step(built, tx, objective, config.train.ema_decay)
 
     loader = make_train_loader(config)
     first = loader.peek()
-    example = to_device_batch(first, built.pipe.tokenizers, mesh)
-    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
-    jstep, state_sh, frozen_sh, _ = trainer.compile_step(step_fn, mesh, state, frozen, shapes)
+    jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers)))
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
     start = ckpt.latest_step()
     if start is not None:
-        abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
-        state, data_state, _ = ckpt.restore(abstract)
+        abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                          s.state, state_sh)
+        state, data_state, _ = ckpt.restore(abstract, start)
         loader.set_state(data_state)
         logging.info("resumed from step %d", start)
     else:
-        state = trainer.place(state, state_sh)
-    frozen = trainer.place(frozen, frozen_sh)
-    start = int(state.step)
+        start, state = 0, trainer.place(s.state, state_sh)
+    frozen = trainer.place(s.frozen, frozen_sh)
+    s.state = s.frozen = None               # the placed copies are the ones in use
 
     writer = _metrics_writer(workdir)
     preview = make_preview(config, built, mesh, first, workdir, writer)
     if preview is not None:
         preview.compile(_sampling_params(state), frozen)
-    _Preempted.install()
-    metrics_file = open(workdir / "metrics.jsonl", "a") if jax.process_index() == 0 else None
+    preemption = _Preemption(ckpt)
+    metrics_file = _JsonLines(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
     total = config.train.steps
     last, t_log, n_log = {}, time.time(), 0
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    step = start
+    step, preempted = start, False
     try:
         while step < total:
             batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh)
@@ -149,28 +199,33 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
             bar.update(1)
             if on_step is not None:
                 on_step(step)
+            preempted = preemption.reached(step)
             if step % config.train.log_every == 0 or step == total:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # replicated
                 dt = time.time() - t_log
-                m.update(skipped_records=loader.skips.records, steps_per_s=n_log / dt, examples_per_s_per_device=n_log * config.train.batch / dt / jax.device_count(),
-                         lr=float(_lr(config, step)))
+                m.update(skipped_records=loader.skips.records, steps_per_s=n_log / dt,
+                         examples_per_s_per_device=n_log * config.train.batch / dt / jax.device_count(),
+                         lr=s.lr(step))
                 t_log, n_log, last = time.time(), 0, m
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 if metrics_file:
-                    metrics_file.write(json.dumps({"step": step, **m}) + "\n")
-                    metrics_file.flush()
+                    metrics_file.write({"step": step, **m})
                 if writer:
                     for k, v in m.items():
                         writer.add_scalar(k, v, step)
-            if preview is not None and not _Preempted.flag and (step % config.train.preview_every == 0
-                                                                 or step == total):
+            if preview is not None and not preempted and (step % config.train.preview_every == 0 or step == total):
                 preview(step, _sampling_params(state), frozen)
-            done = step == total or _Preempted.flag or (stop_after is not None and step - start >= stop_after)
+            done = step == total or preempted or (stop_after is not None and step - start >= stop_after)
             if step % config.train.save_every == 0 or done:
                 ckpt.save(step, state, loader.get_state(), {"step": step}, force=True)
             if done:
                 break
+        if step == total:   # every process gathers (the parameters may be split across processes)
+            params = parallel.to_host(_sampling_params(state), mesh)
+            if jax.process_index() == 0:
+                _export(built, params, workdir / "export")
     finally:
+        preemption.close()
         bar.close()
         ckpt.close()
         loader.close()
@@ -178,21 +233,14 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
             metrics_file.close()
         if writer:
             writer.close()
-    if step == total and jax.process_index() == 0:
-        from customjax.methods.build import save_adapter, with_trainable
-        save_adapter(with_trainable(built, jax.device_get(_sampling_params(state))), workdir / "export")
-    if _Preempted.flag:
-        logging.warning("SIGTERM: saved step %d and stopped", step)
+    if preempted:
+        logging.warning("preemption: saved step %d and stopped", step)
     return {"step": step, **last}
 
 
 def _sampling_params(state: trainer.TrainState):
     """The trainable tree to sample with: the EMA when there is one."""
     return state.ema if state.ema is not None else state.params
-
-
-def _lr(config, step):
-    return trainer.make_optimizer_schedule(config.optim)(step)
 
 
 def main(argv) -> None:

@@ -22,7 +22,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from customjax import parallel
-from customjax.methods.build import Built, trainable_tree
+from customjax.methods.build import Built, build, trainable_tree
 from customjax.methods.objective import ObjectiveConfig, loss_fn
 from customjax.tokenizer import tokenize
 
@@ -37,21 +37,27 @@ class TrainState:
 
 
 def make_optimizer_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup, then cosine decay to ``lr * final_lr_ratio`` or constant."""
+    """Linear warmup, then cosine decay to ``lr * final_lr_ratio`` or constant, indexed by optimizer
+    update. ``warmup_steps`` and ``total_steps`` count train steps (micro-batches); with
+    ``accumulate = k`` > 1 the optimizer updates once per k steps, so both are divided by k (the
+    schedule of update ``n`` is the lr of train steps ``n k .. n k + k - 1``)."""
+    k = max(int(c.get("accumulate", 1)), 1)
+    warmup, total = -(-int(c.warmup_steps) // k), int(c.total_steps) // k
     if c.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.total_steps, c.warmup_steps + 1),
+        lr = optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(total, warmup + 1),
                                                 end_value=c.lr * c.final_lr_ratio)
     elif c.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, c.lr, c.warmup_steps), optax.constant_schedule(c.lr)],
-                                  [c.warmup_steps])
+        lr = optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), optax.constant_schedule(c.lr)],
+                                  [warmup])
     else:
         raise ValueError(f"optim.schedule={c.schedule!r}: use 'cosine' or 'constant'")
     return lr
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
     """AdamW(lr schedule) after global-norm clipping; ``accumulate`` > 1 wraps it in MultiSteps."""
-    lr = make_optimizer_schedule(c)
+    lr = make_optimizer_schedule(c) if schedule is None else schedule
     tx = optax.chain(optax.clip_by_global_norm(c.clip_norm),
                      optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay))
     return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
@@ -94,21 +100,71 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, objective: O
 
 def compile_step(step, mesh, state: TrainState, frozen: dict, batch_shapes: dict, min_size: int = 2 ** 18):
     """jit with named shardings: parameters and optimizer state per :func:`parallel.param_spec`,
-    batches over ``data`` x ``fsdp``, metrics replicated; the state is donated."""
+    batches over ``data`` x ``fsdp`` (as :func:`parallel.shard_batch` places them), metrics
+    replicated; the state is donated. Returns ``(jitted step, state shardings, frozen shardings)``."""
     state_sh = parallel.param_shardings(state, mesh, min_size)
     frozen_sh = parallel.param_shardings(frozen, mesh, min_size)
     batch_sh = jax.tree_util.tree_map(lambda a: NamedSharding(mesh, parallel.batch_spec(len(a.shape))), batch_shapes)
     rep = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
-                   donate_argnums=(0,)), state_sh, frozen_sh, batch_sh
+                   donate_argnums=(0,)), state_sh, frozen_sh
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a training run, the train-step benchmark and the tests build from one config."""
+
+    config: ml_collections.ConfigDict
+    built: Built                    # remat applied per ``config.train.remat``
+    mesh: Any
+    frozen: dict                    # host / default-device values; :func:`place` them
+    state: TrainState               # initial state (not placed)
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule        # lr per optimizer update: ``schedule(step // accumulate)``
+    step: Any                       # the train step, not jitted (:func:`make_train_step`)
+    min_size: int                   # parameters of at least this many elements are split over fsdp
+
+    def compile(self, batch_shapes: dict):
+        """:func:`compile_step` of this setup's step for global batch shapes."""
+        return compile_step(self.step, self.mesh, self.state, self.frozen, batch_shapes, self.min_size)
+
+    def lr(self, step: int) -> float:
+        """The lr of the optimizer update that train step ``step`` belongs to."""
+        return float(self.schedule(step // max(int(self.config.optim.accumulate), 1)))
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Builds the model (remat per ``config.train.remat``), the ``(data, fsdp)`` mesh
+    (``config.train.fsdp``; ``config.train.batch`` must split over it), the frozen / trainable
+    split, the optimizer and the initial state (``config.seed``; EMA when ``config.train.ema_decay``
+    > 0). ``config.train.fsdp_min_size`` (optional, default 2**18): the smallest parameter split
+    over ``fsdp``."""
+    built = build(config)
+    if config.train.remat:
+        built = dataclasses.replace(built, unet=built.unet.clone(remat=True))
+    mesh = parallel.make_mesh(config.train.fsdp)
+    div = parallel.batch_size_divisor(mesh)
+    if config.train.batch % div:
+        raise ValueError(f"config.train.batch={config.train.batch} must be a multiple of the {div} batch-sharded devices")
+    frozen, trainable = split(built)
+    schedule = make_optimizer_schedule(config.optim)
+    tx = make_optimizer(config.optim, schedule)
+    state = init_state(trainable, tx, jax.random.key(config.seed), ema=config.train.ema_decay > 0)
+    step = make_train_step(built, tx, ObjectiveConfig(**config.objective), config.train.ema_decay)
+    return Setup(config, built, mesh, frozen, state, tx, schedule, step,
+                 int(config.train.get("fsdp_min_size", 2 ** 18)))
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """Puts host values that every process holds in full (parameters, states) onto ``shardings``;
-    each process fills only its addressable shards, so this works across hosts too."""
+    """Puts values that every process holds in full (parameters, states; numpy or jax arrays) onto
+    ``shardings``; each process fills only its addressable shards, so this works across hosts too.
+    On one process this is ``jax.device_put`` (device arrays move device to device); otherwise each
+    value is copied to the host once and its shards cut from that copy."""
     def put(a, s):
-        a = np.asarray(a) if not isinstance(a, jax.Array) or not a.is_fully_addressable else a
         if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(a), s))
-        return jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a[idx]))
+        if jax.process_count() == 1 and (not isinstance(a, jax.Array) or a.is_fully_addressable):
+            return jax.device_put(a, s)
+        h = np.asarray(a)
+        return jax.make_array_from_callback(h.shape, s, lambda idx: h[idx])
     return jax.tree_util.tree_map(put, tree, shardings)

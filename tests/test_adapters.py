@@ -244,8 +244,16 @@ def encoders():
     return dict(siglip=sm, siglip_params=sp, dino=dm, dino_params=dp)
 
 
+def _pair(e, siglip_shallow=(), dino_shallow=(), siglip_deep=None, dino_deep=None):
+    """(encoders, params) for reference_features: the tiny SigLIP + DINOv2."""
+    return ((F.Encoder("siglip", e["siglip"], F.SIGLIP_MEAN, F.SIGLIP_STD, siglip_shallow, siglip_deep),
+             F.Encoder("dino", e["dino"], F.IMAGENET_MEAN, F.IMAGENET_STD, dino_shallow, dino_deep)),
+            {"siglip": e["siglip_params"], "dino": e["dino_params"]})
+
+
 def test_features_token_counts_and_channels(encoders):
-    cfg = F.FeatureConfig(image_size=VIEW, siglip_shallow=(0, 2), dino_shallow=(1, 2))
+    cfg = F.FeatureConfig(image_size=VIEW)
+    pair = _pair(encoders, (0, 2), (1, 2))
     images = np.random.default_rng(9).uniform(size=(2, 40, 40, 3)).astype(np.float32)
     n, c0 = 4, 16 + 8
 
@@ -257,7 +265,7 @@ def test_features_token_counts_and_channels(encoders):
                                       F.normalize(x, F.SIGLIP_MEAN, F.SIGLIP_STD))
         do = encoders["dino"].apply({"params": encoders["dino_params"]},
                                     F.normalize(x, F.IMAGENET_MEAN, F.IMAGENET_STD))
-        return F.reference_features(im, config=cfg, **encoders), views, F.resize_images(im, 2 * VIEW), so, do
+        return F.reference_features(im, *pair, cfg), views, F.resize_images(im, 2 * VIEW), so, do
 
     out, views, big, so, do = run(images)
     assert out.deep.shape == (2, n, c0) and out.shallow.shape == (2, 2 * n, c0) and out.high.shape == (2, 4 * n, c0)
@@ -272,17 +280,20 @@ def test_features_token_counts_and_channels(encoders):
     np.testing.assert_array_equal(views[:, 1], big[:, :VIEW, VIEW:])
     np.testing.assert_array_equal(views[:, 2], big[:, VIEW:, :VIEW])
     # no high-resolution pass when it is not wanted
-    lite = jax.eval_shape(lambda im: F.reference_features(im, config=cfg, high=False, shallow=False, **encoders),
-                          images)
+    lite = jax.eval_shape(lambda im: F.reference_features(im, *pair, cfg, high=False, shallow=False), images)
     assert lite.high is None and lite.shallow is None and lite.deep.shape == (2, n, c0)
     with pytest.raises(ValueError, match="block 4 does not exist"):
-        F.reference_features(images, config=F.FeatureConfig(image_size=VIEW, siglip_shallow=(4,), dino_shallow=(0,)),
-                             **encoders)
+        F.reference_features(images, *_pair(encoders, (4,), (0,)), cfg)
+    with pytest.raises(ValueError, match="same number of layers"):
+        F.reference_features(images, *_pair(encoders, (0, 1), (0,)), cfg)
+    # one encoder alone: its own channels only
+    alone = jax.eval_shape(lambda im: F.reference_features(im, pair[0][1:], pair[1], cfg), images)
+    assert alone.deep.shape == (2, n, 8) and alone.shallow.shape == (2, 2 * n, 8) and alone.high.shape == (2, 4 * n, 8)
 
 
 def test_features_public_views(encoders):
-    cfg = F.FeatureConfig(**{**vars(F.PUBLIC_FEATURES), "image_size": VIEW, "siglip_shallow": (1,),
-                             "dino_shallow": (1,), "siglip_deep": 2, "dino_deep": 2})
+    cfg = F.FeatureConfig(**{**vars(F.PUBLIC_FEATURES), "image_size": VIEW})
+    pair = _pair(encoders, (1,), (1,), 2, 2)
     images = np.random.default_rng(10).uniform(size=(1, 50, 50, 3)).astype(np.float32)
 
     @jax.jit
@@ -290,7 +301,7 @@ def test_features_public_views(encoders):
         glob, views = F.reference_views(im, cfg)
         x = F.normalize(jnp.concatenate([glob, views[:, 1]]), F.SIGLIP_MEAN, F.SIGLIP_STD)
         so = encoders["siglip"].apply({"params": encoders["siglip_params"]}, x)
-        return F.reference_features(im, config=cfg, **encoders), views, F.resize_images(im, 2 * VIEW, "bilinear"), so
+        return F.reference_features(im, *pair, cfg), views, F.resize_images(im, 2 * VIEW, "bilinear"), so
 
     out, views, big, so = run(images)
     for hp in range(2):
@@ -299,6 +310,32 @@ def test_features_public_views(encoders):
     assert out.deep.shape == (1, 4, 24) and out.high.shape == (1, 16, 24)
     np.testing.assert_allclose(out.deep[..., :16], so.hidden_states[3][:1], atol=1e-5)   # block 2, no final norm
     np.testing.assert_allclose(out.high[:, 1::4, :16], so.hidden_states[3][1:], atol=1e-5)  # tokens ordered (l hp wp)
+
+
+def test_one_clip_encoder_keeps_clip_normalisation_with_public_views():
+    """ShapeWorld's one CLIP image encoder, with the released code's views: normalised with CLIP's
+    mean / std (not SigLIP's), its features alone."""
+    import importlib.util
+    from pathlib import Path
+
+    from customjax.methods.build import build
+    from customjax.models.vit import CLIP_MEAN, CLIP_STD
+
+    spec = importlib.util.spec_from_file_location("cfg", Path(__file__).resolve().parents[1] / "configs/realcustompp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config("tiny")
+    cfg.encoders.kind, cfg.encoders.public = "clip", True
+    built = build(cfg)
+    side = built.image_side
+    (enc,) = side.encoders
+    assert enc.name == "clip" and set(built.params["image"]) == {"clip", "ccp"}
+    assert side.features.split == "polyphase" and side.features.quantize
+    images = np.random.default_rng(13).uniform(size=(1, 40, 40, 3)).astype(np.float32)
+    f = F.reference_features(images, side.encoders, built.params["image"], side.features, shallow=False, high=False)
+    glob, _ = F.reference_views(images, side.features)
+    want = enc.module.apply({"params": built.params["image"]["clip"]}, F.normalize(glob, CLIP_MEAN, CLIP_STD))
+    np.testing.assert_allclose(f.deep, want.last_hidden_state[:, 1:], atol=1e-5)   # CLS dropped
 
 
 def test_resize_matches_torch_interpolate():

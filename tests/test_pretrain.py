@@ -5,7 +5,6 @@ Stable Diffusion loader, and its record reruns."""
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -58,9 +57,16 @@ def test_fit_lowers_the_loss_and_logs_the_fingerprint_steps(tmp_path):
             raise KeyboardInterrupt
         return batches(step)
     with pytest.raises(KeyboardInterrupt):
-        fit("toy3", loss, {"w": jnp.zeros(8)}, None, crash_at_30, snap, tmp_path)
+        fit("toy3", loss, {"w": jnp.zeros(8)}, None, crash_at_30, snap, tmp_path, resume_key="a")
     assert (tmp_path / "toy3" / "snapshot.msgpack").is_file()
-    resumed, hist3 = fit("toy3", loss, {"w": jnp.zeros(8)}, None, batches, snap, tmp_path)
+    # a snapshot of other settings is not resumed: the "b" run starts from step 1 and replaces it
+    with pytest.raises(KeyboardInterrupt):
+        fit("toy3", loss, {"w": jnp.zeros(8)}, None, crash_at_30, snap, tmp_path, resume_key="b")
+    first = json.loads((tmp_path / "toy3" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    from flax import serialization
+    assert serialization.msgpack_restore((tmp_path / "toy3" / "snapshot.msgpack").read_bytes())["resume_key"] == "b"
+    resumed, hist3 = fit("toy3", loss, {"w": jnp.zeros(8)}, None, batches, snap, tmp_path, resume_key="b")
     np.testing.assert_allclose(resumed["w"], params["w"], rtol=1e-6)
     assert [h["step"] for h in hist3] == [1, 2, 3, 20, 40, 60] and not (tmp_path / "toy3" / "snapshot.msgpack").exists()
 

@@ -45,8 +45,13 @@ def test_cases_from_batch_and_file(tmp_path):
     one_word = [l for l in lines if len(l["words"]) == 1][:3]   # cases with another word count are left out
     assert c.prompts == [l["prompt"] for l in one_word] and c.seeds == [l["seeds"][0] for l in one_word]
     assert c.references.shape == (len(one_word), 1, 56, 56, 3) and 0 <= c.references.min() and c.references.max() <= 1
-    from customjax.sample import CaseError
+    from customjax.sampling.cases import CaseError
 
     cases.write_text(json.dumps({"prompt": "a cat", "words": ["toy"], "references": lines[0]["references"]}))
     with pytest.raises(CaseError, match="'toy'"):
+        cases_from_file(str(cases), tok, "many2many", count=3, ref_size=56)
+    with pytest.raises(CaseError, match="no such file"):       # read as the sample CLI does
+        cases_from_file(str(tmp_path / "none.jsonl"), tok, "many2many", count=3, ref_size=56)
+    cases.write_text("{not json\n")
+    with pytest.raises(CaseError, match=f"{cases}:1: not JSON"):
         cases_from_file(str(cases), tok, "many2many", count=3, ref_size=56)

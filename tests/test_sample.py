@@ -66,7 +66,7 @@ def test_cli_end_to_end_tiny(tmp_path):
 ])
 def test_bad_cases_are_named(tmp_path, case, needle):
     from customjax.methods.build import first_tokenizer
-    from customjax.sample import CaseError, check_cases
+    from customjax.sampling.cases import CaseError, check_cases
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     case = {k: ([str(bad)] if v == ["BAD"] else [str(ROOT / p) if p.startswith("examples") else p for p in v]
@@ -85,6 +85,46 @@ def test_cli_reports_a_bad_case_before_loading_models(tmp_path):
     assert r.returncode != 0
     assert "'toy'" in r.stderr and f"{cases}:1" in r.stderr, r.stderr[-2000:]
     assert "random tiny" not in r.stderr   # failed before the pipeline was built
+
+
+def test_read_cases_names_the_file_and_line(tmp_path):
+    from customjax.sampling.cases import CaseError, read_cases
+    with pytest.raises(CaseError, match="no such file"):
+        read_cases(tmp_path / "none.jsonl")
+    f = tmp_path / "c.jsonl"
+    for text, needle in (('{"prompt": "a"}\n\n{bad\n', "c.jsonl:3: not JSON"),
+                         ('{"prompt": "a"}\n[1]\n', "c.jsonl:2: not a JSON object")):
+        f.write_text(text)
+        with pytest.raises(CaseError, match=needle):
+            read_cases(f)
+    f.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert [(c["prompt"], c["_where"]) for c in read_cases(f)] == [("a", f"{f}:1"), ("b", f"{f}:3")]
+
+
+def test_batch_inputs_word_masks_and_padding(tiny_pp):
+    from customjax.sampling.batch import batch_inputs, pad_to
+    from customjax.tokenizer import word_token_positions
+    pipe, gcfg = tiny_pp.pipe, guidance_config(config("realcustompp.py", "tiny"))
+    prompts, words = pad_to(["a toy and a box", "a box on a toy"], 3), pad_to([["toy", "box"], ["box", "toy"]], 3)
+    x = batch_inputs(pipe, gcfg, prompts, words, [0, 1, 1], (32, 32), init_mask=0.5)
+    tok = pipe.tokenizers[0]
+    assert x["wm"].shape == (3, 2, tok.model_max_length) and x["m0"].shape[:2] == (3, 2) and np.all(x["m0"] == 0.5)
+    for b, (p, ws) in enumerate(zip(prompts, words)):
+        for j, w in enumerate(ws):
+            assert np.flatnonzero(x["wm"][b, j]).tolist() == word_token_positions(tok, p, w)
+    np.testing.assert_array_equal(x["neg"][0], np.repeat(tokenize(tok, [""]), 3, axis=0))
+    np.testing.assert_array_equal(x["lat"][1], x["lat"][2])           # the same seed, the same noise
+    with pytest.raises(ValueError, match="same number of target words"):
+        batch_inputs(pipe, gcfg, prompts[:2], [["toy"], ["box", "toy"]], [0, 1], (32, 32))
+
+
+def test_resize_reference_rounds():
+    from customjax.images import resize_reference
+    img = np.full((6, 6, 3), 0.999, np.float32)
+    assert np.all(resize_reference(img, 3) == 1.0)                     # 254.7 rounds to 255, not 254
+    u8 = (np.arange(6 * 6 * 3) % 256).astype(np.uint8).reshape(6, 6, 3)
+    np.testing.assert_array_equal(resize_reference(u8, 6), u8 / np.float32(255))
+    np.testing.assert_array_equal(resize_reference(u8, 4), resize_reference(u8 / np.float32(255), 4))
 
 
 @pytest.fixture(scope="module")

@@ -167,16 +167,69 @@ def test_metrics_detect_errors():
         r = M.measure(image, prompt)
         assert r[f"{field}_correct"] is False and r["background_correct"], (field, r)
     # A different subject as the reference; a solid one and one with other colours.
-    assert M.measure(image, scene, reference=subject)["appearance_similarity"] > 0.8
-    assert M.measure(image, scene, reference=(image, masks[0]))["appearance_similarity"] > 0.99
+    assert M.measure(image, scene, references=[subject])["appearance_similarity"] > 0.8
+    assert M.measure(image, scene, references={0: (image, masks[0])})["appearance_similarity"] > 0.99
     for other in (sw.Appearance("red"), sw.Appearance("red", "white", "stripes", 90), sw.Appearance("red", "white", "dots"),
                   sw.Appearance("yellow", "black", "stripes", 0)):
-        assert M.measure(image, scene, reference=sw.Subject("star", other))["appearance_similarity"] < 0.5, other
+        assert M.measure(image, scene, references=[sw.Subject("star", other)])["appearance_similarity"] < 0.5, other
     # Nothing drawn: everything is wrong but the background.
     empty, _ = sw.render(sw.Scene(scene.background, ()))
     r = M.measure(empty, scene)
     assert r["background_correct"] and not r["category_correct"] and r["num_detected"] == 0
     assert r["appearance_similarity"] == 0.0
+
+
+def test_measure_references_of_several_objects():
+    """One measure call scores every object given a reference; a reference of another subject scores low."""
+    a = sw.Subject("star", sw.Appearance("red", "white", "stripes", 0))
+    b = sw.Subject("heart", sw.Appearance("yellow", "blue", "dots"))
+    objs = (sw.place(np.random.default_rng(3), a, "left", "small", 64),
+            sw.place(np.random.default_rng(4), b, "right", "small", 64))
+    scene = sw.Scene(sw.Background("gray"), objs)
+    image, _ = sw.render(scene)
+    r = M.measure(image, scene, references={0: a, 1: b})
+    assert [o["similarity"] > 0.8 for o in r["objects"]] == [True, True], r["objects"]
+    assert r["appearance_similarity"] == r["objects"][0]["similarity"]
+    swapped = M.measure(image, scene, references=[b, a])
+    assert all(o["similarity"] < 0.15 for o in swapped["objects"]), swapped["objects"]
+    only_second = M.measure(image, scene, references=[None, b])
+    assert only_second["appearance_similarity"] is None and only_second["objects"][1]["similarity"] > 0.8
+    with pytest.raises(ValueError):
+        M.measure(image, scene, references={2: a})
+
+
+def test_measure_fits_only_the_largest_components(monkeypatch):
+    """Only the MAX_CANDIDATES largest components are fitted and assigned; all of them are counted."""
+    scene = sw.Scene(sw.Background("white"), (sw.Obj("square", sw.Appearance("red"), "center", "large"),))
+    image = np.full((64, 64, 3), sw.PALETTE["white"], np.uint8)
+    image[24:40, 24:40] = sw.PALETTE["red"]                      # the subject
+    for k in range(M.MAX_CANDIDATES + 2):                        # small blobs of 5 x 5 px above it
+        y, x = 2 + 7 * (k // 8), 2 + 7 * (k % 8)
+        image[y:y + 5, x:x + 5] = sw.PALETTE["blue"]
+    fitted, real_fit = [], M.fit_shape
+    monkeypatch.setattr(M, "fit_shape", lambda c, *a, **kw: fitted.append(c.area) or real_fit(c, *a, **kw))
+    r = M.measure(image, scene)
+    assert r["num_detected"] == M.MAX_CANDIDATES + 3 and not r["count_correct"]
+    assert len(fitted) == M.MAX_CANDIDATES and fitted[0] == 256
+    assert r["category_correct"] and r["position_correct"] and r["color_correct"]
+
+
+def test_summarise_intervals():
+    """Booleans: Wilson intervals (inside [0, 1], not degenerate at all-true); numbers: the normal
+    interval, clipped to [0, 1] for scores known to lie there."""
+    s = M.summarise([{"x": 0}, {"x": 1}])["x"]
+    assert s["mean"] == 0.5 and s["n"] == 2 and s["lo"] < 0 < 1 < s["hi"]   # unbounded: not clipped
+    assert s["hi"] - 0.5 == pytest.approx(1.959964 * np.std([0, 1], ddof=1) / np.sqrt(2))
+    u = M.summarise([{"x": 0.0}, {"x": 1.0}], unit=("x",))["x"]
+    assert (u["lo"], u["mean"], u["hi"]) == (0.0, 0.5, 1.0)
+    b = M.summarise([{"b": True}, {"b": True}, {"b": True}, {"b": False}, {"b": None}])["b"]
+    assert b["n"] == 4 and b["mean"] == 0.75
+    assert (b["lo"], b["hi"]) == pytest.approx((0.3006, 0.9544), abs=1e-4)    # Wilson 95%, 3 of 4
+    t = M.summarise([{"b": True}, {"b": np.bool_(True)}])["b"]
+    assert t["hi"] == t["mean"] == 1.0 and 0.1 < t["lo"] < 0.5
+    f = M.summarise([{"b": False}])["b"]
+    assert f["lo"] == f["mean"] == 0.0 and 0.5 < f["hi"] < 1.0
+    assert M.summarise([{"x": 0.3}])["x"] == {"mean": 0.3, "lo": 0.3, "hi": 0.3, "n": 1}
 
 
 def test_metrics_two_tone_background_and_partial_prompt():

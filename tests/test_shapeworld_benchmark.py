@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from customjax.benchmark.cases import make_cases
-from customjax.benchmark.report import markdown, plot
-from customjax.benchmark.scoring import CONTROLLABILITY, METRICS, clip_scorer, clip_scores, score
-from customjax.benchmark.settings import GROUPS, SETTING_NAMES, SETTINGS, load_ablations, setting_config, with_steps
+from customjax.benchmark.report import COLORS, markdown, plot, plot_points
+from customjax.benchmark.scoring import CONTROLLABILITY, METRICS, clip_scorer, clip_scores, reference_embeddings, score
+from customjax.benchmark.settings import (GROUPS, SETTING_NAMES, SETTINGS, config_apply_variant, setting_config,
+                                         with_steps)
 from customjax.data import shapeworld as sw
 from customjax.metrics.shapeworld import measure
 
@@ -42,6 +43,12 @@ def _named(word: str, text: str) -> bool:
 
 
 APPEARANCE_WORDS = set(sw.PATTERN_WORDS.values()) | set(sw.PATTERNS) - {"solid"} | {"to"}
+
+
+# per-case similarity floors at each size (the metric's subject signature is the mean of 8 poses, small
+# and large; a 32 px render resolves patterns coarsely): the lowest values seen are about 0.75 / 0.86
+# (references / ground truth) at 64 px and 0.61 / 0.64 at 32 px
+SIMILARITY_FLOOR = {64: (0.7, 0.8), 32: (0.55, 0.6)}
 
 
 @pytest.mark.parametrize("size", [64, 32])
@@ -82,12 +89,12 @@ def test_cases(size):
         for s, ref, img in zip(c.subjects, c.references, refs):
             assert ref.background.color != c.scene.background.color and ref.objects[0].subject == s
             m = measure(img, sw.Scene(ref.background, (sw.Obj(s.category, s.appearance, "center", "large"),)),
-                        reference=s)
+                        references=[s])
             assert m["category_correct"] and m["position_correct"] and m["size_correct"] and m["count_correct"]
-            assert m["appearance_similarity"] > 0.5   # one pose vs the metric's 8-pose mean
+            assert m["appearance_similarity"] > SIMILARITY_FLOOR[size][0]   # one pose vs the metric's 8-pose mean
         # the ground truth scores full controllability and high similarity
         r = score(sw.render(c.scene, size)[0], c)
-        assert r["controllability"] == 1.0 and r["similarity"] > 0.5, (c.name, r)
+        assert r["controllability"] == 1.0 and r["similarity"] > SIMILARITY_FLOOR[size][1], (c.name, r)
         assert (r["others_correct"] is None) == (len(c.scene.objects) == 1)
     # an image of the right context without the subject's appearance scores low similarity
     c = single[0]
@@ -96,15 +103,15 @@ def test_cases(size):
     wrong = sw.Scene(c.scene.background, (sw.Obj(other.category, other.appearance, *[getattr(c.scene.objects[0], f)
                      for f in ("position", "size", "center", "radius", "rotation")]),))
     r = score(sw.render(wrong, size)[0], c)
-    assert r["controllability"] == 1.0 and r["similarity"] < 0.3
+    assert r["controllability"] == 1.0 and r["similarity"] < 0.15
 
 
 def test_settings_map_to_the_sampler():
     from customjax.methods.build import guidance_config
 
     cfg = config("realcustompp.py", "tiny")
-    ablations = load_ablations(ROOT / "configs" / "realcustompp.py")
-    g = {s.name: guidance_config(setting_config(cfg, s, ablations)) for s in SETTINGS
+    apply_variant = config_apply_variant(ROOT / "configs" / "realcustompp.py")
+    g = {s.name: guidance_config(setting_config(cfg, s, apply_variant)) for s in SETTINGS
          if s.method == "realcustompp"}
     by = {s.name: s for s in SETTINGS}
     base = dataclasses.replace(guidance_config(cfg), record_masks=False)   # the benchmark keeps final masks only
@@ -120,7 +127,12 @@ def test_settings_map_to_the_sampler():
     assert g["two_overlap"].mask.multi == "overlap" and by["two_overlap"].subjects == 2
     assert g["two_overlap"].references == g["two_algorithm1"].references == "many2many"
     rc = config("realcustom.py", "tiny")
-    assert guidance_config(setting_config(rc, by["realcustom"], ablations)).cfg == "realcustom"
+    assert guidance_config(setting_config(rc, by["realcustom"], apply_variant)).cfg == "realcustom"
+    # a config that already carries an ablation would put it into every setting (amg would not be AMG)
+    with pytest.raises(ValueError, match="already applies"):
+        setting_config(config("realcustompp.py", "tiny,binary"), by["amg"], apply_variant)
+    public = setting_config(config("realcustompp.py", "tiny,public"), by["binary"], apply_variant)   # no ablation
+    assert public.encoders.public and public.ablations == "public,binary" and public.guidance.norm == "binary"
     # --steps rescales T_stop in proportion
     c4 = with_steps(cfg, 4)
     assert (c4.sample.steps, c4.guidance.t_stop) == (4, 2) and cfg.sample.steps == 10
@@ -151,43 +163,66 @@ def test_constant_mask_is_the_unmasked_adapter():
 
 
 def test_report_from_figures(tmp_path):
-    """Markdown groups every setting like the papers' tables; the plot draws with CLIP scores too."""
-    rng = np.random.default_rng(0)
-    fig = lambda: (lambda m: dict(mean=m, lo=max(m - 0.05, 0), hi=min(m + 0.05, 1), n=8))(float(rng.random()))
-    entries = [dict(name=s.name, group=s.group, label=s.label, subjects=s.subjects, init_mask=s.init_mask,
-                    same_as="amg" if s.name in ("tstop", "gamma020") else None, unet_evaluations_per_image=30,
-                    guidance=dict(gamma_scope=0.2, t_stop=12),
-                    summary={k: fig() for k in METRICS}) for s in SETTINGS]
+    """Markdown groups every setting like the papers' tables; the plot draws every point where its
+    figures say, in its group's colour (single-subject settings spread along a diagonal)."""
+    fig = lambda m: dict(mean=m, lo=max(m - 0.03, 0), hi=min(m + 0.03, 1), n=8)
+    entries = []
+    for i, s in enumerate(SETTINGS):
+        summary = {k: fig(0.5) for k in METRICS}
+        summary.update(controllability=fig(0.1 + 0.05 * i), similarity=fig(0.9 - 0.05 * i))
+        entries.append(dict(name=s.name, group=s.group, label=s.label, subjects=s.subjects, init_mask=s.init_mask,
+                            same_as="amg" if s.name in ("tstop", "gamma020") else None, unet_evaluations_per_image=30,
+                            guidance=dict(gamma_scope=0.2, t_stop=12), summary=summary))
     report = dict(device=dict(kind="cpu", platform="cpu"), commit="abc", dirty=False, steps=25, sampler="ddim",
                   image_size=64, seeds=[0, 1], cases=[dict(words=["star"])] * 4 + [dict(words=["star", "ring"])],
-                  checkpoint="x", definition=CONTROLLABILITY, notes=[], settings=entries)
+                  checkpoint="x", definition=CONTROLLABILITY, notes=[], settings=entries,
+                  ground_truth={"1": dict(controllability=fig(0.97), similarity=fig(0.95))})
     md = markdown(report)
     assert all(s.label in md for s in SETTINGS) and md.count("## ") == len(GROUPS)
-    assert "(= amg)" in md and "CLIP-T" in md
+    assert "(= amg)" in md and "CLIP-T" in md and "0.100 [0.070, 0.130]" in md
     plot(report, tmp_path / "p.png")
-    assert Image.open(tmp_path / "p.png").size == (900, 640)
+    img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    pts = plot_points(report)
+    drawn = {s.name for s in SETTINGS if s.subjects == 1 and s.name not in ("tstop", "gamma020")} | {"ground_truth"}
+    assert set(pts) == drawn
+    group = {s.name: s.group for s in SETTINGS} | {"ground_truth": "ground_truth"}
+    for name, ((x, y), color) in pts.items():
+        assert color == COLORS[group[name]]
+        assert tuple(img[round(y), round(x)]) == color, (name, x, y, img[round(y), round(x)])
+    by_c = sorted(pts.values(), key=lambda p: p[0][0])     # more controllable: further right, less similar: lower
+    assert [p[0][1] for p in by_c[:-1]] == sorted(p[0][1] for p in by_c[:-1])
 
 
-def test_clip_scores_resize_and_average_references():
-    """CLIP-T / CLIP-I get images at the vision tower's size; two references are averaged."""
+def test_clip_scores_embed_once_and_average_references():
+    """CLIP-T / CLIP-I embed each image and prompt once, at the vision tower's size; CLIP-I is the
+    mean cosine over the case's reference embeddings (computed once per case)."""
+    calls = []
+
     class Stub:
-        vision = type("V", (), {"config": type("C", (), {"image_size": 16})()})()
+        image_size = 16
 
-        def clip_t(self, images, prompts):
-            assert images.shape[1:] == (16, 16, 3) and len(prompts) == len(images)
-            return images.mean((1, 2, 3)) / 255.0
+        def embed_images(self, images):
+            calls.append(("images", len(images)))
+            assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8
+            e = np.stack([images[..., 0].mean((1, 2)), images[..., 1].mean((1, 2)), images[..., 2].mean((1, 2))], -1)
+            return e / np.linalg.norm(e, axis=-1, keepdims=True)
 
-        def clip_i(self, images, refs):
-            assert images.shape == refs.shape and images.shape[1:] == (16, 16, 3)
-            return refs.mean((1, 2, 3)) / 255.0
+        def embed_text(self, prompts):
+            calls.append(("text", len(prompts)))
+            return np.tile(np.array([1.0, 0.0, 0.0]), (len(prompts), 1))
 
     single, two = make_cases(1, seed=0, size=32, pairs=1)
-    images = np.stack([sw.render(c.scene, 32)[0] for c in single + two])
-    t, i = clip_scores(Stub(), images, single + two, 32)
-    assert t.shape == i.shape == (2,)
-    refs = [np.asarray(Image.fromarray(r).resize((16, 16), Image.BICUBIC)).mean() / 255.0
-            for r in two[0].reference_images(32)]
-    assert i[1] == pytest.approx(np.mean(refs), abs=1e-6)
+    stub, cases = Stub(), single + two
+    refs = {c.name: reference_embeddings(stub, c, 32) for c in cases}
+    assert [refs[c.name].shape for c in cases] == [(1, 3), (2, 3)]
+    calls.clear()
+    images = np.stack([sw.render(c.scene, 32)[0] for c in cases])
+    t, i = clip_scores(stub, images, [c.prompt for c in cases], [refs[c.name] for c in cases])
+    assert calls == [("images", 2), ("text", 2)] and t.shape == i.shape == (2,)
+    e = stub.embed_images(np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BICUBIC)) for im in images]))
+    np.testing.assert_allclose(t, e[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(i, [np.mean(refs[c.name] @ v) for c, v in zip(cases, e)], rtol=1e-6)
+    assert i[1] == pytest.approx(np.mean([refs[two[0].name][r] @ e[1] for r in range(2)]))
     cfg = config("realcustompp.py", "tiny")
     assert clip_scorer(cfg)[0] is None and "no CLIP" in clip_scorer(cfg)[1]
 
@@ -209,11 +244,16 @@ def test_fast_benchmark_end_to_end(tmp_path):
     assert any("no CLIP" in n for n in rep["notes"])
     heldout = {s.key for s in sw.heldout_subjects()}
     assert len(rep["cases"]) == 3 and all(s["key"] in heldout for c in rep["cases"] for s in c["subjects"])
+    # the ceiling: the rendered targets are fully controllable and similar (32 px: similarity ~0.79 / 0.89)
+    for k, n in (("1", 2), ("2", 1)):
+        gt = rep["ground_truth"][k]
+        assert gt["controllability"]["mean"] == 1.0 and gt["similarity"]["mean"] > 0.7, (k, gt)
+        assert all(v["n"] == n for m, v in gt.items() if m != "others_correct"), (k, gt)
+        assert gt["others_correct"]["n"] == 1             # the second single case has another object; the pair
     for s in rep["settings"]:
         n = 1 if s["subjects"] == 2 else 2
         for k in ("controllability", "background_correct", "position_correct", "similarity", "mask_mean"):
-            v = s["summary"][k]
-            assert v["n"] == n and 0.0 <= v["lo"] <= v["mean"] <= v["hi"] <= 1.0, (s["name"], k, v)
+            assert s["summary"][k]["n"] == n, (s["name"], k, s["summary"][k])
         assert "clip_t" not in s["summary"]
     by = {s["name"]: s for s in rep["settings"]}
     # t2i and the four unmasked scales: one compiled sampler, constant masks 0 .. 1 (all ones at s = 1)
@@ -226,7 +266,10 @@ def test_fast_benchmark_end_to_end(tmp_path):
     assert len(rep["images"]) == 6 * 2 + 1 and {i["setting"] for i in rep["images"]} == set(FAST)
     md = (out / "results.md").read_text()
     assert all(by[n]["label"] in md for n in FAST)
-    assert Image.open(out / "frontier.png").size == (900, 640)
+    # the frontier plot: the ground-truth point (drawn last, black) where its figures put it
+    frontier = np.asarray(Image.open(out / "frontier.png").convert("RGB"))
+    (x, y), color = plot_points(rep)["ground_truth"]
+    assert tuple(frontier[round(y), round(x)]) == color == (0, 0, 0)
     grid = Image.open(out / "samples.png")
     assert grid.width >= (1 + 6) * 96 and grid.height >= 2 * 96 + 24
 

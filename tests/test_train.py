@@ -1,5 +1,6 @@
-"""Adapter training: the step lowers the loss; 1 device and 2 processes x 2 simulated devices
-(data x fsdp, jax.distributed on localhost) reach the same parameters."""
+"""Adapter training: the step lowers the loss; ``customjax.train.train`` on 1 device and in 2
+processes x 2 simulated devices (data x fsdp, jax.distributed on localhost; preempted by SIGTERM to
+one process, then resumed) reaches the same parameters."""
 
 import json
 import os
@@ -17,16 +18,29 @@ import train_probe
 HERE = Path(__file__).resolve().parent
 
 
-def _probe(args: dict, devices: int = 1, extra_env=None):
+def _run_processes(args: dict, n: int = 2, devices: int = 2) -> list[dict]:
+    """``train_probe.py`` in ``n`` processes on localhost (jax.distributed, gloo CPU collectives),
+    each with ``devices`` simulated devices; their JSON results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(HERE), **(extra_env or {}))
-    return subprocess.Popen([sys.executable, str(HERE / "train_probe.py"), json.dumps(args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))   # this checkout's customjax
+    procs = [subprocess.Popen([sys.executable, str(HERE / "train_probe.py"), json.dumps(dict(
+        args, distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=i))],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    return [json.loads(so.strip().splitlines()[-1]) for so, _ in outs]
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return train_probe.run(steps=3)
+    """``customjax.train.train`` of the probe config on 1 device, 3 steps: (export, result)."""
+    workdir = tmp_path_factory.mktemp("single")
+    out = train_probe.run(workdir, steps=3)
+    return train_probe.exported(workdir), out
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
@@ -56,26 +70,28 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
     assert int(state.step) == 25 and float(m["grad_norm"]) > 0
 
 
-def test_two_processes_of_two_devices_data_by_fsdp_equal_one_device(single, tmp_path):
-    """Two processes on localhost (jax.distributed, CPU collectives), each with 2 simulated devices:
-    a 2 (data) x 2 (fsdp) mesh over 4 devices, each process feeding half of every global batch.
-    After 3 steps both processes hold identical parameters, equal to the 1-device run."""
-    ref, _ = single
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [_probe({"steps": 3, "fsdp": 2, "distributed": True, "coordinator": f"127.0.0.1:{port}",
-                     "num_processes": 2, "process_id": i, "out": str(tmp_path / f"proc{i}.npz")}, devices=2)
-             for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (so, se) in zip(procs, outs):
-        assert p.returncode == 0, se[-3000:]
-        info = json.loads(so.strip().splitlines()[-1])
-        assert info["devices"] == 4 and info["processes"] == 2
-    a, b = (np.load(tmp_path / f"proc{i}.npz") for i in range(2))
-    assert set(a.files) == set(ref)
-    assert all(np.array_equal(a[k], b[k]) for k in a.files)
-    err = max(float(np.max(np.abs(a[k] - ref[k]))) for k in ref)
-    print(f"\n[sharding] 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), 3 steps: "
-          f"max abs parameter difference {err:.2e}")
+def test_two_processes_of_two_devices_data_by_fsdp_preempted_and_resumed_equal_one_device(single, tmp_path):
+    """``customjax.train.train`` in two processes on localhost, each with 2 simulated devices: a 2
+    (data) x 2 (fsdp) mesh over 4 devices (every parameter of >= 256 elements split over fsdp),
+    each process loading half of every global batch. Process 1 gets SIGTERM after step 1: both
+    stop at the one step JAX's preemption service agrees on and save it. Resumed, both run to step
+    3 and process 0 exports the gathered (fsdp-split) EMA parameters: equal to the 1-device run."""
+    ref, ref_out = single
+    workdir = tmp_path / "run"
+    args = {"steps": 3, "fsdp": 2, "workdir": str(workdir)}
+    first = _run_processes(dict(args, term_at=[1, 1]))
+    assert all(o["devices"] == 4 and o["processes"] == 2 for o in first)
+    stopped = first[0]["step"]
+    assert [o["step"] for o in first] == [stopped] * 2 and 1 <= stopped < 3, first
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(stopped)]
+    assert not (workdir / "export").exists()
+    second = _run_processes(args)
+    assert [o["step"] for o in second] == [3, 3]
+    assert second[0]["loss"] == second[1]["loss"]
+    np.testing.assert_allclose(second[0]["loss"], ref_out["loss"], rtol=1e-5)
+    got = train_probe.exported(workdir)
+    assert got.keys() == ref.keys()
+    err = max(float(np.max(np.abs(np.asarray(got[k]) - np.asarray(ref[k])))) for k in ref)
+    print(f"\n[sharding] 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), SIGTERM to process 1 "
+          f"after step 1 (both stopped at {stopped}), resumed to 3 steps: max abs parameter difference {err:.2e}")
     assert err < 1e-5

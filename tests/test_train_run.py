@@ -17,13 +17,7 @@ from customjax.weights.safetensors_io import load_file
 
 
 def _config(steps, preview_every=0):
-    c = train_probe.tiny_config()
-    c.train.steps, c.train.log_every, c.train.save_every, c.train.async_save = steps, 1, 100, False
-    c.data.synthetic_examples = 16
-    c.data.hflip = False                    # no target augmentation: the precomputed-latents run is comparable
-    c.train.preview_every = preview_every
-    c.sample.steps = 2                      # a cheap preview sampler (guided throughout: t_stop 5 > 2)
-    return c
+    return train_probe.run_config(steps, preview_every=preview_every)
 
 
 def _tb_images(tb_dir) -> dict:
@@ -67,7 +61,8 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """An uninterrupted 6-step run with previews every 4 steps (shared by the tests below)."""
+    """An uninterrupted 6-step run with previews every 4 steps (shared by the tests below); EMA on,
+    so the export (the EMA) after a resume checks that the EMA was saved and restored too."""
     from customjax import train as train_mod
 
     full = tmp_path_factory.mktemp("full")
@@ -95,11 +90,9 @@ def test_sigterm_then_resume_equals_uninterrupted(full_run, tmp_path):
         return hook
 
     run = tmp_path / "run"
-    try:
-        out = train_mod.train(_config(6), str(run), on_step=term_at(3))
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        train_mod._Preempted.flag = False
+    before = signal.getsignal(signal.SIGTERM)
+    out = train_mod.train(_config(6), str(run), on_step=term_at(3))
+    assert signal.getsignal(signal.SIGTERM) == before          # train restores the handler
     assert out["step"] == 3 and not (run / "export").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]
     out = train_mod.train(_config(6), str(run))

@@ -1,13 +1,16 @@
-"""Runs a few adapter train steps on the tiny config and prints the trainable parameters' digest;
-imported by tests and run as a subprocess (simulated devices, several processes)."""
+"""The tiny training config of the tests and a runner of the real ``customjax.train.train`` on it;
+imported by tests and run as a subprocess (simulated devices, several processes with
+``jax.distributed``)."""
 
 import importlib.util
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +25,21 @@ def tiny_config(method="realcustompp"):
     return c
 
 
+def run_config(steps=3, fsdp=1, preview_every=0, method="realcustompp"):
+    """``tiny`` for ``steps`` steps on 16 synthetic examples without target flips: EMA on, logs every
+    step, synchronous saves (at the end only), previews every ``preview_every`` steps with a cheap
+    2-step sampler, every parameter of at least 256 elements split over ``fsdp``
+    (``train.fsdp_min_size``). Shared by the tests of ``customjax.train`` (one compiled step)."""
+    c = tiny_config(method)
+    c.train.steps, c.train.log_every, c.train.save_every, c.train.async_save = steps, 1, 1000, False
+    c.train.ema_decay, c.train.preview_every = 0.9, preview_every
+    c.train.fsdp, c.train.fsdp_min_size = fsdp, 256
+    c.data.synthetic_examples = 16
+    c.data.hflip = False        # no target augmentation: a precomputed-latents run is comparable
+    c.sample.steps = 2          # a cheap preview sampler (guided throughout: t_stop 5 > 2)
+    return c
+
+
 def batches(n, batch, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(n):
@@ -30,45 +48,24 @@ def batches(n, batch, seed=0):
                "caption": ["a red toy on a blue mat"] * batch}
 
 
-def run(steps=3, fsdp=1, batch=4, method="realcustompp", process_slice=None):
-    """Trains ``steps`` steps; returns the flat trainable parameters as numpy. With
-    ``process_slice`` (index, count) each process feeds its part of every global batch."""
-    from flax import traverse_util
+def run(workdir, steps=3, fsdp=1, term_at=None):
+    """``customjax.train.train`` of :func:`run_config` in ``workdir`` (resuming what is there).
+    ``term_at`` (process, step): that process sends itself SIGTERM after that step. Returns
+    train's result plus the process count."""
+    from customjax import train
 
-    from customjax import parallel, trainer
-    from customjax.methods.build import build
-    from customjax.methods.objective import ObjectiveConfig
-    from customjax.tokenizer import tokenize
+    def on_step(step):
+        if term_at is not None and tuple(term_at) == (jax.process_index(), step):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)     # the notice reaches the other process before this one goes on
 
-    c = tiny_config(method)
-    built = build(c)
-    frozen, train = trainer.split(built)
-    tx = trainer.make_optimizer(c.optim)
-    state = trainer.init_state(train, tx, jax.random.key(0), ema=True)
-    mesh = parallel.make_mesh(fsdp)
-    step = trainer.make_train_step(built, tx, ObjectiveConfig(**c.objective), 0.9)
-    f = None
-    for b in batches(steps, batch):
-        ids = tuple(tokenize(t, b["caption"]) for t in built.pipe.tokenizers)
-        arrays = {"image": b["image"], "reference": b["reference"], "ids": ids}
-        if process_slice is not None:
-            i, n = process_slice
-            per = batch // n
-            local = jax.tree_util.tree_map(lambda a: a[i * per:(i + 1) * per], arrays)
-            shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype), arrays)
-            sh = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(mesh, parallel.batch_spec(len(s.shape))), shapes)
-            arrays = jax.tree_util.tree_map(
-                lambda a, s, full: jax.make_array_from_process_local_data(s, a, full.shape), local, sh, shapes)
-        if f is None:
-            shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arrays)
-            f, ssh, fsh, bsh = trainer.compile_step(step, mesh, state, frozen, shapes, min_size=256)
-            state, frozen = trainer.place(state, ssh), trainer.place(frozen, fsh)
-        if process_slice is None:
-            arrays = trainer.place(arrays, bsh)
-        state, metrics = f(state, frozen, arrays)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(jax.experimental.multihost_utils.process_allgather(a, tiled=True))
-                                    if process_slice is not None else np.asarray(a), state.params)
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}, float(metrics["loss"])
+    out = train.train(run_config(steps, fsdp), str(workdir), on_step=on_step)
+    return dict(out, processes=jax.process_count(), devices=jax.device_count())
+
+
+def exported(workdir) -> dict:
+    from customjax.weights.safetensors_io import load_file
+    return load_file(Path(workdir) / "export" / "adapter.safetensors")
 
 
 if __name__ == "__main__":
@@ -76,8 +73,5 @@ if __name__ == "__main__":
     if args.get("distributed"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
-        args["process_slice"] = (jax.process_index(), jax.process_count())
-    import jax.experimental.multihost_utils  # noqa: F401
-    params, loss = run(steps=args["steps"], fsdp=args.get("fsdp", 1), process_slice=args.get("process_slice"))
-    np.savez(args["out"], **params)
-    print(json.dumps({"loss": loss, "devices": jax.device_count(), "processes": jax.process_count()}))
+    out = run(args["workdir"], steps=args["steps"], fsdp=args.get("fsdp", 1), term_at=args.get("term_at"))
+    print(json.dumps(out))

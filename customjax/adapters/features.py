@@ -14,8 +14,9 @@ tokens are dropped (SigLIP has none), so the two token sequences line up positio
 Layers are numbered by transformer block, from 0: "block j" is the output of block j, i.e.
 ``hidden_states[j + 1]`` (timm's ``get_intermediate_layers`` numbering, as the public code), taken
 without the final LayerNorm. The paper's layers are SigLIP {7, 13, 19} and DINOv2 {4, 10, 16}.
-``deep_block=None`` takes ``last_hidden_state`` (after the final LayerNorm); the public code takes
-the output of the penultimate block instead (SigLIP 25 of 27, DINOv2 22 of 24, no LayerNorm).
+``Encoder.deep=None`` takes ``last_hidden_state`` (after the final LayerNorm); the public code takes
+the output of the penultimate block instead (``PUBLIC_DEEP``: SigLIP 25 of 27, DINOv2 22 of 24, no
+LayerNorm).
 
 Views (``FeatureConfig``): the paper resizes to image_size for the global view and splits the
 scale * image_size view into quadrant crops. The public code (``PUBLIC_FEATURES``) instead resizes
@@ -24,14 +25,16 @@ splits it by a strided rearrange ``b c (h 2) (w 2) -> (b 2 2) c h w`` (four inte
 sub-images, not crops; ``split="polyphase"``, tokens ordered ``(l hp wp)``) and passes every view
 through 8-bit PIL images (``quantize``: x -> floor(255 x) / 255).
 
-Pixels in are NHWC floats in [0, 1]; each encoder's normalisation is applied here (SigLIP
-mean = std = 0.5, DINOv2 ImageNet mean / std).
+Pixels in are NHWC floats in [0, 1]; each encoder's normalisation is applied here (``Encoder``:
+SigLIP mean = std = 0.5, DINOv2 ImageNet mean / std, CLIP its own). The encoders are a list
+(``Encoder``: module, normalisation, shallow and deep blocks): RealCustom++'s SigLIP + DINOv2, or
+one encoder alone (the ShapeWorld base model's CLIP).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -44,21 +47,18 @@ from customjax.models.vit import SiglipVisionModel
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZES = ("bicubic", "bilinear", "bilinear_align_corners")
 SPLITS = ("crops", "polyphase")
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
-    """image_size: the encoders' view (384). scale: the high-resolution view is scale * image_size,
-    split into scale^2 views. split: "crops" (paper) | "polyphase" (public). resize: how views are
-    resized: "bicubic" (antialiased), "bilinear" (torch ``F.interpolate``, align_corners=False, no
-    antialias). global_from_high: take the global view from the high-resolution one (bilinear,
-    align_corners=True, as the public code) instead of from the input. quantize: round views to
-    8 bits by truncation (the public code's PIL round trip). *_shallow: shallow blocks per encoder
-    (same count L for both). *_deep: the deep block, None for ``last_hidden_state``."""
+    """The views of a reference. image_size: the encoders' view (384). scale: the high-resolution view
+    is scale * image_size, split into scale^2 views. split: "crops" (paper) | "polyphase" (public).
+    resize: how views are resized: "bicubic" (antialiased), "bilinear" (torch ``F.interpolate``,
+    align_corners=False, no antialias). global_from_high: take the global view from the
+    high-resolution one (bilinear, align_corners=True, as the public code) instead of from the input.
+    quantize: round views to 8 bits by truncation (the public code's PIL round trip)."""
 
     image_size: int = 384
     scale: int = 2
@@ -66,31 +66,47 @@ class FeatureConfig:
     resize: str = "bicubic"
     global_from_high: bool = False
     quantize: bool = False
-    siglip_shallow: tuple[int, ...] = (7, 13, 19)
-    dino_shallow: tuple[int, ...] = (4, 10, 16)
-    siglip_deep: int | None = None
-    dino_deep: int | None = None
-    siglip_mean: tuple[float, ...] = SIGLIP_MEAN
-    siglip_std: tuple[float, ...] = SIGLIP_STD
-    dino_mean: tuple[float, ...] = IMAGENET_MEAN
-    dino_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"FeatureConfig.split={self.split!r}; choose one of {SPLITS}")
         if self.resize not in RESIZES:
             raise ValueError(f"FeatureConfig.resize={self.resize!r}; choose one of {RESIZES}")
-        if len(self.siglip_shallow) != len(self.dino_shallow):
-            raise ValueError(f"FeatureConfig: siglip_shallow {self.siglip_shallow} and dino_shallow "
-                             f"{self.dino_shallow} must name the same number of layers")
         if self.scale < 1 or self.image_size < 1:
             raise ValueError(f"FeatureConfig: image_size={self.image_size}, scale={self.scale} must be positive")
 
 
-# The released RealCustom++ encoder ("ShallowDeepPatchfySiglipDinoEncoder" with feature_index
-# [25] / [22]; the shallow variant's indices [7, 13, 19] / [4, 10, 16] are kept here).
-PUBLIC_FEATURES = FeatureConfig(split="polyphase", resize="bilinear", global_from_high=True, quantize=True,
-                                siglip_deep=25, dino_deep=22)
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """One reference encoder: ``name`` (its parameters' key, and its name in errors), ``module`` (a
+    ViT of :mod:`customjax.models.vit`), ``mean`` / ``std`` (its input normalisation), ``shallow``
+    (the blocks of the shallow features; the same count L for every encoder), ``deep`` (the block of
+    the deep features, None for ``last_hidden_state``)."""
+
+    name: str
+    module: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    shallow: tuple[int, ...] = ()
+    deep: int | None = None
+
+
+def check_encoders(encoders: Sequence[Encoder]) -> None:
+    """At least one encoder, distinct names, and the same number of shallow blocks for each."""
+    if not encoders:
+        raise ValueError("no reference encoder given")
+    if len({e.name for e in encoders}) < len(encoders):
+        raise ValueError(f"reference encoders need distinct names, got {[e.name for e in encoders]}")
+    if len({len(e.shallow) for e in encoders}) > 1:
+        raise ValueError("the encoders' shallow blocks "
+                         f"({', '.join(f'{e.name} {e.shallow}' for e in encoders)}) must name the same number of layers")
+
+
+# The released RealCustom++ encoder ("ShallowDeepPatchfySiglipDinoEncoder"): its views, and its deep
+# blocks, feature_index [25] (SigLIP) / [22] (DINOv2); the shallow variant's blocks [7, 13, 19] /
+# [4, 10, 16] are the paper's.
+PUBLIC_FEATURES = FeatureConfig(split="polyphase", resize="bilinear", global_from_high=True, quantize=True)
+PUBLIC_DEEP = {"siglip": 25, "dino": 22}
 
 
 @flax.struct.dataclass
@@ -191,39 +207,35 @@ def _layers(what: str, model: nn.Module, params: Any, pixels: jax.Array, blocks:
     return shallow, patches(out.last_hidden_state if deep is None else out.hidden_states[deep + 1])
 
 
-def reference_features(images: jax.Array, *, siglip: nn.Module, siglip_params: Any, dino: nn.Module,
-                       dino_params: Any, config: FeatureConfig = FeatureConfig(), shallow: bool = True,
+def reference_features(images: jax.Array, encoders: Sequence[Encoder], params: Mapping[str, Any],
+                       config: FeatureConfig = FeatureConfig(), *, shallow: bool = True,
                        high: bool = True) -> ReferenceFeatures:
     """The CCP's inputs from reference images (B, H, W, 3) in [0, 1].
 
-    ``siglip`` / ``dino``: a ``SiglipVisionModel`` and a ``Dinov2Model`` (with or without registers)
-    with their parameters. ``dino=None`` uses the first encoder alone (any ViT of
-    :mod:`customjax.models.vit`, e.g. the ShapeWorld CLIP; c0 is then its width, normalised with
-    ``siglip_mean`` / ``siglip_std``). ``shallow`` / ``high`` = False skip those features (no
-    high-resolution views are encoded then)."""
+    ``encoders``: run side by side on the same views, their patch tokens concatenated along the
+    channels in this order (RealCustom++: SigLIP, DINOv2; the ShapeWorld base: one CLIP);
+    ``params[encoder.name]``: their parameters. ``shallow`` / ``high`` = False skip those features
+    (no high-resolution views are encoded then)."""
     c = config
+    check_encoders(encoders)
     B = images.shape[0]
     glob, views = reference_views(images, c)
     k2 = views.shape[1]
     pixels = jnp.concatenate([glob, views.reshape(B * k2, *views.shape[2:])]) if high else glob
 
-    def encode(what, model, params, mean, std, blocks, deep):
-        sh, dp = _layers(what, model, params, normalize(pixels, mean, std), blocks if shallow else (), deep)
-        return [x[:B] for x in sh], dp
-
-    s_sh, s_deep = encode("SigLIP", siglip, siglip_params, c.siglip_mean, c.siglip_std, c.siglip_shallow, c.siglip_deep)
-    if dino is None:
-        cat = lambda a, b: a
-        d_sh, d_deep = [None] * len(s_sh), None
-    else:
-        d_sh, d_deep = encode("DINOv2", dino, dino_params, c.dino_mean, c.dino_std, c.dino_shallow, c.dino_deep)
-        if s_deep.shape[1] != d_deep.shape[1]:
-            raise ValueError(f"SigLIP gives {s_deep.shape[1]} patch tokens and DINOv2 {d_deep.shape[1]} at "
-                             f"{c.image_size}px; their patch grids must agree")
-        cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
-    deep_all = cat(s_deep, d_deep)                                              # (B [+ B k2], n, c0)
+    layers, deeps = [], []
+    for e in encoders:
+        sh, dp = _layers(e.name, e.module, params[e.name], normalize(pixels, e.mean, e.std),
+                         e.shallow if shallow else (), e.deep)
+        if deeps and dp.shape[1] != deeps[0].shape[1]:
+            raise ValueError(f"{encoders[0].name} gives {deeps[0].shape[1]} patch tokens and {e.name} "
+                             f"{dp.shape[1]} at {c.image_size}px; their patch grids must agree")
+        layers.append([x[:B] for x in sh])
+        deeps.append(dp)
+    cat = lambda xs: jnp.concatenate([x.astype(xs[0].dtype) for x in xs], axis=-1)
+    deep_all = cat(deeps)                                                      # (B [+ B k2], n, c0)
     deep = deep_all[:B]
-    shallow_f = jnp.concatenate([cat(a, b) for a, b in zip(s_sh, d_sh)], axis=1) if shallow and s_sh else None
+    shallow_f = jnp.concatenate([cat(xs) for xs in zip(*layers)], axis=1) if shallow and layers[0] else None
     high_f = None
     if high:
         n, c0 = deep.shape[1:]

@@ -7,4 +7,7 @@ The ShapeWorld customization benchmark (``benchmarks/shapeworld_custom.py``):
   * :mod:`.generate`: model loading and batched sampling of the cases;
   * :mod:`.scoring`: exact controllability / similarity scores and CLIP-T / CLIP-I;
   * :mod:`.report`: ``results.json``, markdown tables, the frontier plot and the sample grid.
+
+Every benchmark (also ``benchmarks/dual_branch.py``, ``benchmarks/train_step.py``) records its git
+commit and dirty flag with :func:`.provenance.git_state`.
 """

@@ -19,7 +19,6 @@ what the images are measured against.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import numpy as np
@@ -60,10 +59,6 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
 def neutral_background(subject: sw.Subject) -> sw.Background:
     """White, gray or black (the first the subject's colours allow; else the first compatible colour)."""
     for c in NEUTRAL + sw.COLORS:
@@ -79,26 +74,15 @@ def reference_scene(subject: sw.Subject, size: int) -> sw.Scene:
     return sw.Scene(neutral_background(subject), (obj,))
 
 
-def object_phrase(obj: sw.Obj, color: bool, size: bool) -> str:
-    """``"a large star on the left"`` / ``"a red square at the top"``: category, position, and the size
-    or the (solid) colour when asked; never a pattern."""
-    words = ([obj.size] if size else []) + ([obj.appearance.primary] if color else []) + [obj.category]
-    return f"{_article(' '.join(words))} {sw.POSITION_PHRASES[obj.position]}"
-
-
 def case_prompt(scene: sw.Scene, n_subjects: int) -> str:
-    phrases = [object_phrase(o, color=k >= n_subjects, size=k < n_subjects) for k, o in enumerate(scene.objects)]
-    return f"{' and '.join(phrases)}, on {_article(sw.background_phrase(scene.background))} background"
-
-
-def _fits(obj: sw.Obj, others: Sequence[sw.Obj], size: int) -> bool:
-    gap = max(3.0, 0.04 * size)
-    return all(math.dist(obj.center, o.center) >= sw.EXTENT * (obj.radius + o.radius) + gap for o in others)
-
-
-def _colors(subject: sw.Subject) -> set[str]:
-    a = subject.appearance
-    return {a.primary} | ({a.secondary} if a.secondary else set())
+    """:func:`~customjax.data.shapeworld.prompt` of ``scene`` with the first ``n_subjects`` objects named
+    by size, category and position (never their appearance) and the others by (solid) colour,
+    category and position: ``"a large star on the left and a red square at the top, on a blue
+    background"``."""
+    objs = tuple(dataclasses.replace(o, appearance=None) if k < n_subjects
+                 else dataclasses.replace(o, appearance=sw.Appearance(o.appearance.primary), size=None)
+                 for k, o in enumerate(scene.objects))
+    return sw.prompt(sw.Scene(scene.background, objs))
 
 
 def _single(rng, subject: sw.Subject, size: int, other: bool, name: str) -> Case | None:
@@ -111,13 +95,13 @@ def _single(rng, subject: sw.Subject, size: int, other: bool, name: str) -> Case
     objects = [sw.place(rng, subject, position, size_name, size)]
     if other:
         category = _pick(rng, [c for c in sw.CATEGORIES if c != subject.category])
-        colors = [c for c in sw.COLORS if c not in _colors(subject) and c != bg.color
+        colors = [c for c in sw.COLORS if c not in subject.appearance.colors and c != bg.color
                   and sw.compatible(sw.Appearance(c), bg)]
         if not colors:
             return None
         pos2 = _pick(rng, [p for p in sw.POSITIONS if p != position])
         o = sw.place(rng, sw.Subject(category, sw.Appearance(_pick(rng, colors))), pos2, "small", size)
-        if not _fits(o, objects, size) or sw.is_heldout_combo(category, bg.color, pos2):
+        if not sw.fits(o, objects, size) or sw.is_heldout_combo(category, bg.color, pos2):
             return None
         objects.append(o)
     scene = sw.Scene(bg, tuple(objects))
@@ -137,7 +121,7 @@ def _pair(rng, a: sw.Subject, b: sw.Subject, size: int, name: str) -> Case | Non
     sizes = [_pick(rng, tuple(sw.SIZES)) for _ in range(2)]
     for attempt in range(2):  # the sizes drawn, then both small
         objs = [sw.place(rng, s, p, z, size) for s, p, z in zip((a, b), positions, sizes)]
-        if _fits(objs[1], objs[:1], size):
+        if sw.fits(objs[1], objs[:1], size):
             break
         sizes = ["small", "small"]
     else:

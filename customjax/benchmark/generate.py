@@ -30,8 +30,7 @@ def load_model(cfg, checkpoint: str | None, mesh) -> Model:
     sampler parameters over ``mesh``."""
     import logging
 
-    from customjax.methods import realcustom, realcustompp
-    from customjax.methods.build import build, load_adapter
+    from customjax.methods.build import build, load_adapter, sampler_params, sampling_side
     from customjax.parallel import replicate
 
     built = build(cfg)
@@ -39,27 +38,18 @@ def load_model(cfg, checkpoint: str | None, mesh) -> Model:
         built = load_adapter(built, checkpoint)
     else:
         logging.warning("%s: no checkpoint, the adapter is randomly initialised (plumbing only)", cfg.method)
-    if built.method == "realcustompp":
-        tok_fn, visual, adapter = realcustompp.reference_tokens, realcustompp.constant_visual, None
-        ref_size = cfg.encoders.image_size * cfg.encoders.scale
-    else:
-        tok_fn, adapter = realcustom.reference_tokens, built.params["image"]["scoring"]
-        visual = realcustom.ScoringVisual(built.image_side.scoring, cfg.scoring.gamma_num)
-        ref_size = cfg.encoders.image_size
-    params = replicate({"unet": built.params["unet"], "vae": built.params["vae"],
-                        "text_encoders": built.params["text_encoders"], "adapter": adapter}, mesh)
-    return Model(cfg, built, params, tok_fn, visual, ref_size)
+    ss = sampling_side(built, cfg)
+    return Model(cfg, built, replicate(sampler_params(built), mesh), ss.tokens, ss.visual, ss.ref_size)
 
 
 def reference_tokens(model: Model, case: Case, size: int) -> np.ndarray:
     """The case's reference tokens (R, N, D), computed once per case and model."""
     import jax.numpy as jnp
 
-    from customjax.sampling.batch import resize_reference
+    from customjax.images import resize_reference
 
     if case.name not in model.tokens:
-        refs = case.reference_images(size).astype(np.float32) / 255.0
-        imgs = np.stack([resize_reference(r, model.ref_size) for r in refs])
+        imgs = np.stack([resize_reference(r, model.ref_size) for r in case.reference_images(size)])
         model.tokens[case.name] = np.asarray(model.tok_fn(model.built.image_side, model.built.params["image"],
                                                           jnp.asarray(imgs)))
     return model.tokens[case.name]

@@ -6,34 +6,36 @@ Scores per image:
   * ``others_correct``: every other named object (the extra object, or the second subject) was
     found with the right category at its named position (None when the prompt has no other object);
   * ``controllability`` = the mean of those of the three that apply (None skipped);
-  * ``similarity``: ``appearance_similarity`` of the subject to its reference Subject (0 when not
-    found); two subjects: the mean over both;
+  * ``similarity``: ``measure``'s similarity of the subject to its reference Subject (0 when not
+    found); two subjects: the mean over both (one ``measure`` call, a reference per subject);
   * also ``category_correct`` / ``size_correct`` / ``color_correct`` of the subject, ``count_correct``,
     ``background_score``, ``mask_mean`` (mean of the final guidance masks), and ``clip_t`` (prompt)
     / ``clip_i`` (reference; two subjects: the mean) with the model folder's own ``clip/``.
 
-Summaries: mean and normal-approximation 95% interval over cases x seeds (``summarise``).
+Summaries: mean and 95% interval over cases x seeds (``summarise``: Wilson for booleans, the normal
+approximation clipped to [0, 1] for the scores in :data:`UNIT`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from customjax.benchmark.cases import Case
-from customjax.data import shapeworld as sw
 from customjax.metrics.shapeworld import measure
 
 CONTROL_KEYS = ("background_correct", "position_correct", "others_correct")
 METRICS = ("controllability", "background_correct", "position_correct", "others_correct", "similarity",
            "category_correct", "size_correct", "color_correct", "count_correct", "background_score", "mask_mean",
            "clip_t", "clip_i")
+UNIT = ("controllability", "similarity", "background_score", "mask_mean")   # non-boolean scores in [0, 1]
 CONTROLLABILITY = ("controllability = mean over the applicable items of {background_correct; position_correct: the "
                    "subject found with the right category at the named position; others_correct: every other named "
                    "object (extra object / second subject) found with the right category at its named position}; "
-                   "similarity = appearance_similarity of the subject to its reference subject (0 if not found; "
+                   "similarity = appearance similarity of the subject to its reference subject (0 if not found; "
                    "two subjects: mean of both)")
 
 
@@ -42,18 +44,15 @@ def _placed_ok(rec: dict) -> bool:
 
 
 def score(image: np.ndarray, case: Case) -> dict:
-    """The exact scores of one image (see the module docstring)."""
-    spec = case.spec
-    m = measure(image, spec, reference=case.subjects[0])
+    """The exact scores of one image (see the module docstring): one :func:`measure` call with a
+    reference for every subject."""
+    m = measure(image, case.spec, references=case.subjects)
     objs = m["objects"]
-    sims = [m["appearance_similarity"] or 0.0]
-    if len(case.subjects) == 2:  # the second subject's similarity: measure with the objects swapped
-        swapped = sw.Scene(spec.background, (spec.objects[1], spec.objects[0], *spec.objects[2:]))
-        sims.append(measure(image, swapped, reference=case.subjects[1])["appearance_similarity"] or 0.0)
     subject = objs[0]
     out = dict(background_correct=bool(m["background_correct"]), position_correct=_placed_ok(subject),
                others_correct=None if len(objs) == 1 else all(_placed_ok(o) for o in objs[1:]),
-               similarity=float(np.mean(sims)), category_correct=bool(subject["category_correct"]),
+               similarity=float(np.mean([o["similarity"] for o in objs[:len(case.subjects)]])),
+               category_correct=bool(subject["category_correct"]),
                size_correct=subject["size_correct"], color_correct=subject["color_correct"],
                count_correct=bool(m["count_correct"]), background_score=float(m["background_score"]))
     out["controllability"] = float(np.mean([float(out[k]) for k in CONTROL_KEYS if out[k] is not None]))
@@ -75,13 +74,17 @@ def _at(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
-def clip_scores(scorer, images: np.ndarray, cases: list[Case], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image CLIP-T (its prompt) and CLIP-I (its reference; the mean over two references)."""
-    vs = scorer.vision.config.image_size
-    t = scorer.clip_t(_at(images, vs), [c.prompt for c in cases])
-    R = max(len(c.references) for c in cases)
-    i = np.zeros(len(cases))
-    for r in range(R):
-        refs = _at(np.stack([c.reference_images(size)[min(r, len(c.references) - 1)] for c in cases]), vs)
-        i += scorer.clip_i(_at(images, vs), refs) / R
-    return np.asarray(t), i
+def reference_embeddings(scorer, case: Case, size: int) -> np.ndarray:
+    """(R, D): the unit CLIP image embeddings of the case's R references (once per case)."""
+    return np.asarray(scorer.embed_images(_at(case.reference_images(size), scorer.image_size)))
+
+
+def clip_scores(scorer, images: np.ndarray, prompts: Sequence[str],
+                refs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image CLIP-T (cosine to its prompt) and CLIP-I (mean cosine to its references ``refs[i]``,
+    (R, D) unit embeddings from :func:`reference_embeddings`); each image and prompt is embedded once."""
+    img = np.asarray(scorer.embed_images(_at(images, scorer.image_size)))
+    txt = np.asarray(scorer.embed_text(list(prompts)))
+    t = (img * txt).sum(-1)
+    i = np.array([float(np.mean(r @ e)) for e, r in zip(img, refs)])
+    return t, i

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """How to sample: ``ablations`` (``configs/common.py: ABLATIONS`` presets) then ``guidance``
-    overrides of ``config.guidance``, on the RealCustom++ config (``method="realcustompp"``) or the
-    RealCustom one; ``init_mask``: the constant mask before the first guidance mask (with
-    ``t_stop=0``: the mask throughout)."""
+    """How to sample: ``ablations`` (``configs/common.py: ABLATIONS`` presets, applied by the config's
+    ``apply_variant``) then ``guidance`` overrides of ``config.guidance``, on the RealCustom++ config
+    (``method="realcustompp"``) or the RealCustom one; ``init_mask``: the constant mask before the
+    first guidance mask (with ``t_stop=0``: the mask throughout)."""
 
     name: str
     group: str
@@ -72,13 +72,25 @@ SETTINGS: tuple[Setting, ...] = (
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 
 
-def setting_config(base, setting: Setting, ablations: Mapping[str, tuple[str, Callable]]):
-    """A copy of ``base`` with the setting's presets and overrides applied (masks are not recorded)."""
+NOT_ABLATIONS = ("public",)   # config extras that are no ablation (the released projector)
+
+
+def base_ablations(cfg) -> list[str]:
+    """The ablation presets ``cfg`` was built with (``:variant,a,b`` -> ``[a, b]``), without :data:`NOT_ABLATIONS`."""
+    return [a for a in (cfg.get("ablations") or "").split(",") if a and a not in NOT_ABLATIONS]
+
+
+def setting_config(base, setting: Setting, apply_variant: Callable):
+    """A copy of ``base`` with the setting's presets applied by the config's own ``apply_variant``
+    (``configs/common.py``), then its ``guidance`` overrides (masks are not recorded). ``base`` must
+    carry no ablation itself: every setting (``amg`` is the config as given) would silently include it."""
+    given = base_ablations(base)
+    if given:
+        raise ValueError(f"setting {setting.name}: the config already applies ablation(s) {given}; the benchmark "
+                         "applies each setting's own presets: give the bare variant (e.g. ':shapeworld')")
     c = base.copy_and_resolve_references()
-    for name in setting.ablations:
-        if name not in ablations:
-            raise ValueError(f"setting {setting.name}: unknown ablation preset {name!r}")
-        c.guidance.update(ablations[name][1](c))
+    extras = [a for a in (c.get("ablations") or "").split(",") if a]   # "public": re-applied, idempotent
+    c = apply_variant(c, [*extras, *setting.ablations])
     c.guidance.update(dict(setting.guidance))
     c.sample.record_masks = False
     return c
@@ -94,12 +106,18 @@ def with_steps(cfg, steps: int | None):
     return c
 
 
-def load_ablations(config_file: str | Path) -> dict:
-    """``ABLATIONS`` of the ``common.py`` beside a config file (``configs/common.py``)."""
-    import importlib.util
+def config_apply_variant(config_file: str | Path) -> Callable:
+    """``apply_variant`` of the ``common.py`` beside a config file (``configs/common.py``): the module
+    the config itself imported (``import common``), not a second copy."""
+    import importlib
+    import sys
 
-    path = Path(str(config_file).split(":")[0]).resolve().parent / "common.py"
-    spec = importlib.util.spec_from_file_location("_benchmark_config_common", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.ABLATIONS
+    folder = Path(str(config_file).split(":")[0]).resolve().parent
+    path = folder / "common.py"
+    mod = sys.modules.get("common")
+    if mod is None:
+        sys.path.insert(0, str(folder))       # as the config file does
+        mod = importlib.import_module("common")
+    if Path(getattr(mod, "__file__", "") or "").resolve() != path:
+        raise ImportError(f"`import common` gives {getattr(mod, '__file__', mod)}, not {path}")
+    return mod.apply_variant

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def resize_mask(mask: jax.Array, hw: tuple[int, int]) -> jax.Array:

@@ -10,12 +10,12 @@ shards, CLI), :mod:`.sources` (ArrayRecord, TFDS), :mod:`.curriculum` (Eqs. 10-1
 from customjax.data.curriculum import TABLE_X, Recipe, crop_ratio, crop_ratio_bound, multiview_probability, recipe
 from customjax.data.loader import SkipCounter, TrainLoader, make_loader, make_train_loader
 from customjax.data.records import Example, ShardedWriter, decode, encode, read_shard
-from customjax.data.sources import ArrayRecordSource, ConcatSource, TfdsSource
+from customjax.data.sources import ArrayRecordSource, TfdsSource
 from customjax.data.transforms import RECORD_SKIP_REASONS, SKIP_REASONS
 
 __all__ = [
     "TABLE_X", "Recipe", "crop_ratio", "crop_ratio_bound", "multiview_probability", "recipe",
     "SkipCounter", "TrainLoader", "make_loader", "make_train_loader",
     "Example", "ShardedWriter", "decode", "encode", "read_shard",
-    "ArrayRecordSource", "ConcatSource", "TfdsSource", "RECORD_SKIP_REASONS", "SKIP_REASONS",
+    "ArrayRecordSource", "TfdsSource", "RECORD_SKIP_REASONS", "SKIP_REASONS",
 ]

@@ -49,20 +49,25 @@ class Skip:
 
 def check_image(data: bytes, level: str = "header") -> str | None:
     """``None`` if ``data`` passes the check, else a skip reason: ``"header"`` opens the image and
-    runs PIL's ``verify`` (corrupt headers, PNG checksums); ``"decode"`` decodes all pixels too
-    (also catches truncated files; slower)."""
+    runs PIL's ``verify`` (corrupt headers, PNG checksums); ``"decode"`` decodes it as training does
+    (:func:`~customjax.data.images.open_rgb`: also catches truncated files; slower)."""
+    from customjax.data import images
+
     if level == "none":
+        return None
+    if level == "decode":
+        try:
+            images.open_rgb(data, "")
+        except images.ImageError as e:
+            return e.reason
         return None
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
-        if level == "decode":
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
     except Exception as e:  # PIL raises many types for bad files
-        return "truncated" if "truncat" in str(e).lower() else "undecodable"
+        return images.failure_reason(e)
     return None
 
 

@@ -4,7 +4,9 @@
 side is below ``min_size``, raise :class:`ImageError` with a skip reason. Grayscale, 16-bit,
 CMYK, palette and alpha images are converted to RGB (transparent areas composited on white), EXIF
 orientation is applied, and large JPEGs are decoded at reduced scale (``draft``) when the crops
-need fewer pixels.
+need fewer pixels. :func:`oriented_size` reads the same size from the header alone. The training
+target is :func:`target_crop` of the frame decoded by :func:`open_target`, whatever else is cut from
+the frame, so :mod:`~customjax.data.precompute` reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -42,6 +44,49 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def failure_reason(error: BaseException) -> str:
+    """The skip reason of an exception PIL raised for bad image bytes: ``truncated`` or ``undecodable``."""
+    return "truncated" if "truncat" in str(error).lower() else "undecodable"
+
+
+def _check_size(h: int, w: int, where: str, min_size: int) -> None:
+    if min(h, w) < min_size:
+        raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
+
+
+def _check_array(data: np.ndarray, where: str, min_size: int) -> tuple[int, int]:
+    if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
+        raise ImageError("undecodable", f"{where}: pixel array of dtype {data.dtype} shape {data.shape}")
+    h, w = data.shape[:2]
+    _check_size(h, w, where, min_size)
+    return h, w
+
+
+def _open_header(data, where: str, min_size: int) -> tuple[Image.Image, tuple[int, int], int]:
+    """(lazily opened image, (height, width) after EXIF orientation, orientation) of encoded ``data``."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    orientation = im.getexif().get(_ORIENTATION, 1)
+    if orientation in _TRANSPOSED:
+        w, h = h, w
+    _check_size(h, w, where, min_size)
+    return im, (h, w), orientation
+
+
+def oriented_size(data, where: str, *, min_size: int = 0) -> tuple[int, int]:
+    """The (height, width) :func:`open_rgb` reports for ``data`` (encoded bytes or a uint8 array), from
+    the header alone (EXIF orientation applied, no pixels decoded); raises :class:`ImageError`
+    (``undecodable`` headers, ``too_small``). Truncated pixel data is not detected."""
+    if isinstance(data, np.ndarray):
+        return _check_array(data, where, min_size)
+    try:
+        return _open_header(data, where, min_size)[1]
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many unrelated types for bad data
+        raise ImageError(failure_reason(e), f"{where}: {type(e).__name__}: {e}") from None
+
+
 def open_rgb(data, where: str, *, min_size: int = 0, scale=None) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, original (height, width) after EXIF orientation) of encoded ``data`` or a uint8 array.
 
@@ -50,21 +95,10 @@ def open_rgb(data, where: str, *, min_size: int = 0, scale=None) -> tuple[Image.
     returned image may be smaller than the original size: scale crop boxes by ``image.size / original``).
     """
     if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8 or data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[2] not in (1, 3, 4)):
-            raise ImageError("undecodable", f"{where}: pixel array of dtype {data.dtype} shape {data.shape}")
-        im = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data)
-        h, w = data.shape[:2]
-        if min(h, w) < min_size:
-            raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
-        return _to_rgb(im), (h, w)
+        h, w = _check_array(data, where, min_size)
+        return _to_rgb(Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[2] == 1 else data)), (h, w)
     try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        orientation = im.getexif().get(_ORIENTATION, 1)
-        if orientation in _TRANSPOSED:
-            w, h = h, w
-        if min(h, w) < min_size:
-            raise ImageError("too_small", f"{where}: {w}x{h} is smaller than min_size {min_size}")
+        im, (h, w), orientation = _open_header(data, where, min_size)
         factor = scale(h, w) if scale is not None else 1.0
         if factor < 1 and im.format == "JPEG":
             need = (max(1, math.ceil(im.size[0] * factor)), max(1, math.ceil(im.size[1] * factor)))
@@ -76,8 +110,7 @@ def open_rgb(data, where: str, *, min_size: int = 0, scale=None) -> tuple[Image.
     except ImageError:
         raise
     except Exception as e:  # PIL raises many unrelated types for bad data
-        reason = "truncated" if "truncat" in str(e).lower() else "undecodable"
-        raise ImageError(reason, f"{where}: {type(e).__name__}: {e}") from None
+        raise ImageError(failure_reason(e), f"{where}: {type(e).__name__}: {e}") from None
 
 
 def open_mask(data, where: str) -> Image.Image:
@@ -109,6 +142,31 @@ def crop_resize(im: Image.Image, original: tuple[int, int], box, out: tuple[int,
     fx, fy = im.size[0] / original[1], im.size[1] / original[0]
     scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
     return im.resize((out[1], out[0]), resample, box=scaled)
+
+
+def target_scale(out: tuple[int, int]):
+    """The ``scale`` argument of :func:`open_rgb` for a target of size ``out = (H, W)``: the resize factor
+    of the cover crop. The target is decoded at this scale whatever else is cut from the frame, so that
+    its pixels depend only on the frame and ``out`` (precomputed latents reproduce them exactly)."""
+    H, W = out
+
+    def scale(h, w):
+        return max(H / h, W / w)
+    return scale
+
+
+def open_target(data, where: str, out: tuple[int, int], *, min_size: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`open_rgb` of a frame at the target's scale (:func:`target_scale`)."""
+    return open_rgb(data, where, min_size=min_size, scale=target_scale(out))
+
+
+def target_crop(im: Image.Image, original: tuple[int, int], out: tuple[int, int],
+                offset: tuple[float, float] = (0.5, 0.5)) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 (H, W, 3) target, top-left of the window in resized pixels) of an image from
+    :func:`open_target`: resized to cover ``out = (H, W)`` and cropped at ``offset`` (0.5: centre).
+    The training transform and :mod:`~customjax.data.precompute` both cut targets with it."""
+    box, top_left = cover_crop_box(original, out, offset)
+    return np.asarray(crop_resize(im, original, box, out)), top_left
 
 
 def reference_crop_box(size: tuple[int, int], out: int, ratio: float, offset: tuple[float, float]) -> tuple:

@@ -19,14 +19,19 @@ Per batch: ``image`` (B, H, W, 3) float32 in [-1, 1] (or, from precomputed laten
 ``latent_logvar`` (B, h, w, c) in their stored dtype); ``reference`` (B, R, R, 3) float32 in [0, 1];
 ``caption`` (B,) str; ``is_multiview`` (B,) bool; ``step`` (B,) int32; ``index`` (B,) int64;
 ``original_size`` / ``crop_top_left`` (B, 2) int32 (SDXL micro-conditioning); ``skipped`` (B, 6) int32
-(see :mod:`~customjax.data.transforms`); ``mask`` (B, H, W) float32 with ``with_mask``;
-``input_ids`` (B, 77) int32 (and ``input_ids_2``) with ``tokenizer``.
+(see :mod:`~customjax.data.transforms`); ``mask`` (B, H, W) float32 with ``with_mask``. Captions are
+tokenized on the host by the training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import pathlib
+import shutil
+import tempfile
 from typing import Mapping, Sequence
 
 import grain
@@ -34,7 +39,13 @@ import numpy as np
 
 from customjax.data import curriculum, transforms
 from customjax.data.mixture import INFINITE, Mixture
+from customjax.data.records import KINDS
 from customjax.data.sources import as_source
+
+log = logging.getLogger(__name__)
+
+MAX_SKIP_RATIO = 0.5  # raise when more than this fraction of a window of 1000 elements is skipped
+READ_THREADS = 2       # decoding threads of the in-process pipeline (num_workers=0)
 
 
 class StepAligned(grain.sources.RandomAccessDataSource):
@@ -91,18 +102,11 @@ def make_loader(
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
-    tokenizer: str | Sequence[str] | None = None,
     min_size: int = 0,
     random_crop: bool = False,
     hflip: bool = True,
-    reference_hflip: bool = False,
     with_mask: bool = False,
-    mask_reference: bool = False,
-    max_skip_ratio: float | None = 0.5,
     latents: bool = False,
-    read_threads: int = 2,
-    read_buffer: int | None = None,
-    worker_buffer_size: int = 2,
 ) -> grain.IterDataset:
     """The pipeline of local batches (see the module docstring).
 
@@ -117,13 +121,14 @@ def make_loader(
         ``table10_no6``, ``realcustompp``, ``realcustom``).
       num_epochs: ``None`` for an endless stream; else a finite pass over the (single) source kind,
         ``num_epochs`` times, not step-aligned (evaluation, auditing).
-      min_size: images whose short side is smaller are skipped (``too_small``).
-      max_skip_ratio: raise when more than this fraction of a window of 1000 elements is skipped.
-      num_workers: grain worker processes per host (0: in-process; ``read_threads`` threads decode).
-      latents: the sources hold records written by :mod:`customjax.data.precompute`; batches carry the
-        target's precomputed VAE posterior ``latent_mean`` / ``latent_logvar`` (B, h, w, c) instead of
-        ``image``. The target is then the centre crop, unflipped (``random_crop`` and ``hflip`` are
-        ignored); the reference is cut from the stored frames as usual (Eq. 11).
+      min_size: images whose short side is smaller are skipped (``too_small``); the pipeline raises when
+        more than :data:`MAX_SKIP_RATIO` of a window of 1000 elements is skipped.
+      num_workers: grain worker processes per host (0: in-process, :data:`READ_THREADS` threads decode).
+      latents: the sources hold records written by :mod:`customjax.data.precompute` at ``image_size``
+        (:func:`~customjax.data.precompute.latent_sources` checks that); batches carry the target's
+        precomputed VAE posterior ``latent_mean`` / ``latent_logvar`` (B, h, w, c) instead of ``image``.
+        The target is then the centre crop, unflipped (``random_crop`` and ``hflip`` are ignored, with
+        a log line when set); the reference is cut from the stored frames as usual (Eq. 11).
     """
     if process_index is None or process_count is None:
         import jax
@@ -134,6 +139,10 @@ def make_loader(
         raise ValueError(f"global_batch_size {global_batch_size} does not divide by process_count {process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if latents and (random_crop or hflip):
+        log.info("precomputed latents: the target is the centre crop, unflipped; random_crop=%s / hflip=%s "
+                 "do not apply", random_crop, hflip)
+        random_crop = hflip = False
     local_batch = global_batch_size // process_count
     recipe = curriculum.recipe(recipe)
     srcs = {kind: as_source(data) for kind, data in sources.items()}
@@ -149,23 +158,20 @@ def make_loader(
     view = StepAligned(mixture, process_index, process_count, num_workers, local_batch, aligned=num_epochs is None)
     augment = transforms.Augment(
         image_size=size, reference_size=int(reference_size or size[0]), total_steps=total_steps, seed=seed,
-        recipe=recipe, min_size=min_size, random_crop=random_crop and not latents, hflip=hflip and not latents,
-        reference_hflip=reference_hflip, with_mask=with_mask, mask_reference=mask_reference, latents=latents)
+        recipe=recipe, min_size=min_size, random_crop=random_crop, hflip=hflip, with_mask=with_mask,
+        latents=latents)
 
     ds = grain.MapDataset.source(view).map(transforms.ParseRecord(latents=latents)).map(augment)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=read_buffer or 2 * local_batch))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * local_batch))
     ds = ds.filter(transforms.DropSkipped())
     # Fail instead of spinning when (almost) everything is bad; grain checks windows of 1000 elements.
     ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(
-        filter_warn_threshold_ratio=0.1, filter_raise_threshold_ratio=max_skip_ratio))
-    if tokenizer:
-        ds = ds.map(transforms.Tokenize(tokenizer))
+        filter_warn_threshold_ratio=0.1, filter_raise_threshold_ratio=MAX_SKIP_RATIO))
     ds = ds.batch(local_batch, drop_remainder=drop_remainder).map(transforms.ToFloat())
     if num_workers > 0:
         _mark_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=worker_buffer_size))
+                                                         per_worker_buffer_size=2))
     return ds
 
 
@@ -239,39 +245,76 @@ class TrainLoader:
             self._it.close()
 
 
+def cache_dir() -> pathlib.Path:
+    """Where generated datasets are kept: ``$CUSTOMJAX_CACHE``, else ``$XDG_CACHE_HOME/customjax``, else
+    ``~/.cache/customjax``."""
+    if os.environ.get("CUSTOMJAX_CACHE"):
+        return pathlib.Path(os.environ["CUSTOMJAX_CACHE"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "customjax"
+
+
+def _write_generated(generator: str, out: str, n: int, size: int, seed: int) -> None:
+    from customjax.data import shapeworld, synthetic
+
+    m = max(n // 4, 2)  # a quarter as many multiview objects
+    if generator == "shapeworld":
+        shapeworld.write_dataset(out, num_text_image=n, num_multiview=m, size=size, seed=seed, num_eval=0)
+    else:
+        synthetic.make_tiny_dataset(out, num_text_image=n, num_multiview=m, size=size, seed=seed)
+
+
+def generated_sources(generator: str, n: int, size: int, seed: int) -> dict:
+    """``{kind: shard folder}`` of a generated training set (``generator`` ``"synthetic"`` or
+    ``"shapeworld"``: ``n`` text-image pairs and ``max(n // 4, 2)`` multiview objects of ``size`` px),
+    written once under :func:`cache_dir` in a folder named by the arguments and a hash of the
+    generator's code (a changed generator writes a new folder). It is written into a temporary sibling and renamed into place, so concurrent
+    processes (hosts, resumed runs) never see a partial folder; the first rename wins."""
+    if generator not in ("synthetic", "shapeworld"):
+        raise ValueError(f"unknown data generator {generator!r}")
+    import importlib
+
+    h = hashlib.sha256()
+    for module in (f"customjax.data.{generator}", "customjax.data.records"):  # the code that writes the bytes
+        h.update(pathlib.Path(importlib.import_module(module).__file__).read_bytes())
+    tag = h.hexdigest()[:12]
+    root = cache_dir() / "data"
+    final = root / f"{generator}-n{n}-size{size}-seed{seed}-{tag}"
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
+        try:
+            _write_generated(generator, tmp, n, size, seed)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.is_dir():  # not a lost race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {kind: str(final / kind) for kind in KINDS if (final / kind).is_dir()}
+
+
 def train_sources(config) -> dict:
     """``{kind: data}`` of the raw training data of a method config: ``config.data.text_image`` /
-    ``multiview`` shard paths, or (both empty) a generated dataset written into a temporary folder,
-    the same on every process and every call: ``config.data.shapeworld_examples`` ShapeWorld
-    text-image pairs and a quarter as many 4-frame multiview objects (training split,
+    ``multiview`` shard paths, or (both empty) a generated dataset (:func:`generated_sources`, the
+    same on every process and every call): ``config.data.shapeworld_examples`` ShapeWorld text-image
+    pairs at ``config.train.image_size`` and a quarter as many 4-frame multiview objects (training split,
     :mod:`customjax.data.shapeworld`), or with ``config.data.synthetic`` a small synthetic dataset
-    (``synthetic_examples`` text-image pairs and a quarter as many multiview objects)."""
+    (``synthetic_examples`` 64 px text-image pairs and a quarter as many multiview objects)."""
     d = config.data
     sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
-    if not sources and d.get("shapeworld_examples", 0):
-        import tempfile
-
-        from customjax.data import shapeworld
-
-        n = int(d.shapeworld_examples)
-        return shapeworld.write_dataset(tempfile.mkdtemp(prefix="customjax_shapeworld_"), num_text_image=n,
-                                        num_multiview=max(n // 4, 2), size=int(config.train.image_size),
-                                        seed=int(config.seed), num_eval=0)
-    if not sources:
-        if not d.get("synthetic", False):
-            raise ValueError("config.data.text_image / config.data.multiview are empty "
-                             "and config.data.synthetic is off")
-        import tempfile
-
-        from customjax.data import synthetic
-
-        n = int(d.get("synthetic_examples", 64))
-        sources = synthetic.make_tiny_dataset(tempfile.mkdtemp(prefix="customjax_synthetic_"), num_text_image=n,
-                                              num_multiview=max(n // 4, 2), seed=int(config.seed))
-    return sources
+    if sources:
+        return sources
+    if d.get("shapeworld_examples", 0):
+        return generated_sources("shapeworld", int(d.shapeworld_examples), int(config.train.image_size),
+                                 int(config.seed))
+    if not d.get("synthetic", False):
+        raise ValueError("config.data.text_image / config.data.multiview are empty "
+                         "and config.data.synthetic is off")
+    return generated_sources("synthetic", int(d.get("synthetic_examples", 64)), 64, int(config.seed))
 
 
-def make_train_loader(config, built=None, *, process_index: int | None = None,
+def make_train_loader(config, *, process_index: int | None = None,
                       process_count: int | None = None) -> TrainLoader:
     """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
 
@@ -279,27 +322,22 @@ def make_train_loader(config, built=None, *, process_index: int | None = None,
     ``python -m customjax.data.precompute`` read instead of them (see ``make_loader(latents=True)``);
     ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
     ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``), ``config.train`` (``batch`` global,
-    ``image_size``, ``steps``) and
-    ``config.seed``. The reference side defaults to ``encoders.image_size * encoders.scale`` for
-    RealCustom++ (the cross-scale view) and ``encoders.image_size`` otherwise. ``built`` is unused.
+    ``image_size``, ``steps``) and ``config.seed``. The reference side defaults to the method's
+    (:func:`customjax.methods.build.reference_size`).
     """
-    del built
     d = config.data
     latents = bool(d.get("latents", ""))
     if latents:
         from customjax.data import precompute
 
         sources = precompute.latent_sources(d.latents, image_size=_pair(config.train.image_size))
-        if d.get("hflip", True) or d.get("random_crop", False):
-            logging.getLogger(__name__).info("precomputed latents (%s): the target is the centre crop, "
-                                             "data.hflip / data.random_crop do not apply", d.latents)
     else:
         sources = train_sources(config)
     rec = curriculum.recipe(d.get("recipe", "realcustompp"))
     reference_size = d.get("reference_size", None)
     if not reference_size:
-        enc = config.encoders
-        reference_size = enc.image_size * (enc.get("scale", 1) if config.method == "realcustompp" else 1)
+        from customjax.methods.build import reference_size as method_reference_size
+        reference_size = method_reference_size(config)
     ds = make_loader(
         {k: v for k, v in sources.items() if k in rec.needs}, global_batch_size=int(config.train.batch),
         image_size=config.train.image_size, reference_size=int(reference_size), total_steps=int(config.train.steps),

@@ -13,7 +13,8 @@ dataset over independent jobs (hosts) with ``--part K --num_parts N``: part K co
 ``[K n / N, (K + 1) n / N)`` of each kind, so the parts together keep the original record order.
 
 Record format: the record of :mod:`customjax.data.records`, unchanged (caption, the encoded
-frames, masks, ...), plus one key ``latents``, a map::
+frames, masks, ...), plus one key ``latents`` (:func:`~customjax.data.records.with_latents`,
+:func:`~customjax.data.records.read_latents`), a map::
 
     {"v": 1, "image_size": [H, W], "shape": [h, w, c], "dtype": "float16",
      "mean": [bin | nil per frame], "logvar": [bin | nil per frame]}
@@ -45,61 +46,16 @@ import os
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
-from customjax.data.records import KINDS, Example, RecordError, ShardedWriter, decode, encode, find_shards
+from customjax.data.records import (  # noqa: F401  (read_latents / with_latents: the format's API here too)
+    KINDS, LATENTS_VERSION, Example, RecordError, ShardedWriter, decode, find_shards, read_latents, with_latents)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = LATENTS_VERSION
 DTYPES = ("float16", "bfloat16", "float32")
 MANIFEST_GLOB = "precompute-part*.json"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The record format (no JAX: grain workers read it).
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def with_latents(example: Example, image_size: tuple[int, int], means: list, logvars: list, dtype: str) -> bytes:
-    """The msgpack record of ``example`` with its frames' posteriors (``None`` for a frame without)."""
-    payload = msgpack.unpackb(encode(example), raw=False)
-    shape = next(m.shape for m in means if m is not None)
-    dt = _np_dtype(dtype)
-    pack = lambda a: None if a is None else np.ascontiguousarray(np.asarray(a, np.float32).astype(dt)).tobytes()
-    payload["latents"] = {"v": FORMAT_VERSION, "image_size": list(image_size), "shape": list(shape), "dtype": dtype,
-                          "mean": [pack(m) for m in means], "logvar": [pack(v) for v in logvars]}
-    return msgpack.packb(payload, use_bin_type=True)
-
-
-def read_latents(data: bytes, where: str = "<record>") -> dict | None:
-    """``{"image_size": (H, W), "mean": [array | None per frame], "logvar": [...]}`` of a record, or
-    ``None`` when it has no ``latents``; raises :class:`RecordError` for a malformed one."""
-    try:
-        lat = msgpack.unpackb(data, raw=False).get("latents")
-    except Exception as e:  # msgpack raises several unrelated types
-        raise RecordError(f"{where}: not a msgpack record ({type(e).__name__}: {e})") from None
-    if lat is None:
-        return None
-    try:
-        if lat["v"] != FORMAT_VERSION:
-            raise ValueError(f"latents format {lat['v']!r}, expected {FORMAT_VERSION}")
-        shape, dt = tuple(int(x) for x in lat["shape"]), _np_dtype(lat["dtype"])
-        arr = lambda b: None if b is None else np.frombuffer(b, dt).reshape(shape)
-        mean, logvar = [arr(b) for b in lat["mean"]], [arr(b) for b in lat["logvar"]]
-        if len(mean) != len(logvar) or [m is None for m in mean] != [v is None for v in logvar]:
-            raise ValueError("mean and logvar do not match")
-        return {"image_size": tuple(int(x) for x in lat["image_size"]), "mean": mean, "logvar": logvar}
-    except (KeyError, TypeError, ValueError) as e:
-        raise RecordError(f"{where}: bad latents ({type(e).__name__}: {e})") from None
 
 
 def read_manifests(folder: str | os.PathLike) -> list[dict]:
@@ -160,33 +116,21 @@ def check_vae(folder: str | os.PathLike, vae_params) -> None:
 
 
 def load_vae(config):
-    """(VAE module, parameters) exactly as :func:`customjax.methods.build.build` makes them."""
-    import jax.numpy as jnp
+    """(VAE module, parameters) of the base model training uses (:func:`customjax.methods.build.base_pipeline`)."""
+    from customjax.methods.build import base_pipeline
 
-    dtype = jnp.dtype(config.model.dtype)
-    if config.model.path:
-        from customjax.models.vae import VAE
-        from customjax.weights.loaders import load_pretrained
-
-        vae, params, _ = load_pretrained(Path(config.model.path) / "vae", VAE, dtype=dtype)
-        return vae, params
-    from customjax.zoo import random_pipeline
-
-    scale = config.model.get("random_scale", "tiny")
-    pipe, params = random_pipeline(config.model.random, scale, seed=config.seed,
-                                   std=0.1 if scale == "tiny" else 0.02, dtype=dtype)
+    pipe, params = base_pipeline(config)
     return pipe.vae, params["vae"]
 
 
 def center_crop(frame, where: str, size: tuple[int, int]) -> np.ndarray:
-    """The training transform's target without augmentation: the frame resized to cover ``size``
-    and centre-cropped, uint8 (H, W, 3); raises :class:`~customjax.data.images.ImageError`."""
+    """The training transform's target without augmentation (:func:`~customjax.data.images.target_crop` at
+    the centre of the frame decoded by :func:`~customjax.data.images.open_target`), uint8 (H, W, 3);
+    raises :class:`~customjax.data.images.ImageError`."""
     from customjax.data import images
 
-    H, W = size
-    im, orig = images.open_rgb(frame, where, scale=lambda h, w: max(H / h, W / w))
-    box, _ = images.cover_crop_box(orig, (H, W), (0.5, 0.5))
-    return np.asarray(images.crop_resize(im, orig, box, (H, W)))
+    im, orig = images.open_target(frame, where, size)
+    return images.target_crop(im, orig, size)[0]
 
 
 def _encoded_frames(example: Example) -> Example:
@@ -213,7 +157,6 @@ def precompute(config, out: str | os.PathLike, *, batch: int = 16, dtype: str = 
     """Writes part ``part`` of ``num_parts`` of the precomputed latents of ``config``'s data to ``out``;
     returns the manifest (also written to ``out/precompute-partNNNNN.json``)."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from customjax import parallel
@@ -231,11 +174,13 @@ def precompute(config, out: str | os.PathLike, *, batch: int = 16, dtype: str = 
     size = _pair(config.train.image_size)
     vae, vae_params = load_vae(config)
     mesh = parallel.data_mesh()
-    batch = max(batch, mesh.shape["data"])
-    batch += -batch % mesh.shape["data"]
+    n = parallel.batch_size_divisor(mesh)
+    batch = max(batch, n)
+    batch += -batch % n
+    batch_sharding = NamedSharding(mesh, parallel.batch_spec(4))
     encode_fn = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"),
-                        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, parallel.batch_spec(4))),
-                        out_shardings=NamedSharding(mesh, P()))
+                        in_shardings=(NamedSharding(mesh, P()), batch_sharding),
+                        out_shardings=(batch_sharding, batch_sharding))  # fetched shard by shard
     vae_params = parallel.replicate(vae_params, mesh)
     needs = curriculum.recipe(config.data.get("recipe", "realcustompp")).needs
     counts: dict = {}

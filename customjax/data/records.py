@@ -16,6 +16,8 @@ key            msgpack type         meaning
                                     the key is absent when there are no masks at all
 ``object_id``  str                  multiview object id (``""`` for text-image pairs)
 ``source``     str                  where the example came from (path), for error messages
+``latents``    map (optional)       precomputed VAE posteriors of the frames (:func:`with_latents`,
+                                    written by :mod:`customjax.data.precompute`)
 =============  ===================  =========================================================
 
 Shards are ``<name>-00000-of-00004.array_record`` (ArrayRecord, ``group_size:1`` so that every
@@ -31,6 +33,7 @@ import pathlib
 from typing import Sequence
 
 import msgpack
+import numpy as np
 
 SCHEMA_VERSION = 1
 KINDS = ("text_image", "multiview")
@@ -70,8 +73,8 @@ class Example:
             raise RecordError(f"{where}: {len(self.masks)} masks for {len(self.frames)} frames")
 
 
-def encode(example: Example) -> bytes:
-    """The msgpack bytes of ``example`` (frames must be encoded bytes)."""
+def to_map(example: Example) -> dict:
+    """The msgpack map of ``example`` (frames must be encoded bytes): :func:`encode` packs it."""
     for i, f in enumerate(example.frames):
         if not isinstance(f, (bytes, bytearray)):
             raise RecordError(f"{example.source or '<example>'}: frame {i} is {type(f).__name__}, not encoded bytes")
@@ -86,11 +89,16 @@ def encode(example: Example) -> bytes:
     }
     if example.masks is not None:
         payload["masks"] = [None if m is None else bytes(m) for m in example.masks]
-    return msgpack.packb(payload, use_bin_type=True)
+    return payload
 
 
-def decode(data: bytes, where: str = "<record>") -> Example:
-    """The :class:`Example` in msgpack ``data``; raises :class:`RecordError` naming ``where``."""
+def encode(example: Example) -> bytes:
+    """The msgpack bytes of ``example`` (frames must be encoded bytes)."""
+    return msgpack.packb(to_map(example), use_bin_type=True)
+
+
+def unpack(data: bytes, where: str = "<record>") -> dict:
+    """The msgpack map of a record (schema version checked); raises :class:`RecordError` naming ``where``."""
     try:
         d = msgpack.unpackb(data, raw=False)
     except Exception as e:  # msgpack raises several unrelated types
@@ -99,6 +107,11 @@ def decode(data: bytes, where: str = "<record>") -> Example:
         raise RecordError(f"{where}: record is a {type(d).__name__}, not a map")
     if d.get("v") != SCHEMA_VERSION:
         raise RecordError(f"{where}: schema version {d.get('v')!r}, expected {SCHEMA_VERSION}")
+    return d
+
+
+def from_map(d: dict, where: str = "<record>") -> Example:
+    """The :class:`Example` of an :func:`unpack` ed record map; raises :class:`RecordError` naming ``where``."""
     try:
         frames, masks, names = d["frames"], d.get("masks"), d.get("names", [])
         if not isinstance(d["caption"], str) or not isinstance(frames, list) or not isinstance(names, list):
@@ -114,6 +127,58 @@ def decode(data: bytes, where: str = "<record>") -> Example:
         raise RecordError(f"{where}: missing key {e}") from None
     except TypeError as e:
         raise RecordError(f"{where}: {e}") from None
+
+
+def decode(data: bytes, where: str = "<record>") -> Example:
+    """The :class:`Example` in msgpack ``data``; raises :class:`RecordError` naming ``where``."""
+    return from_map(unpack(data, where), where)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precomputed VAE posteriors (the ``latents`` key written by :mod:`customjax.data.precompute`; no JAX here:
+# grain workers read them).
+
+LATENTS_VERSION = 1
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def with_latents(example: Example, image_size: tuple[int, int], means: list, logvars: list, dtype: str) -> bytes:
+    """The msgpack record of ``example`` plus its frames' posteriors (``None`` for a frame without),
+    stored as ``dtype`` (see :mod:`customjax.data.precompute` for the format)."""
+    payload = to_map(example)
+    shape = next(m.shape for m in means if m is not None)
+    dt = _np_dtype(dtype)
+    pack = lambda a: None if a is None else np.ascontiguousarray(np.asarray(a, np.float32).astype(dt)).tobytes()
+    payload["latents"] = {"v": LATENTS_VERSION, "image_size": list(image_size), "shape": list(shape), "dtype": dtype,
+                          "mean": [pack(m) for m in means], "logvar": [pack(v) for v in logvars]}
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def read_latents(record: bytes | dict, where: str = "<record>") -> dict | None:
+    """``{"image_size": (H, W), "mean": [array | None per frame], "logvar": [...]}`` of a record (bytes,
+    or the map :func:`unpack` returned), or ``None`` when it has no ``latents``; raises
+    :class:`RecordError` for a malformed one."""
+    lat = (record if isinstance(record, dict) else unpack(record, where)).get("latents")
+    if lat is None:
+        return None
+    try:
+        if lat["v"] != LATENTS_VERSION:
+            raise ValueError(f"latents format {lat['v']!r}, expected {LATENTS_VERSION}")
+        shape, dt = tuple(int(x) for x in lat["shape"]), _np_dtype(lat["dtype"])
+        arr = lambda b: None if b is None else np.frombuffer(b, dt).reshape(shape)
+        mean, logvar = [arr(b) for b in lat["mean"]], [arr(b) for b in lat["logvar"]]
+        if len(mean) != len(logvar) or [m is None for m in mean] != [v is None for v in logvar]:
+            raise ValueError("mean and logvar do not match")
+        return {"image_size": tuple(int(x) for x in lat["image_size"]), "mean": mean, "logvar": logvar}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RecordError(f"{where}: bad latents ({type(e).__name__}: {e})") from None
 
 
 def shard_path(out_dir: str | os.PathLike, name: str, index: int, count: int) -> pathlib.Path:

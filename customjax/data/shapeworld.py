@@ -89,6 +89,11 @@ class Appearance:
     pattern: str | None = "solid"
     angle: int = 0
 
+    @property
+    def colors(self) -> tuple[str, ...]:
+        """The named colours: ``(primary,)`` or ``(primary, secondary)``."""
+        return tuple(c for c in (self.primary, self.secondary) if c)
+
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
@@ -336,7 +341,8 @@ def place(rng, subject: Subject, position: str, size_name: str, size: int) -> Ob
     return Obj(subject.category, subject.appearance, position, size_name, center, radius, ROTATION * (2 * u[3] - 1))
 
 
-def _fits(obj: Obj, others, size: int) -> bool:
+def fits(obj: Obj, others, size: int) -> bool:
+    """``obj`` keeps a gap of max(3 px, 4% of the side) beyond the extents of every one of ``others``."""
     gap = max(3.0, 0.04 * size)
     return all(math.dist(obj.center, o.center) >= EXTENT * (obj.radius + o.radius) + gap for o in others)
 
@@ -356,7 +362,7 @@ def _add_object(rng, objects: list, background: Background, size: int, split: st
     for attempt in range(tries):
         size_name = "small" if attempt >= tries // 2 else _choice(rng, tuple(SIZES))
         obj = place(rng, subj, _choice(rng, free), size_name, size)
-        if _allowed(obj, background, split) and _fits(obj, objects, size):
+        if _allowed(obj, background, split) and fits(obj, objects, size):
             objects.append(obj)
             return obj
     return None
@@ -465,7 +471,8 @@ def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
 # Captions.
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
+    """``"an " + phrase`` before a vowel, else ``"a " + phrase``."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -481,22 +488,24 @@ def appearance_phrase(a: Appearance, colors: bool = True, secondary: bool = True
 
 def subject_phrase(subject: Subject) -> str:
     """``"a red and white striped star"`` (every attribute of the subject, deterministic)."""
-    return _article(f"{appearance_phrase(subject.appearance)} {subject.category}")
+    return article(f"{appearance_phrase(subject.appearance)} {subject.category}")
 
 
 def _object_phrase(obj: Obj, rng=None) -> str:
     """Full description without rng; with rng, size / colours / pattern / position are sometimes omitted.
-    The category word is always there."""
+    The category word is always there; a None appearance / size / position is not named."""
     full = rng is None
     keep = (lambda p: True) if full else (lambda p: rng.uniform() < p)
     a = obj.appearance
-    if full:
+    if a is None:
+        app = ""
+    elif full:
         app = appearance_phrase(a)
     else:
         colors = keep(0.9)
         app = appearance_phrase(a, colors, colors and keep(0.8), a.pattern != "solid" and keep(0.75))
     words = [w for w in ((obj.size if obj.size and keep(0.5) else ""), app, obj.category) if w]
-    phrase = _article(" ".join(words))
+    phrase = article(" ".join(words))
     if obj.position and keep(0.6):
         phrase += " " + POSITION_PHRASES[obj.position]
     return phrase
@@ -524,14 +533,15 @@ CAPTION_TEMPLATES = (
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A random caption: random template, some attributes omitted; categories and background colours always named."""
     objects = _join([_object_phrase(o, rng) for o in scene.objects])
-    bg = _article(background_phrase(scene.background, pattern=rng.uniform() < 0.7))
+    bg = article(background_phrase(scene.background, pattern=rng.uniform() < 0.7))
     return _choice(rng, CAPTION_TEMPLATES).format(objects=objects, bg=bg)
 
 
 def prompt(scene: Scene) -> str:
-    """The deterministic full description (evaluation prompt): every named attribute of every object."""
+    """The deterministic full description (evaluation prompt): every named attribute of every object
+    (an object's None appearance / size / position is not named)."""
     objects = _join([_object_phrase(o) for o in scene.objects])
-    return f"{objects}, on {_article(background_phrase(scene.background))} background"
+    return f"{objects}, on {article(background_phrase(scene.background))} background"
 
 
 # ---------------------------------------------------------------------------------------------------------

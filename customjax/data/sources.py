@@ -10,8 +10,7 @@ messages. Any object with that interface works; this module provides:
 * :class:`TfdsSource`: a TFDS dataset prepared with ``file_format="array_record"``, read through
   ``builder.as_data_source`` without TensorFlow (features must be tensors / text: encoded image
   bytes as ``Tensor(shape=(), dtype=np.object_)`` or uint8 pixel tensors; ``tfds.features.Image``
-  needs TensorFlow to decode);
-* :class:`ConcatSource`: several sources of one kind as one.
+  needs TensorFlow to decode).
 """
 
 from __future__ import annotations
@@ -43,18 +42,16 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     """The msgpack records of ArrayRecord shards (a folder, a glob, a file or a list of files), in file order."""
 
     def __init__(self, path: str | os.PathLike | Sequence):
+        from array_record.python.array_record_module import ArrayRecordReader
+
         self.paths = find_shards(path)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
-        instructions = getattr(self._source, "_read_instructions", None)
-        if instructions is not None and len(instructions) == len(self.paths):
-            counts = [int(r.num_records) for r in instructions]
-        else:  # fall back to the public reader API
-            from array_record.python.array_record_module import ArrayRecordReader
-
-            counts = []
-            for p in self.paths:
-                reader = ArrayRecordReader(p)
-                counts.append(reader.num_records())
+        counts = []
+        for p in self.paths:
+            reader = ArrayRecordReader(p)
+            try:
+                counts.append(int(reader.num_records()))
+            finally:
                 reader.close()
         self._starts = list(np.cumsum([0] + counts[:-1]))
         self._len = int(sum(counts))
@@ -71,38 +68,6 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.paths)} shards, {self._len} records, first={self.paths[0]!r})"
-
-
-class ConcatSource(grain.sources.RandomAccessDataSource):
-    """Record sources concatenated in order."""
-
-    def __init__(self, sources: Sequence):
-        if not sources:
-            raise ValueError("ConcatSource needs at least one source")
-        self.sources = list(sources)
-        lengths = [len(s) for s in self.sources]
-        self._starts = list(np.cumsum([0] + lengths[:-1]))
-        self._len = int(sum(lengths))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def _locate(self, index: int):
-        if not 0 <= index < self._len:
-            raise IndexError(f"index {index} out of range for {self._len} records")
-        s = bisect.bisect_right(self._starts, index) - 1
-        return self.sources[s], index - self._starts[s]
-
-    def __getitem__(self, index: int):
-        source, i = self._locate(index)
-        return source[i]
-
-    def where(self, index: int) -> str:
-        source, i = self._locate(index)
-        return where(source, i)
-
-    def __repr__(self) -> str:
-        return f"ConcatSource([{', '.join(map(describe, self.sources))}])"
 
 
 def _text(value) -> str:

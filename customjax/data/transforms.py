@@ -2,8 +2,7 @@
 
 Per element: :class:`ParseRecord` (msgpack -> :class:`~customjax.data.records.Example`),
 :class:`Augment` (decode, pick views, target crop/flip, Eq. 11 reference crop),
-:class:`DropSkipped` (a grain ``Filter`` that drops and counts bad records), optionally
-:class:`Tokenize`; per batch :class:`ToFloat`.
+:class:`DropSkipped` (a grain ``Filter`` that drops and counts bad records); per batch :class:`ToFloat`.
 
 Bad data never raises: a transform returns a :class:`Skipped` sentinel (reason + record) that
 :class:`DropSkipped` removes. Skip counting works with any number of worker processes because the
@@ -27,7 +26,7 @@ import grain
 import numpy as np
 
 from customjax.data import curriculum, images
-from customjax.data.records import Example, RecordError, decode
+from customjax.data.records import Example, RecordError, from_map, read_latents, unpack
 
 SKIP_REASONS = ("bad_record", "undecodable", "truncated", "too_small", "bad_frame", "bad_mask")
 RECORD_SKIP_REASONS = SKIP_REASONS[:4]
@@ -62,7 +61,8 @@ class ParseRecord(grain.transforms.Map):
     """``{"record": bytes | Example | Skipped, "kind", "where", ...}`` -> the same with an :class:`Example`,
     or a :class:`Skipped` (``bad_record``) for bytes that are not a schema record or of the wrong kind.
     With ``latents`` also ``"latents"``: the record's precomputed VAE posteriors
-    (:func:`customjax.data.precompute.read_latents`; a record without them is ``bad_record``)."""
+    (:func:`customjax.data.records.read_latents`, from the same unpacked map; a record without them
+    is ``bad_record``)."""
 
     def __init__(self, latents: bool = False):
         self.latents = latents
@@ -71,14 +71,17 @@ class ParseRecord(grain.transforms.Map):
         rec, where = element["record"], element["where"]
         if isinstance(rec, Skipped):
             return rec
+        lat = None
         try:
-            example = rec if isinstance(rec, Example) else decode(rec, where)
-            if self.latents:
-                from customjax.data.precompute import read_latents
-
-                lat = read_latents(rec, where) if isinstance(rec, (bytes, bytearray)) else None
-                if lat is None:
-                    raise RecordError(f"{where}: no precomputed latents (write them with customjax.data.precompute)")
+            if isinstance(rec, Example):
+                example = rec
+            else:
+                d = unpack(rec, where)
+                example = from_map(d, where)
+                if self.latents:
+                    lat = read_latents(d, where)
+            if self.latents and lat is None:
+                raise RecordError(f"{where}: no precomputed latents (write them with customjax.data.precompute)")
         except RecordError as e:
             return Skipped("bad_record", where, str(e))
         if example.kind != element["kind"]:
@@ -93,7 +96,8 @@ class ParseRecord(grain.transforms.Map):
 class Augment(grain.transforms.Map):
     """Decodes an example into fixed-shape uint8 arrays (see :class:`ToFloat` for the float outputs).
 
-    * target ``image`` (H, W, 3): resized to cover ``image_size``, centre or random crop, random flip;
+    * target ``image`` (H, W, 3): resized to cover ``image_size``, centre or random crop, random flip
+      (:func:`~customjax.data.images.target_crop` of the frame decoded at the target's own scale);
     * ``reference`` (R, R, 3): for multiview a different frame than the target when one decodes (the
       re-contextualisation pair), else the same frame; the centre square is resized to ``R * r`` and
       an R x R window cropped at random, with ``r`` from the recipe's crop mode (Eq. 11);
@@ -104,8 +108,11 @@ class Augment(grain.transforms.Map):
 
     With ``latents`` (records of :mod:`customjax.data.precompute`, parsed by ``ParseRecord(latents=True)``)
     the target is not cut from the frame: ``latent_mean`` / ``latent_logvar`` (h, w, c) of the chosen
-    target frame replace ``image`` (they were computed from its centre crop, unflipped; ``random_crop``
-    and ``hflip`` must be off). Frames and the reference are chosen exactly as without.
+    target frame replace ``image`` (precompute encoded its :func:`~customjax.data.images.target_crop` at the
+    centre, unflipped), and only the target frame's header is read. The caller guarantees
+    ``random_crop`` and ``hflip`` are off and the latents are at ``image_size`` (:func:`make_loader`,
+    :func:`~customjax.data.precompute.latent_sources`). Frames, references, masks and sizes are exactly
+    those of the image path.
     """
 
     image_size: tuple[int, int]
@@ -116,14 +123,19 @@ class Augment(grain.transforms.Map):
     min_size: int = 0
     random_crop: bool = False
     hflip: bool = True
-    reference_hflip: bool = False
     with_mask: bool = False
-    mask_reference: bool = False
     latents: bool = False
 
-    def __post_init__(self):
-        if self.latents and (self.random_crop or self.hflip):
-            raise ValueError("precomputed latents are centre crops: random_crop and hflip must be off")
+    def _target(self, ex: Example, fi: int, where: str, lat):
+        """(frame index, decoded image or None with latents, original size) of a target candidate."""
+        (H, W), frame = self.image_size, ex.frames[fi]
+        if not self.latents:
+            return (fi, *images.open_target(frame, where, (H, W), min_size=self.min_size))
+        size = images.oriented_size(frame, where, min_size=self.min_size)
+        if lat["mean"][fi] is None:  # precompute could not decode it: raise the reason the image path would
+            images.open_target(frame, where, (H, W), min_size=self.min_size)
+            raise images.ImageError("bad_record", f"{where}: no precomputed latents")
+        return fi, None, size
 
     def map(self, element):
         if isinstance(element, Skipped):
@@ -137,66 +149,66 @@ class Augment(grain.transforms.Map):
         target_offset = tuple(rng.uniform(size=2)) if self.random_crop else (0.5, 0.5)
         reference_offset = tuple(rng.uniform(size=2))
         flip_target = self.hflip and rng.uniform() < 0.5
-        flip_reference = self.reference_hflip and rng.uniform() < 0.5
         (H, W), R = self.image_size, self.reference_size
         side = max(R, round(R * ratio))
+        target_scale = images.target_scale((H, W))
 
-        def scale(h, w):  # the largest resize factor any crop of this frame needs
-            return max(H / h, W / w, side / min(h, w))
+        def reference_scale(h, w):  # also covers the target's need: one decode when they share a frame
+            return max(target_scale(h, w), side / min(h, w))
 
-        decoded, errors = [], []
-        for fi in order:
-            name = ex.names[fi] if ex.names else str(fi)
-            fwhere = f"{where} frame {name}" if multiview else where
+        def frame_where(fi):
+            return f"{where} frame {ex.names[fi] if ex.names else fi}" if multiview else where
+
+        lat = element.get("latents")
+        target = reference = None  # (frame index, image, original size)
+        errors = []
+        for fi in map(int, order):
             try:
-                decoded.append((int(fi),) + images.open_rgb(ex.frames[fi], fwhere, min_size=self.min_size, scale=scale))
+                if target is None:
+                    target = self._target(ex, fi, frame_where(fi), lat)
+                else:
+                    reference = (fi, *images.open_rgb(ex.frames[fi], frame_where(fi), min_size=self.min_size,
+                                                      scale=reference_scale))
+                    break
             except images.ImageError as e:
                 errors.append(e)
-            if len(decoded) == 2:
-                break
-        if not decoded:
+        if target is None:
             e = errors[0]
             return Skipped(e.reason, where, str(e))
-        ti, t_im, t_size = decoded[0]
-        ri, r_im, r_size = decoded[-1]
+        ti, t_im, t_size = target
+        if reference is None:  # one usable frame: the reference comes from the target's frame
+            unreduced = t_im is not None and t_im.size == (t_size[1], t_size[0])
+            if unreduced or (t_im is not None and reference_scale(*t_size) <= target_scale(*t_size)):
+                reference = target  # decoding at reference_scale would give the same pixels
+            else:
+                try:
+                    reference = (ti, *images.open_rgb(ex.frames[ti], frame_where(ti), min_size=self.min_size,
+                                                      scale=reference_scale))
+                except images.ImageError as e:
+                    return Skipped(e.reason, where, str(e))
+        _, r_im, r_size = reference
         skipped = skip_vector(bad_frame=len(errors))
 
         box, top_left = images.cover_crop_box(t_size, (H, W), target_offset)
         if self.latents:
-            lat = element["latents"]
-            if tuple(lat["image_size"]) != (H, W):
-                raise ValueError(f"{where}: latents precomputed at {tuple(lat['image_size'])}, training at {(H, W)}")
-            if lat["mean"][ti] is None:
-                return Skipped("bad_record", where, f"frame {ti} has no precomputed latents")
             out = {"latent_mean": lat["mean"][ti], "latent_logvar": lat["logvar"][ti]}
         else:
-            out = {"image": np.asarray(images.crop_resize(t_im, t_size, box, (H, W)))}
-        masks = ex.masks or (None,) * len(ex.frames)
+            out = {"image": images.target_crop(t_im, t_size, (H, W), target_offset)[0]}
         if self.with_mask:
             mask = np.full((H, W), 255, np.uint8)
-            if masks[ti] is not None:
+            if ex.masks is not None and ex.masks[ti] is not None:
                 try:
-                    m = images.open_mask(masks[ti], f"{where} frame {ti}")
+                    m = images.open_mask(ex.masks[ti], f"{where} frame {ti}")
                     mask = np.asarray(images.crop_resize(m, t_size, box, (H, W), images.Image.BILINEAR))
                 except images.ImageError:
                     skipped[_REASON_INDEX["bad_mask"]] += 1
             out["mask"] = mask
         r_box = images.reference_crop_box(r_size, R, ratio, reference_offset)
-        reference = images.crop_resize(r_im, r_size, r_box, (R, R))
-        if self.mask_reference and masks[ri] is not None:
-            try:
-                m = images.crop_resize(images.open_mask(masks[ri], f"{where} frame {ri}"), r_size, r_box, (R, R),
-                                       images.Image.BILINEAR)
-                reference = images.Image.composite(reference, images.Image.new("RGB", (R, R), (255, 255, 255)), m)
-            except images.ImageError:
-                skipped[_REASON_INDEX["bad_mask"]] += 1
-        out["reference"] = np.asarray(reference)
+        out["reference"] = np.asarray(images.crop_resize(r_im, r_size, r_box, (R, R)))
         if flip_target:
             out["image"] = out["image"][:, ::-1]
             if "mask" in out:
                 out["mask"] = out["mask"][:, ::-1]
-        if flip_reference:
-            out["reference"] = out["reference"][:, ::-1]
         out = {k: np.ascontiguousarray(v) for k, v in out.items()}
         out.update(
             caption=ex.caption, is_multiview=np.bool_(multiview), step=np.int32(step),
@@ -227,27 +239,6 @@ class DropSkipped(grain.transforms.Filter):
         element["skipped"] = element["skipped"] + self._pending
         self._pending = np.zeros_like(self._pending)
         return True
-
-
-class Tokenize(grain.transforms.Map):
-    """Adds ``input_ids`` (and ``input_ids_2``, ... for more tokenizers, e.g. SDXL's two) of the caption;
-    tokenizers load lazily from their folders in each worker."""
-
-    def __init__(self, paths):
-        self.paths = (paths,) if isinstance(paths, str) else tuple(str(p) for p in paths)
-        self._tokenizers = None
-
-    def __getstate__(self):
-        return {"paths": self.paths, "_tokenizers": None}
-
-    def map(self, element):
-        from customjax.tokenizer import load_tokenizer, tokenize
-
-        if self._tokenizers is None:
-            self._tokenizers = [load_tokenizer(p) for p in self.paths]
-        for i, tok in enumerate(self._tokenizers):
-            element["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tok, element["caption"])[0]
-        return element
 
 
 class ToFloat(grain.transforms.Map):

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +16,14 @@ import ml_collections
 from flax import traverse_util
 
 from customjax.adapters.ccp import CCPConfig, CrossLayerCrossScaleProjector
-from customjax.adapters.features import CLIP_MEAN, CLIP_STD, PUBLIC_FEATURES, FeatureConfig
+from customjax.adapters.features import (IMAGENET_MEAN, IMAGENET_STD, PUBLIC_DEEP, PUBLIC_FEATURES, SIGLIP_MEAN,
+                                         SIGLIP_STD, Encoder, FeatureConfig)
 from customjax.adapters.scoring import AdaptiveScoring, ScoringConfig
 from customjax.control.spec import ControlConfig, ExtraKV
 from customjax.guidance.mask import MaskConfig
 from customjax.methods import realcustom, realcustompp
 from customjax.methods.common import with_control
-from customjax.models.vit import (CLIP_VISION, DINOV2, SIGLIP_VISION, CLIPVisionConfig, CLIPVisionModel,
+from customjax.models.vit import (CLIP_MEAN, CLIP_STD, CLIP_VISION, DINOV2, SIGLIP_VISION, CLIPVisionConfig, CLIPVisionModel,
                                   Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel)
 from customjax.pipeline import load_stable_diffusion
 from customjax.sampling.dual_branch import DualBranchConfig
@@ -73,53 +74,73 @@ def first_tokenizer(config: ml_collections.ConfigDict):
     return load_tokenizer(folder)
 
 
+def base_pipeline(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
+    """(pipeline, params) of the base model: the diffusers folder ``config.model.path``, or a random
+    ``config.model.random`` pipeline of scale ``config.model.random_scale`` when the path is empty.
+    A missing folder raises FileNotFoundError with ``config.model.missing_hint`` (how to make it)."""
+    dtype = jnp.dtype(config.model.dtype)
+    if config.model.path:
+        try:
+            return load_stable_diffusion(config.model.path, dtype=dtype)
+        except FileNotFoundError as e:
+            hint = config.model.get("missing_hint", "")
+            if not hint:
+                raise
+            raise FileNotFoundError(f"config.model.path: {e}; {hint}") from e
+    scale = config.model.get("random_scale", "tiny")
+    log.warning("config.model.path is empty: using a random %s %s pipeline", scale, config.model.random)
+    return random_pipeline(config.model.random, scale, seed=config.seed, std=0.1 if scale == "tiny" else 0.02,
+                           dtype=dtype)
+
+
+def reference_encoders(config: ml_collections.ConfigDict, dtype: Any, keys: tuple[jax.Array, jax.Array]
+                       ) -> tuple[tuple[Encoder, ...], dict]:
+    """RealCustom++'s reference encoders and their parameters by name: SigLIP + DINOv2
+    (``encoders.kind="siglip_dino"``), or one CLIP image encoder (``"clip"``, ShapeWorld); each
+    from its folder (``encoders.<name>``) or random and tiny. ``encoders.public``: the released
+    code's deep blocks (``PUBLIC_DEEP``) for SigLIP and DINOv2; a CLIP, which the release does not
+    have, keeps its last hidden state."""
+    enc = config.encoders
+    if enc.get("kind", "siglip_dino") == "clip":
+        specs = [("clip", CLIP_VISION, TINY_CLIP, CLIPVisionModel, CLIP_MEAN, CLIP_STD, enc.siglip_shallow)]
+    else:
+        specs = [("siglip", SIGLIP_VISION, TINY_SIGLIP, SiglipVisionModel, SIGLIP_MEAN, SIGLIP_STD, enc.siglip_shallow),
+                 ("dino", DINOV2, TINY_DINO, Dinov2Model, IMAGENET_MEAN, IMAGENET_STD, enc.dino_shallow)]
+    encoders, params = [], {}
+    for (name, spec, tiny, cls, mean, std, shallow), key in zip(specs, keys):
+        module, params[name] = _encoder(enc[name], spec, tiny, cls, dtype, key)
+        deep = PUBLIC_DEEP.get(name) if enc.public else None
+        if deep is not None and deep >= module.config.num_hidden_layers:
+            raise ValueError(f"config.encoders.public: the released features read {name} block {deep}, "
+                             f"but this {name} has {module.config.num_hidden_layers} layers")
+        encoders.append(Encoder(name, module, mean, std, tuple(shallow), deep))
+    return tuple(encoders), params
+
+
 def build(config: ml_collections.ConfigDict) -> Built:
     """Modules and parameters for ``config`` (adapter parameters initialised; see
     :func:`load_adapter` for a trained checkpoint)."""
     dtype = jnp.dtype(config.model.dtype)
     key = jax.random.key(config.seed)
     k_pipe, k_ctrl, k_a, k_b, k_c = jax.random.split(key, 5)
-    if config.model.path:
-        if not (Path(config.model.path) / "model_index.json").is_file() and config.variant == "shapeworld":
-            raise FileNotFoundError(
-                f"config.model.path={config.model.path}: the ShapeWorld base model is not installed; make it with "
-                "`python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base --install`")
-        pipe, params = load_stable_diffusion(config.model.path, dtype=dtype)
-    else:
-        scale = config.model.get("random_scale", "tiny")
-        log.warning("config.model.path is empty: using a random %s %s pipeline", scale, config.model.random)
-        pipe, params = random_pipeline(config.model.random, scale, seed=config.seed, std=0.1 if scale == "tiny" else 0.02,
-                                       dtype=dtype)
+    pipe, params = base_pipeline(config)
     cross_dim = pipe.unet.config.cross_attention_dim[0]
     enc = config.encoders
     if config.method == "realcustompp":
-        one_clip = enc.get("kind", "siglip_dino") == "clip"   # one CLIP image encoder (ShapeWorld)
-        if one_clip:
-            siglip, sp = _encoder(enc.clip, CLIP_VISION, TINY_CLIP, CLIPVisionModel, dtype, k_a)
-            dino, dp = None, {}
-        else:
-            siglip, sp = _encoder(enc.siglip, SIGLIP_VISION, TINY_SIGLIP, SiglipVisionModel, dtype, k_a)
-            dino, dp = _encoder(enc.dino, DINOV2, TINY_DINO, Dinov2Model, dtype, k_b)
-        c0 = siglip.config.hidden_size + (dino.config.hidden_size if dino else 0)
+        encoders, image = reference_encoders(config, dtype, (k_a, k_b))
+        c0 = sum(e.module.config.hidden_size for e in encoders)
         ccp = CrossLayerCrossScaleProjector(CCPConfig(
             vision_dim=c0, out_dim=cross_dim, dim_head=config.ccp.dim_head, cross_layer=config.ccp.cross_layer,
             cross_scale=config.ccp.cross_scale, combine=config.ccp.combine, deep_proj=config.ccp.deep_proj), dtype)
-        feats = FeatureConfig(image_size=enc.image_size, scale=enc.scale, siglip_shallow=tuple(enc.siglip_shallow),
-                              dino_shallow=tuple(enc.dino_shallow),
-                              **(dict(siglip_mean=CLIP_MEAN, siglip_std=CLIP_STD) if one_clip else {}))
-        if enc.public:  # the released code's views and feature layers (see adapters/features.py)
-            feats = dataclasses.replace(PUBLIC_FEATURES, image_size=enc.image_size, scale=enc.scale,
-                                        siglip_shallow=feats.siglip_shallow, dino_shallow=feats.dino_shallow)
-            for name, model, block in (("SigLIP", siglip, feats.siglip_deep), ("DINOv2", dino, feats.dino_deep)):
-                if model is not None and block >= model.config.num_hidden_layers:
-                    raise ValueError(f"config.encoders.public: the released features read {name} block {block}, "
-                                     f"but this {name} has {model.config.num_hidden_layers} layers")
-        side = realcustompp.ImageSide(siglip, dino, ccp, feats)
-        n = (enc.image_size // siglip.config.patch_size) ** 2
+        feats = FeatureConfig(image_size=enc.image_size, scale=enc.scale)
+        if enc.public:  # the released code's views (see adapters/features.py)
+            feats = dataclasses.replace(PUBLIC_FEATURES, image_size=enc.image_size, scale=enc.scale)
+        side = realcustompp.ImageSide(encoders, ccp, feats)
+        n = (enc.image_size // encoders[0].module.config.patch_size) ** 2
         args = [jnp.zeros((1, n, c0))]
-        args += [jnp.zeros((1, n * len(feats.siglip_shallow), c0)) if ccp.config.cross_layer else None]
+        args += [jnp.zeros((1, n * len(encoders[0].shallow), c0)) if ccp.config.cross_layer else None]
         args += [jnp.zeros((1, n * enc.scale ** 2, c0)) if ccp.config.cross_scale else None]
-        image = {"siglip": sp, "dino": dp, "ccp": jax.jit(ccp.init)(k_c, *args)["params"]}
+        image["ccp"] = jax.jit(ccp.init)(k_c, *args)["params"]
     elif config.method == "realcustom":
         clip, cp = _encoder(enc.clip, CLIP_VISION, TINY_CLIP, CLIPVisionModel, dtype, k_a)
         scoring = AdaptiveScoring(ScoringConfig(fusion=config.scoring.fusion), dtype)
@@ -145,6 +166,47 @@ def guidance_config(config: ml_collections.ConfigDict) -> DualBranchConfig:
                         mask_factor=g.mask_factor, gamma_scope=gamma, norm=g.norm, multi=g.multi),
         t_stop=g.t_stop, cfg=g.cfg, w=g.w, w_t=g.w_t, w_i=g.w_i, visual_scale=g.visual_scale,
         references=g.references, record_masks=config.sample.record_masks)
+
+
+# The entry of params["image"] that a method's per-step visual function reads (None: none).
+SAMPLER_ADAPTER = {"realcustompp": None, "realcustom": "scoring"}
+
+
+def reference_size(config: ml_collections.ConfigDict) -> int:
+    """The side (px) the reference images are resized to before the image side reads them:
+    ``encoders.image_size``, times ``encoders.scale`` for RealCustom++ (its high-resolution views)."""
+    enc = config.encoders
+    return enc.image_size * (enc.get("scale", 1) if config.method == "realcustompp" else 1)
+
+
+class SamplingSide(NamedTuple):
+    """A method's image side for the dual-branch sampler. ``tokens(side, params["image"], images)``:
+    reference tokens of images (B, ref_size, ref_size, 3) in [0, 1]; ``visual``: the sampler's
+    per-step visual function; ``adapter``: the entry of ``params["image"]`` that ``visual`` reads
+    (None: none); ``ref_size``: :func:`reference_size`."""
+
+    tokens: Callable
+    visual: Callable
+    adapter: str | None
+    ref_size: int
+
+
+def sampling_side(built: Built, config: ml_collections.ConfigDict) -> SamplingSide:
+    if built.method == "realcustompp":
+        tokens, visual = realcustompp.reference_tokens, realcustompp.constant_visual
+    else:
+        tokens, visual = realcustom.reference_tokens, realcustom.ScoringVisual(built.image_side.scoring,
+                                                                                config.scoring.gamma_num)
+    return SamplingSide(tokens, visual, SAMPLER_ADAPTER[built.method], reference_size(config))
+
+
+def sampler_params(built: Built, params: dict | None = None) -> dict:
+    """The parameters the dual-branch sampler reads, {"unet", "vae", "text_encoders", "adapter"},
+    from a tree shaped as ``built.params`` (default: ``built.params`` itself)."""
+    p = built.params if params is None else params
+    adapter = SAMPLER_ADAPTER[built.method]
+    return {"unet": p["unet"], "vae": p["vae"], "text_encoders": p["text_encoders"],
+            "adapter": p["image"][adapter] if adapter else None}
 
 
 def trainable_tree(built: Built) -> dict:
@@ -189,7 +251,7 @@ def with_trainable(built: Built, tree: Any) -> Built:
             raise KeyError(f"parameter {'/'.join(k)} is not in the model")
         flat[k] = jnp.asarray(v)
     merged = traverse_util.unflatten_dict(flat)
-    image = {k: merged.get(k, v) for k, v in built.params["image"].items()}   # v: empty trees (no DINOv2)
+    image = {k: merged[k] for k in built.params["image"]}
     return dataclasses.replace(built, params=dict(built.params, unet=merged["unet"], image=image))
 
 

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from customjax import schedulers as S
-from customjax.adapters.features import reference_features
 from customjax.adapters.scoring import sample_gamma
 from customjax.control.params import merge
 from customjax.control.spec import Control, ExtraTokens
-from customjax.methods import realcustom
+from customjax.methods import realcustom, realcustompp
 from customjax.models.vae import latent_dist_sample, scale_latents
 from customjax.pipeline import encode_text, sdxl_time_ids
 
@@ -55,11 +54,7 @@ def visual_tokens(built: Any, frozen: dict, trainable: dict, batch: dict, z_t: j
     side = built.image_side
     ref = batch["reference"]
     if built.method == "realcustompp":
-        c = side.ccp.config
-        f = reference_features(ref, siglip=side.siglip, siglip_params=frozen["siglip"], dino=side.dino,
-                               dino_params=frozen["dino"], config=side.features, shallow=c.cross_layer,
-                               high=c.cross_scale)
-        f = jax.lax.stop_gradient(f)
+        f = jax.lax.stop_gradient(realcustompp.projector_inputs(side, frozen, ref))
         tokens = side.ccp.apply({"params": trainable["ccp"]}, f.deep, f.shallow, f.high).tokens
         return tokens[:, None], None
     feats = jax.lax.stop_gradient(realcustom.reference_tokens(side, {"clip": frozen["clip"]}, ref))

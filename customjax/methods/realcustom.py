@@ -17,10 +17,9 @@ import jax.numpy as jnp
 from customjax.adapters.features import normalize, resize_images
 from customjax.adapters.scoring import GAMMA_INFERENCE, AdaptiveScoring
 from customjax.control.params import is_control_param
+from customjax.models.vit import CLIP_MEAN, CLIP_STD
 
 KV_NAME = "vision"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)

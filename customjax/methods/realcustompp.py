@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from customjax.adapters.ccp import CCPConfig, CrossLayerCrossScaleProjector
-from customjax.adapters.features import FeatureConfig, reference_features
+from customjax.adapters.features import (Encoder, FeatureConfig, ReferenceFeatures, check_encoders,
+                                         reference_features)
 from customjax.control.params import is_control_param
 
 KV_NAME = "vision"
@@ -23,23 +23,30 @@ KV_NAME = "vision"
 
 @dataclasses.dataclass(frozen=True)
 class ImageSide:
-    """The reference encoders and the projector (static modules; parameters live apart in
-    ``{"siglip", "dino", "ccp"}``). ``dino=None``: one encoder (in the ``siglip`` slot) alone, e.g.
-    the ShapeWorld base model's CLIP image encoder; ``params["dino"]`` is then empty."""
+    """The reference encoders and the projector (static modules; parameters live apart, by name:
+    ``{"<encoder name>": ..., "ccp": ...}``). ``encoders``: SigLIP and DINOv2, or one encoder
+    alone (the ShapeWorld base model's CLIP image encoder)."""
 
-    siglip: Any
-    dino: Any
+    encoders: tuple[Encoder, ...]
     ccp: CrossLayerCrossScaleProjector
     features: FeatureConfig = FeatureConfig()
+
+    def __post_init__(self):
+        check_encoders(self.encoders)
+
+
+def projector_inputs(side: ImageSide, params: Mapping[str, Any], images: jax.Array) -> ReferenceFeatures:
+    """The projector's inputs for reference images (B, H, W, 3) in [0, 1] (the shallow / high
+    features only when the projector reads them); ``params[encoder.name]``: the encoders' parameters."""
+    c: CCPConfig = side.ccp.config
+    return reference_features(images, side.encoders, params, side.features, shallow=c.cross_layer,
+                              high=c.cross_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("side",))
 def reference_tokens(side: ImageSide, params: dict, images: jax.Array) -> jax.Array:
     """f_ci (B, N, c_image) for reference images (B, H, W, 3) in [0, 1]."""
-    c: CCPConfig = side.ccp.config
-    f = reference_features(images, siglip=side.siglip, siglip_params=params["siglip"], dino=side.dino,
-                           dino_params=params["dino"], config=side.features, shallow=c.cross_layer,
-                           high=c.cross_scale)
+    f = projector_inputs(side, params, images)
     return side.ccp.apply({"params": params["ccp"]}, f.deep, f.shallow, f.high).tokens
 
 

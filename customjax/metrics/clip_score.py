@@ -5,49 +5,37 @@ the ShapeWorld base model's own ``clip/``."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from customjax.adapters.features import CLIP_MEAN, CLIP_STD
-
-from customjax.models.clip_text import clip_text_spec
-from customjax.models.vit import clip_vision_spec
+from customjax.models.clip import CLIP, load_clip
 from customjax.tokenizer import load_tokenizer, tokenize
-from customjax.weights.loaders import load_pretrained
 
-MEAN, STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+_embed_text = jax.jit(CLIP.embed_text, static_argnums=0)
+_embed_image = jax.jit(CLIP.embed_image, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClipScorer:
-    text: object
-    vision: object
+    model: CLIP
     params: dict
     tokenizer: object
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _text(self, params, ids):
-        e = self.text.apply({"params": params}, ids).text_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _image(self, params, pixels):
-        e = self.vision.apply({"params": params}, pixels).image_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+    @property
+    def image_size(self) -> int:
+        return self.model.vision.config.image_size
 
     def embed_text(self, prompts: list[str]) -> np.ndarray:
-        return np.asarray(self._text(self.params["text"], jnp.asarray(tokenize(self.tokenizer, prompts))))
+        return np.asarray(_embed_text(self.model, self.params, tokenize(self.tokenizer, prompts)))
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 or [0, 1] float images (B, H, W, 3) at the vision tower's size."""
-        x = np.asarray(images, np.float32)
-        x = x / 255.0 if np.asarray(images).dtype == np.uint8 else x
-        return np.asarray(self._image(self.params["vision"], jnp.asarray((x - MEAN) / STD)))
+        x = np.asarray(images)
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        return np.asarray(_embed_image(self.model, self.params, x))
 
     def clip_t(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """Per-image cosine similarity to its prompt."""
@@ -59,6 +47,5 @@ class ClipScorer:
 
 
 def load_clip_scorer(clip_folder: str | os.PathLike, tokenizer_folder: str | os.PathLike) -> ClipScorer:
-    text, tp, _ = load_pretrained(clip_folder, clip_text_spec(True))
-    vision, vp, _ = load_pretrained(clip_folder, clip_vision_spec(True))
-    return ClipScorer(text, vision, {"text": tp, "vision": vp}, load_tokenizer(Path(tokenizer_folder)))
+    model, params = load_clip(clip_folder)
+    return ClipScorer(model, params, load_tokenizer(Path(tokenizer_folder)))

@@ -6,7 +6,8 @@ other pixels form 8-connected components, and those of a plausible object area
 (:data:`MIN_AREA` .. :data:`MAX_AREA` of the image) are the detected objects. Each component is fitted with
 every category's template (area-matched radius x :data:`SCALES`, rotations :data:`ROTATIONS`); the best IoU
 names its category, and the fit gives its centre (-> nearest region: position) and radius (-> size class).
-Prompt objects are matched to components by the best joint assignment.
+Prompt objects are matched to the :data:`MAX_CANDIDATES` largest components (only these are fitted) by the
+best joint assignment.
 
 * ``background_score``: histogram intersection between the colours of the pixels outside the detected
   objects (dilated by one pixel) and the background (1.0 for one tone; 0.5 / 0.5 for two tones);
@@ -16,7 +17,8 @@ Prompt objects are matched to components by the best joint assignment.
   variants average over objects; ``count_correct``: as many objects detected as named.
 * ``color_correct``: solid: the named colour is the most common; patterns: each named colour covers
   >= 10% of the object (gradients >= 2%).
-* ``appearance_similarity`` (objects[0] against ``reference``, or its own fully named appearance):
+* ``similarity`` of every object given a reference (``references``; without them, a fully named
+  objects[0] against its own appearance), objects[0]'s also as ``appearance_similarity``:
   :func:`similarity` of two :func:`signature` s = (histogram intersection over palette colours) x
   exp(-(L1 distance of the pattern co-occurrences / :data:`TAU`)^2); 1 for the same subject. A Subject
   reference is the mean signature of 8 fixed renders (:func:`subject_signature`). On ground-truth views of
@@ -33,11 +35,13 @@ import dataclasses
 import functools
 import itertools
 import math
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from customjax.data import shapeworld as sw
+from customjax.images import to_uint8
 
 BG_DELTA = 40.0           # RGB distance within which a pixel counts as background
 MIN_AREA = 0.004          # component area bounds, fractions of the image
@@ -48,17 +52,16 @@ SCALES = (0.9, 1.0, 1.1)
 MAIN_COLOR = 0.1          # color_correct: a named colour covers at least this fraction of the object
 PAIR_OFFSET = 0.4         # pattern co-occurrence offset (half a stripe period), in object radii
 TAU = 0.6                 # pattern-distance scale of the similarity
+MAX_CANDIDATES = 8        # the largest components that prompt objects are assigned to
 _SYMMETRIC = ("circle", "ring")
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
 _EIGHT = np.ones((3, 3), bool)
 
 
 def as_uint8(image) -> np.ndarray:
-    """uint8 pixels from uint8 or float-in-[0, 1] images."""
+    """uint8 pixels from uint8 (unchanged) or float-in-[0, 1] images (:func:`customjax.images.to_uint8`)."""
     image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.round(image.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    return image if image.dtype == np.uint8 else to_uint8(image)   # to_uint8 would clip uint8 to 0 / 255
 
 
 def classify(image: np.ndarray) -> np.ndarray:
@@ -201,25 +204,13 @@ def subject_signature(subject: sw.Subject, size: int = 64, views: int = 8) -> np
     return np.mean(sigs, 0)
 
 
-def reference_signature(reference, category: str = "circle", size: int = 64) -> np.ndarray:
-    """``reference``: a Subject, an Appearance (rendered as ``category``; both at ``size``), ``(image, mask)``
-    or a signature."""
+def reference_signature(reference, size: int = 64) -> np.ndarray:
+    """The signature of a reference: a Subject (:func:`subject_signature` at ``size``) or ``(image, mask)``."""
     if isinstance(reference, sw.Subject):
         return subject_signature(reference, size)
-    if isinstance(reference, sw.Appearance):
-        return subject_signature(sw.Subject(category, reference), size)
-    if isinstance(reference, tuple):
+    if isinstance(reference, tuple) and len(reference) == 2:
         return signature(*reference)
-    return np.asarray(reference)
-
-
-def appearance_similarity(image: np.ndarray, mask: np.ndarray, reference, category: str = "circle") -> float:
-    """:func:`similarity` of the object at ``mask`` in ``image`` and ``reference`` (see :func:`reference_signature`)."""
-    return similarity(signature(image, mask), reference_signature(reference, category, min(np.shape(mask))))
-
-
-def _colors_named(a: sw.Appearance) -> tuple[str, ...]:
-    return tuple(c for c in (a.primary, a.secondary) if c)
+    raise TypeError(f"a reference is a Subject or an (image, mask) pair, not {type(reference).__name__}")
 
 
 def color_correct(hist: np.ndarray, a: sw.Appearance) -> bool:
@@ -228,7 +219,7 @@ def color_correct(hist: np.ndarray, a: sw.Appearance) -> bool:
     if a.pattern == "solid":
         return sw.COLORS[int(np.argmax(hist))] == a.primary
     least = 0.02 if a.pattern == "gradient" else MAIN_COLOR
-    return all(hist[sw.COLORS.index(c)] >= least for c in _colors_named(a))
+    return all(hist[sw.COLORS.index(c)] >= least for c in a.colors)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,15 +236,33 @@ def _mean_or_none(values):
     return None if not values else float(np.mean(values))
 
 
-def measure(image: np.ndarray, scene: sw.Scene, reference=None) -> dict:
+def _references(references, objs) -> dict:
+    """{object index: reference} from a Mapping or a Sequence (None entries skipped); with none given, a
+    fully named ``objs[0]`` is its own reference."""
+    if references is None:
+        a = objs[0].appearance if objs else None
+        full = a is not None and a.pattern is not None and (a.pattern == "solid" or a.secondary is not None)
+        return {0: sw.Subject(objs[0].category, a)} if full else {}
+    items = references.items() if isinstance(references, Mapping) else enumerate(references)
+    out = {int(i): r for i, r in items if r is not None}
+    if any(not 0 <= i < len(objs) for i in out):
+        raise ValueError(f"references for objects {sorted(out)} of a scene of {len(objs)} objects")
+    return out
+
+
+def measure(image: np.ndarray, scene: sw.Scene, references: Mapping | Sequence | None = None) -> dict:
     """All measurements of ``image`` (H, W, 3; uint8, or float in [0, 1]) against the prompt's ``scene``
-    (see the module docstring). ``reference`` (Subject / Appearance / (image, mask) / signature) is compared
-    with ``scene.objects[0]``; without it a fully named objects[0] is compared with its own appearance."""
+    (see the module docstring). ``references``: ``{object index: reference}`` or a sequence (entry ``i``
+    for ``scene.objects[i]``; None: none), each a Subject or an ``(image, mask)`` pair; every object with
+    a reference gets its ``similarity`` (0 when not found). Without ``references`` a fully named
+    ``objects[0]`` is compared with its own appearance. ``appearance_similarity`` is objects[0]'s."""
     image = as_uint8(image)
+    refs = _references(references, scene.objects)
     classes = classify(image)
-    comps = [fit_shape(c) for c in segment(image, scene.background, classes)]
+    comps = segment(image, scene.background, classes)   # largest first
+    cand = [fit_shape(c) for c in comps[:MAX_CANDIDATES]]   # only these take part in the assignment
     shape = image.shape
-    hists = [_object_classes(image, c.mask, classes)[1] for c in comps]
+    hists = [_object_classes(image, c.mask, classes)[1] for c in cand]
 
     # Background: the pixels away from every detected object.
     objects_mask = np.zeros(shape[:2], bool)
@@ -272,21 +281,21 @@ def measure(image: np.ndarray, scene: sw.Scene, reference=None) -> dict:
         score = sum(min(float((bg_like & (nearest == i)).sum()) / n_rest, 0.5) for i in range(2))
     counts = np.bincount(classes[rest], minlength=len(sw.COLORS))
 
-    # Assignment of prompt objects to components (best total score; at most 8 largest components).
+    # Assignment of prompt objects to components (best total score; the MAX_CANDIDATES largest components).
     def pair_score(o: sw.Obj, j: int) -> float:
-        c, s = comps[j], 3.0 * (comps[j].category == o.category) + comps[j].scores.get(o.category, 0.0)
+        c, s = cand[j], 3.0 * (cand[j].category == o.category) + cand[j].scores.get(o.category, 0.0)
         if o.position:
             s += position_of(c.center, shape) == o.position
         if o.size:
             s += 0.5 * (size_of(c.radius, shape) == o.size)
         if o.appearance:
-            s += sum(hists[j][sw.COLORS.index(n)] for n in _colors_named(o.appearance))
+            s += sum(hists[j][sw.COLORS.index(n)] for n in o.appearance.colors)
         return s
 
-    objs, cand = scene.objects, range(min(len(comps), 8))
+    objs = scene.objects
     best, assign = -1.0, (None,) * len(objs)
     k = min(len(objs), len(cand))
-    for chosen in itertools.permutations(cand, k):
+    for chosen in itertools.permutations(range(len(cand)), k):
         for slots in itertools.combinations(range(len(objs)), k):
             total = sum(pair_score(objs[i], j) for i, j in zip(slots, chosen))
             if total > best:
@@ -299,7 +308,7 @@ def measure(image: np.ndarray, scene: sw.Scene, reference=None) -> dict:
                    size_correct=None if o.size is None else False,
                    color_correct=None if o.appearance is None else False, similarity=None)
         if j is not None:
-            c = comps[j]
+            c = cand[j]
             rec.update(category=c.category, iou=c.scores.get(o.category, 0.0), position=position_of(c.center, shape),
                        size=size_of(c.radius, shape), category_correct=c.category == o.category)
             if o.position is not None:
@@ -308,13 +317,9 @@ def measure(image: np.ndarray, scene: sw.Scene, reference=None) -> dict:
                 rec["size_correct"] = rec["size"] == o.size
             if o.appearance is not None:
                 rec["color_correct"] = color_correct(hists[j], o.appearance)
-        ref = reference if i == 0 else None
-        if ref is None and i == 0 and o.appearance is not None and o.appearance.pattern is not None \
-                and (o.appearance.pattern == "solid" or o.appearance.secondary is not None):
-            ref = sw.Subject(o.category, o.appearance)
-        if ref is not None:
+        if i in refs:
             rec["similarity"] = 0.0 if j is None else similarity(
-                signature(image, comps[j].mask, classes), reference_signature(ref, o.category, min(shape[:2])))
+                signature(image, cand[j].mask, classes), reference_signature(refs[i], min(shape[:2])))
         per_object.append(rec)
 
     return dict(
@@ -332,15 +337,41 @@ def measure(image: np.ndarray, scene: sw.Scene, reference=None) -> dict:
         objects=per_object)
 
 
-def summarise(results: list[dict]) -> dict:
+UNIT_KEYS = ("background_score", "category_accuracy", "position_accuracy", "size_accuracy",
+             "appearance_similarity")   # measure's non-boolean scores that lie in [0, 1]
+Z95 = 1.959964
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (inside [0, 1]; not degenerate at 0 or n successes)."""
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def summarise(results: list[dict], unit: Sequence[str] = UNIT_KEYS) -> dict:
     """``{key: {"mean", "lo", "hi", "n"}}`` over the numeric / boolean entries (None skipped); lo / hi is
-    the normal-approximation 95% interval of the mean."""
+    the 95% interval of the mean: Wilson for booleans, else the normal approximation (zero width for one
+    value), clipped to [0, 1] for the keys in ``unit`` (scores known to lie in [0, 1])."""
     out = {}
-    keys = dict.fromkeys(k for r in results for k, v in r.items() if isinstance(v, (bool, int, float, np.number, np.bool_)))
+    keys = dict.fromkeys(k for r in results for k, v in r.items()
+                         if isinstance(v, (bool, int, float, np.number, np.bool_)))
     for k in keys:
-        v = np.array([float(r[k]) for r in results if r.get(k) is not None])
-        if not v.size:
+        vals = [r[k] for r in results if r.get(k) is not None]
+        if not vals:
             continue
-        half = 1.96 * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else 0.0
-        out[k] = {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": int(v.size)}
+        v = np.array([float(x) for x in vals])
+        mean = float(v.mean())
+        if all(_is_bool(x) for x in vals):
+            lo, hi = wilson(int(v.sum()), v.size)
+        else:
+            half = Z95 * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else 0.0
+            lo, hi = mean - half, mean + half
+            if k in unit:
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
+        out[k] = {"mean": mean, "lo": float(lo), "hi": float(hi), "n": int(v.size)}
     return out

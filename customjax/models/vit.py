@@ -263,6 +263,9 @@ def clip_vision_spec(with_projection: bool | None = None) -> ModelSpec:
 
 
 CLIP_VISION = clip_vision_spec()
+# CLIP's pixel normalisation (OpenAI CLIP, and the ShapeWorld CLIP trained here).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,46 +7,21 @@ from __future__ import annotations
 
 import functools
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from customjax.adapters.features import CLIP_MEAN, CLIP_STD
 import optax
 
+from customjax.models.clip import CLIP
 from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel, clip_text_spec
 from customjax.models.vit import CLIPVisionConfig, CLIPVisionModel, clip_vision_spec
 from customjax.pretrain.loop import StageConfig, fit, sample_indices
 from customjax.weights.loaders import init_params
 
-# CLIP's image normalisation (the world's own CLIP uses it too, so its folder reads as CLIP's).
-MEAN, STD = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIP:
-    text: CLIPTextModel
-    vision: CLIPVisionModel
-
-    def embed_text(self, params, ids):
-        e = self.text.apply({"params": params["text"]}, ids).text_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-    def embed_image(self, params, pixels):
-        e = self.vision.apply({"params": params["vision"]}, pixels).image_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-
-def pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> CLIP-normalised float32."""
-    return (images.astype(np.float32) / 255.0 - MEAN) / STD
-
 
 def clip_loss(params, frozen, batch, key, *, model: CLIP):
     t = model.embed_text(params, batch["ids"])
-    i = model.embed_image(params, batch["pixels"])
+    i = model.embed_image(params, batch["images"])
     logits = jnp.exp(params["logit_scale"]) * i @ t.T
     labels = jnp.arange(logits.shape[0])
     # Identical captions in one batch are positives too (the world repeats descriptions).
@@ -58,8 +33,9 @@ def clip_loss(params, frozen, batch, key, *, model: CLIP):
 
 
 def train_clip(text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, images: np.ndarray, ids: np.ndarray,
-               stage: StageConfig, workdir, seed: int = 0, max_steps: int | None = None):
-    """(CLIP, params {"text", "vision", "logit_scale"}, history)."""
+               stage: StageConfig, workdir, seed: int = 0, **fit_kw):
+    """(params {"text", "vision", "logit_scale"}, history) trained on uint8 ``images`` and their
+    captions' token ``ids``."""
     model = CLIP(CLIPTextModel(text_cfg), CLIPVisionModel(vision_cfg))
     k1, k2 = jax.random.split(jax.random.key(seed))
     params = {"text": init_params(clip_text_spec(True), text_cfg, k1),
@@ -69,7 +45,6 @@ def train_clip(text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, images: n
 
     def batches(step):
         idx = sample_indices(seed + 1, step, len(images), stage.batch)
-        return {"pixels": pixels(images[idx]), "ids": ids[idx]}
+        return {"images": images[idx].astype(np.float32) / 255.0, "ids": ids[idx]}
 
-    params, history = fit("clip", loss, params, None, batches, stage, workdir, seed=seed, max_steps=max_steps)
-    return model, params, history
+    return fit("clip", loss, params, None, batches, stage, workdir, seed=seed, **fit_kw)

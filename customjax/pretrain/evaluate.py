@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -22,20 +22,18 @@ from customjax.sampling.t2i import txt2img
 HEADLINE = ("background_correct", "category_correct", "position_correct", "size_correct", "color_correct", "clip_t")
 
 
-def generate(folder, prompts: list[str], *, steps: int, guidance: float, batch: int, seed: int = 0,
-             model=None) -> np.ndarray:
+def generate(pipe, params, prompts: list[str], *, steps: int, guidance: float, batch: int,
+             seed: int = 0) -> np.ndarray:
     """uint8 images for ``prompts``; image ``i`` starts from the noise of seed ``seed + i``."""
-    pipe, params = model or load_stable_diffusion(folder)
-    f, c = pipe.vae_scale, pipe.unet.config.in_channels
-    s = pipe.unet.config.sample_size
+    s, c = pipe.unet.config.sample_size, pipe.unet.config.in_channels
     out = []
     for i in tqdm(range(0, len(prompts), batch), desc="generate", unit="batch"):
         chunk = prompts[i:i + batch]
-        chunk = chunk + [chunk[-1]] * (batch - len(chunk))        # one compiled batch size
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch - n)        # one compiled batch size
         lat = seed_latents(list(range(seed + i, seed + i + batch)), (s, s, c))
-        img = txt2img(pipe, params, chunk, jax.random.key(0), steps=steps, guidance=guidance,
-                      latents=jax.numpy.asarray(lat))
-        out.append(np.asarray(img[:len(prompts[i:i + batch])]))
+        img = txt2img(pipe, params, chunk, None, steps=steps, guidance=guidance, latents=jnp.asarray(lat))
+        out.append(np.asarray(img[:n]))
     return np.round(np.concatenate(out) * 255).astype(np.uint8)
 
 
@@ -43,11 +41,11 @@ def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: f
              grid_out: str | os.PathLike | None = None, grid_count: int = 16) -> dict:
     """{"summary": {metric: {mean, lo, hi, n}}, "settings": ...}; writes a sample grid if asked."""
     folder = Path(folder)
-    model = load_stable_diffusion(folder)
-    size = model[0].unet.config.sample_size * model[0].vae_scale
+    pipe, params = load_stable_diffusion(folder)
+    size = pipe.unet.config.sample_size * pipe.vae_scale
     scenes = sw.eval_scenes(prompts, seed, size)
     texts = [sw.prompt(s) for s in scenes]
-    images = generate(folder, texts, steps=steps, guidance=guidance, batch=batch, seed=seed, model=model)
+    images = generate(pipe, params, texts, steps=steps, guidance=guidance, batch=batch, seed=seed)
     results = [measure(im, sc) for im, sc in zip(images, scenes)]
     scorer = load_clip_scorer(folder / "clip", folder / "tokenizer")
     for r, t in zip(results, scorer.clip_t(images, texts)):

@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from flax import traverse_util
 
 from customjax.weights.convert import to_torch_state
 from customjax.weights.safetensors_io import save_file

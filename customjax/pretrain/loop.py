@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
@@ -47,11 +47,14 @@ LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[[int], dict], c: StageConfig,
-        workdir: str | Path, *, seed: int = 0, mesh=None, max_steps: int | None = None) -> tuple[Any, list[dict]]:
+        workdir: str | Path, *, seed: int = 0, mesh=None, max_steps: int | None = None,
+        resume_key: str = "") -> tuple[Any, list[dict]]:
     """Trains ``params`` for ``c.steps`` steps of ``loss_fn(params, frozen, batch, key) -> (loss,
     aux)`` on ``batches(step)`` (numpy arrays, batch-major); returns the parameters and the logged
     metrics (also in ``workdir/name/metrics.jsonl`` and its TensorBoard events). ``max_steps`` stops
-    early (same schedule): a rerun of a run's first steps."""
+    early (same schedule): a rerun of a run's first steps. Every ``c.save_every`` steps a snapshot
+    (parameters, optimizer state, step) is written to ``workdir/name/snapshot.msgpack``; a later
+    call with the same ``resume_key`` (what the run depends on) goes on from it."""
     mesh = mesh or parallel.data_mesh()
     tx = optimizer(c)
     rep = NamedSharding(mesh, P())
@@ -70,8 +73,11 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
     writer = _writer(out)
     snapshot = out / "snapshot.msgpack"
     history, start = [], 0
-    if snapshot.is_file() and max_steps is None:      # an interrupted run of this stage: go on from it
-        raw = serialization.msgpack_restore(snapshot.read_bytes())
+    raw = serialization.msgpack_restore(snapshot.read_bytes()) if snapshot.is_file() and max_steps is None else None
+    if raw is not None and raw.get("resume_key") != resume_key:
+        logging.warning("%s belongs to a run with other settings; starting %s from step 0", snapshot, name)
+        raw = None
+    if raw is not None:      # an interrupted run of this stage: go on from it
         params = jax.device_put(serialization.from_state_dict(params, raw["params"]), rep)
         opt = jax.device_put(serialization.from_state_dict(opt, raw["opt"]), rep)
         start, history = int(raw["step"]), json.loads(raw["history"])
@@ -95,10 +101,12 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
                     for k, v in m.items():
                         writer.add_scalar(f"{name}/{k}", v, i + 1)
             if c.save_every and max_steps is None and (i + 1) % c.save_every == 0 and i + 1 < c.steps:
-                snapshot.write_bytes(serialization.msgpack_serialize(
+                tmp = snapshot.with_suffix(".tmp")
+                tmp.write_bytes(serialization.msgpack_serialize(
                     {"params": serialization.to_state_dict(jax.device_get(params)),
                      "opt": serialization.to_state_dict(jax.device_get(opt)), "step": i + 1,
-                     "history": json.dumps(history)}))
+                     "history": json.dumps(history), "resume_key": resume_key}))
+                tmp.replace(snapshot)   # atomic: an interruption never leaves half a snapshot
     snapshot.unlink(missing_ok=True)
     if writer:
         writer.close()

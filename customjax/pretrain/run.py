@@ -12,6 +12,7 @@ is kept in ``workdir/stages`` and reused when the command runs again (delete it 
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -35,7 +36,7 @@ from customjax.pretrain.clip import train_clip
 from customjax.pretrain.evaluate import evaluate, headline
 from customjax.pretrain.folder import write_folder
 from customjax.pretrain.loop import StageConfig
-from customjax.pretrain.tokenizer import train_tokenizer, vocab_size
+from customjax.pretrain.tokenizer import train_tokenizer
 from customjax.pretrain.unet import train_unet
 from customjax.pretrain.vae import encode, train_vae, with_latent_scale
 from customjax.schedulers import ScheduleConfig, noise_schedule
@@ -62,8 +63,9 @@ def _key(c, *sections: str) -> str:
 
 
 def _cached(workdir: Path, name: str, key: str, train):
-    """``train()`` -> (params, history), or both from ``workdir/stages/name.msgpack`` if it was
-    trained with the same ``key`` (see :func:`_key`)."""
+    """``train(key)`` -> (params, history), or both from ``workdir/stages/name.msgpack`` if it was
+    trained with the same ``key`` (see :func:`_key`; an interrupted stage resumes from its
+    snapshot when the key matches)."""
     path = workdir / "stages" / f"{name}.msgpack"
     if path.is_file():
         d = serialization.msgpack_restore(path.read_bytes())
@@ -71,7 +73,7 @@ def _cached(workdir: Path, name: str, key: str, train):
             logging.info("reusing the finished %s stage from %s", name, path)
             return d["params"], json.loads(d["history"])
         logging.warning("%s was trained with other settings; training the %s stage again", path, name)
-    params, history = train()
+    params, history = train(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(serialization.msgpack_serialize({"params": jax.device_get(params), "history": json.dumps(history),
                                                       "settings": key}))
@@ -81,7 +83,7 @@ def _cached(workdir: Path, name: str, key: str, train):
 def configs(c, tokenizer_dir: Path) -> tuple:
     """(text, vision, VAE, UNet) model configs of the world's stack."""
     tok = load_tokenizer(tokenizer_dir)
-    text = CLIPTextConfig(vocab_size=vocab_size(tokenizer_dir), hidden_size=c.clip.hidden_size,
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=c.clip.hidden_size,
                           intermediate_size=c.clip.intermediate_size, num_hidden_layers=c.clip.num_hidden_layers,
                           num_attention_heads=c.clip.num_attention_heads,
                           max_position_embeddings=c.tokenizer.model_max_length, eos_token_id=tok.eos_token_id,
@@ -123,8 +125,9 @@ def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarra
     return np.stack(images), np.stack(fg), captions
 
 
-def pretrain(c, workdir, grid_out=None) -> Path:
-    """Runs every stage; returns the model folder."""
+def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
+    """Runs every stage; returns the model folder. ``command`` is recorded (default: the
+    command of ``c.variant`` without overrides)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -139,22 +142,24 @@ def pretrain(c, workdir, grid_out=None) -> Path:
     ids = tokenize(tok, captions)
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
 
-    vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda: train_vae(
+    vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda k: train_vae(
         vae_cfg, images, fg, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight,
-        seed=c.seed))
-    vae = AutoencoderKL(vae_cfg)
-    mean, logvar = encode(vae, vae_p, images)
-    vae_cfg = with_latent_scale(vae_cfg, mean[:1024])
-    clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda: train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip),
-                                                                 workdir, seed=c.seed)[1:])
+        seed=c.seed, resume_key=k))
+    moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
+    vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
+    clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda k: train_clip(
+        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, resume_key=k))
     scheduler = scheduler_config(c)
     sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
     empty = tokenize(tok, [""])
-    unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda: train_unet(
-        unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, mean, logvar, ids, empty, _stage(c.unet),
-        workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed))
-    info = dict(command=" ".join(["python -m customjax.pretrain"] + sys.argv[1:]), config=json.loads(c.to_json_best_effort()),
+    unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
+        unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
+        workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
+        resume_key=k))
+    command = command or (f"python -m customjax.pretrain --config configs/shapeworld_base.py:{c.variant} "
+                          f"--workdir {workdir}")
+    info = dict(command=command, config=json.loads(c.to_json_best_effort()),
                 seed=c.seed, jax=jax.__version__, device=str(jax.devices()[0].device_kind), platform=platform.platform(),
                 train_seconds=round(time.time() - t0, 1),
                 final_loss={k: h[-1]["loss"] for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
@@ -173,7 +178,8 @@ def pretrain(c, workdir, grid_out=None) -> Path:
 
 def main(argv) -> None:
     del argv
-    folder = pretrain(FLAGS.config, FLAGS.workdir, FLAGS.grid)
+    folder = pretrain(FLAGS.config, FLAGS.workdir, FLAGS.grid,
+                      command=" ".join(["python -m customjax.pretrain"] + sys.argv[1:]))
     if FLAGS.install:
         from customjax.assets import SHAPEWORLD_BASE
         if SHAPEWORLD_BASE.exists():
@@ -210,7 +216,8 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     from customjax.pipeline import load_stable_diffusion
 
     folder, workdir = Path(folder), Path(workdir)
-    pool = lambda idx: training_pool(c.seed, c.pool, c.size, idx)
+    rendered = functools.lru_cache(maxsize=4)(lambda key: training_pool(c.seed, c.pool, c.size, key))
+    pool = lambda idx: rendered(tuple(int(i) for i in idx))     # each batch rendered once
     tok = load_tokenizer(folder / "tokenizer")
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, folder / "tokenizer")
     images = LazyRows(c.pool, lambda idx: pool(idx)[0])
@@ -218,12 +225,11 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out = {"vae": train_vae(vae_cfg, images, LazyRows(c.pool, lambda idx: pool(idx)[1]), _stage(c.vae), workdir,
                             kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight, seed=c.seed,
                             max_steps=steps)[1]}
-    out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[2]
+    out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[1]
     pipe, params = load_stable_diffusion(folder)
-    moments = lambda idx: encode(pipe.vae, params["vae"], pool(idx)[0])
+    moments = LazyRows(c.pool, lambda idx: encode(pipe.vae, params["vae"], pool(idx)[0]))
     out["unet"] = train_unet(unet_cfg, pipe.text_encoders[0], params["text_encoders"][0], noise_schedule(pipe.schedule),
-                             pipe.vae.config.scaling_factor, LazyRows(c.pool, lambda i: moments(i)[0]),
-                             LazyRows(c.pool, lambda i: moments(i)[1]), ids, tokenize(tok, [""]), _stage(c.unet),
+                             pipe.vae.config.scaling_factor, moments, ids, tokenize(tok, [""]), _stage(c.unet),
                              workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
                              seed=c.seed, max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}

@@ -50,6 +50,3 @@ def train_tokenizer(captions: Iterable[str], folder: str | os.PathLike, *, max_m
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return folder
 
-
-def vocab_size(folder: str | os.PathLike) -> int:
-    return len(json.loads((Path(folder) / "vocab.json").read_text()))

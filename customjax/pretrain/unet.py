@@ -21,12 +21,14 @@ from customjax.weights.loaders import init_params
 
 
 def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: CLIPTextModel,
-              sched: NoiseSchedule, scaling_factor: float, p_uncond: float, prediction_type: str):
+              sched: NoiseSchedule, scaling_factor: float, p_uncond: float, prediction_type: str,
+              empty_ids: np.ndarray):
     kz, kn, kt, kd = jax.random.split(key, 4)
-    z0 = latent_dist_sample(batch["mean"], batch["logvar"], kz) * scaling_factor
+    mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
+    z0 = latent_dist_sample(mean, logvar, kz) * scaling_factor
     B = z0.shape[0]
     drop = jax.random.uniform(kd, (B, 1)) < p_uncond
-    ids = jnp.where(drop, batch["empty_ids"], batch["ids"])
+    ids = jnp.where(drop, jnp.asarray(empty_ids), batch["ids"])
     ctx = text.apply({"params": frozen}, ids).last_hidden_state
     noise = jax.random.normal(kn, z0.shape)
     t = jax.random.randint(kt, (B,), 0, sched.alphas_cumprod.shape[0])
@@ -35,19 +37,19 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
 
 
 def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSchedule, scaling_factor: float,
-               mean: np.ndarray, logvar: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
+               moments: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
                workdir, *, p_uncond: float = 0.1, prediction_type: str = "epsilon", seed: int = 0,
-               max_steps: int | None = None):
-    """(params, history): ``mean``/``logvar`` are the VAE posteriors of the training images and
-    ``ids`` their captions' token ids."""
+               **fit_kw):
+    """(params, history): ``moments`` are the VAE posteriors [mean, logvar] of the training images
+    (:func:`customjax.pretrain.vae.encode`), ``ids`` their captions' token ids and ``empty_ids``
+    (1, L) the empty prompt's."""
     unet = UNet2DConditionModel(cfg)
     params = init_params(UNET, cfg, jax.random.key(seed + 2))
     loss = functools.partial(unet_loss, unet=unet, text=text, sched=sched, scaling_factor=scaling_factor,
-                                 p_uncond=p_uncond, prediction_type=prediction_type)
-    empty = np.broadcast_to(empty_ids, (stage.batch, empty_ids.shape[-1]))
+                             p_uncond=p_uncond, prediction_type=prediction_type, empty_ids=np.asarray(empty_ids))
 
     def batches(step):
-        idx = sample_indices(seed + 2, step, len(mean), stage.batch)
-        return {"mean": mean[idx], "logvar": logvar[idx], "ids": ids[idx], "empty_ids": np.array(empty)}
+        idx = sample_indices(seed + 2, step, len(moments), stage.batch)
+        return {"moments": moments[idx], "ids": ids[idx]}
 
-    return fit("unet", loss, params, text_params, batches, stage, workdir, seed=seed, max_steps=max_steps)
+    return fit("unet", loss, params, text_params, batches, stage, workdir, seed=seed, **fit_kw)

@@ -4,9 +4,8 @@ to N(0, I). ``scaling_factor`` is then set to 1 / std of the latents, as SD's 0.
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ def vae_loss(params, frozen, batch, key, *, model: AutoencoderKL, kl_weight: flo
 
 
 def train_vae(cfg: VAEConfig, images: np.ndarray, fg: np.ndarray, stage: StageConfig, workdir, *, kl_weight: float,
-              object_weight: float, seed: int = 0, max_steps: int | None = None):
+              object_weight: float, seed: int = 0, **fit_kw):
     """(params, history) trained on uint8 ``images`` with object masks ``fg`` (N, H, W)."""
     model = AutoencoderKL(cfg)
     params = init_params(VAE, cfg, jax.random.key(seed))
@@ -42,16 +41,22 @@ def train_vae(cfg: VAEConfig, images: np.ndarray, fg: np.ndarray, stage: StageCo
         idx = sample_indices(seed, step, len(images), stage.batch)
         return {"image": to_unit(images[idx]), "fg": np.asarray(fg[idx], np.float32)}
 
-    return fit("vae", loss, params, None, batches, stage, workdir, seed=seed, max_steps=max_steps)
+    return fit("vae", loss, params, None, batches, stage, workdir, seed=seed, **fit_kw)
 
 
-def with_latent_scale(cfg: VAEConfig, mean: np.ndarray) -> VAEConfig:
-    """``scaling_factor`` = 1 / std of the posterior means, so the diffusion latents have unit variance."""
-    return dataclasses.replace(cfg, scaling_factor=float(1.0 / np.std(mean)))
+def with_latent_scale(cfg: VAEConfig, moments: np.ndarray) -> VAEConfig:
+    """``scaling_factor`` = 1 / std of the posterior means (the first half of ``moments``' channels),
+    so the diffusion latents have unit variance."""
+    return dataclasses.replace(cfg, scaling_factor=float(1.0 / np.std(moments[..., :cfg.latent_channels])))
 
 
-def encode(model: AutoencoderKL, params, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, logvar) of the posterior for uint8 ``images``, in chunks."""
-    f = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
-    outs = [jax.device_get(f(params, to_unit(images[i:i + chunk]))) for i in range(0, len(images), chunk)]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+@functools.partial(jax.jit, static_argnums=0)
+def _moments(model: AutoencoderKL, params, x):
+    return jnp.concatenate(model.apply({"params": params}, x, method="encode"), axis=-1)
+
+
+def encode(model: AutoencoderKL, params, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Posterior moments [mean, logvar] (N, h, w, 2 * latent_channels) of uint8 ``images``, in chunks
+    (one compilation per chunk shape)."""
+    return np.concatenate([np.asarray(_moments(model, params, to_unit(images[i:i + chunk])))
+                           for i in range(0, len(images), chunk)])

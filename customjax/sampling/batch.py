@@ -3,7 +3,8 @@
 :func:`sample_batches` groups the jobs by compiled shape, pads each group's last batch with its
 last job, builds the inputs (token ids, target-word masks, seeded latents, constant initial masks),
 shards them over the data mesh and runs :func:`~customjax.sampling.dual_branch.dual_branch_sample`.
-Shared by the sample CLI (``customjax.sample``) and the ShapeWorld benchmark.
+Shared by the sample CLI (``customjax.sample``) and the ShapeWorld benchmark; the training
+previews (``customjax.preview``) build their inputs with :func:`batch_inputs` too.
 """
 
 from __future__ import annotations
@@ -12,20 +13,12 @@ import dataclasses
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from customjax.parallel import shard_batch
 from customjax.sampling.common import seed_latents
 from customjax.sampling.dual_branch import dual_branch_sample
-from customjax.tokenizer import tokenize, word_token_positions
-
-
-def resize_reference(img: np.ndarray, size: int) -> np.ndarray:
-    """A float [0, 1] image (H, W, 3) resized (bicubic) to (size, size, 3), for the image encoder."""
-    return np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                      np.float32) / 255.0
+from customjax.tokenizer import tokenize, word_masks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,6 +33,35 @@ class Job:
     case: Any = None
 
 
+def pad_to(items: Sequence, size: int) -> list:
+    """``items`` padded to ``size`` with its last item (one compiled shape for a short batch)."""
+    if not 0 < len(items) <= size:
+        raise ValueError(f"cannot pad {len(items)} items to {size}")
+    return list(items) + [items[-1]] * (size - len(items))
+
+
+def negative_ids(pipe, batch: int) -> tuple[np.ndarray, ...]:
+    """Token ids of the empty negative prompt, (batch, 77) per tokenizer."""
+    return tuple(np.repeat(tokenize(t, [""]), batch, axis=0) for t in pipe.tokenizers)
+
+
+def batch_inputs(pipe, gcfg, prompts: Sequence[str], words: Sequence[Sequence[str]], seeds: Sequence[int],
+                 image_hw: tuple[int, int], *, init_mask: float = 0.0, neg: tuple | None = None
+                 ) -> dict[str, Any]:
+    """The sampler's text, noise and mask inputs of one batch, as numpy arrays: ``ids`` / ``neg``
+    (token ids of the prompts / of the empty negative prompt, one (B, 77) array per tokenizer; ``neg``
+    given: reused), ``wm`` (B, J, 77) target-word token masks (first tokenizer), ``lat`` seeded
+    initial latents, ``m0`` (B, J, h, w) constant initial masks of value ``init_mask``."""
+    H, W = image_hw
+    f, B = pipe.vae_scale, len(prompts)
+    wm = word_masks(pipe.tokenizers[0], prompts, words)
+    hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
+    return dict(ids=tuple(tokenize(t, list(prompts)) for t in pipe.tokenizers),
+                neg=negative_ids(pipe, B) if neg is None else neg, wm=wm,
+                lat=seed_latents(list(seeds), (H // f, W // f, pipe.unet.config.in_channels)),
+                m0=np.full((B, wm.shape[1], *hw_mask), init_mask, np.float32))
+
+
 def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job], batch_size: int, mesh,
                    image_hw: tuple[int, int], *, init_mask: float = 0.0
                    ) -> Iterator[tuple[list[Job], dict[str, np.ndarray]]]:
@@ -52,27 +74,17 @@ def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job
     as numpy arrays for those jobs: ``images`` (n, H, W, 3) in [0, 1], ``masks`` (n, J, h, w) and,
     when ``gcfg.record_masks``, ``mask_steps`` (steps, n, J, h, w)).
     """
-    H, W = image_hw
-    f = pipe.vae_scale
-    hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
     groups: dict = {}
     for j in jobs:
         groups.setdefault((len(j.words), np.shape(j.tokens)), []).append(j)
-    for (J, _), group in groups.items():
+    neg = negative_ids(pipe, batch_size)
+    for group in groups.values():
         for b in range(0, len(group), batch_size):
             real = group[b:b + batch_size]
-            chunk = real + [real[-1]] * (batch_size - len(real))      # pad to one compiled shape
-            ids = tuple(jnp.asarray(tokenize(t, [j.prompt for j in chunk])) for t in pipe.tokenizers)
-            neg = tuple(jnp.asarray(tokenize(t, [""] * batch_size)) for t in pipe.tokenizers)
-            wm = np.zeros((batch_size, J, ids[0].shape[1]), bool)
-            for i, j in enumerate(chunk):
-                for k, w in enumerate(j.words):
-                    wm[i, k, word_token_positions(pipe.tokenizers[0], j.prompt, w)] = True
-            feats = np.stack([j.tokens for j in chunk])
-            lat = seed_latents([j.seed for j in chunk], (H // f, W // f, pipe.unet.config.in_channels))
-            m0 = np.full((batch_size, J, *hw_mask), init_mask, np.float32)
-            data = shard_batch(dict(ids=ids, neg=neg, wm=jnp.asarray(wm), feats=jnp.asarray(feats),
-                                    lat=jnp.asarray(lat), m0=jnp.asarray(m0)), mesh)
+            chunk = pad_to(real, batch_size)
+            x = batch_inputs(pipe, gcfg, [j.prompt for j in chunk], [j.words for j in chunk],
+                             [j.seed for j in chunk], image_hw, init_mask=init_mask, neg=neg)
+            data = shard_batch(dict(x, feats=np.stack([j.tokens for j in chunk])), mesh)
             res = dual_branch_sample(pipe, unet, sampler, gcfg, visual, params, data["ids"], data["neg"],
                                      data["wm"], data["feats"], data["lat"], data["m0"], zero_uncond=pipe.is_sdxl)
             res = jax.tree_util.tree_map(np.asarray, res)

@@ -39,7 +39,7 @@ def _txt2img(pipe: StableDiffusion, sampler: Sampler, params: dict, ids: tuple, 
     return jnp.clip((img.astype(jnp.float32) + 1) / 2, 0, 1)
 
 
-def txt2img(pipe: StableDiffusion, params: dict, prompts: list[str], key: jax.Array, *,
+def txt2img(pipe: StableDiffusion, params: dict, prompts: list[str], key: jax.Array | None, *,
             steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
             height: int | None = None, width: int | None = None, negative_prompt: str = "",
             latents: jax.Array | None = None) -> np.ndarray:

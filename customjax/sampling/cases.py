@@ -1,0 +1,89 @@
+"""Sampling cases (a prompt, its target words, their reference images, seeds), read from the JSONL
+files of the sample CLI and checked before anything compiles. One case a line::
+
+    {"prompt": "a toy on the beach", "words": ["toy"], "references": ["toy.png"], "seeds": [0, 1]}
+
+Used by the sample CLI (``customjax.sample``) and the training previews (``customjax.preview``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from customjax.tokenizer import word_token_positions
+
+
+class CaseError(ValueError):
+    """A case that cannot be sampled; the message names where it comes from (``file:line``)."""
+
+
+def read_cases(path: str | os.PathLike) -> list[dict]:
+    """The cases of a JSONL file (blank lines skipped), each with ``_where`` = ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(f"{path}: no such file")
+    cases = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                case = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CaseError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(case, dict):
+                raise CaseError(f"{path}:{n}: not a JSON object")
+            cases.append(dict(case, _where=f"{path}:{n}"))
+    return cases
+
+
+def load_image(path: str, where: str) -> np.ndarray:
+    """A reference image as float32 RGB (H, W, 3) in [0, 1], or a :class:`CaseError` naming ``where``."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise CaseError(f"{where}: reference image {path} does not exist") from None
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[list[str], list[str]]:
+    """(words, reference paths) of one case, or a :class:`CaseError` naming ``where``: keys
+    present, every target word in the prompt, one reference per word (one for One2Many)."""
+    for key in ("prompt", "words", "references"):
+        if key not in c:
+            raise CaseError(f"{where}: missing {key!r}")
+    words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
+    refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
+    if not words:
+        raise CaseError(f"{where}: no target word given")
+    for w in words:
+        try:
+            word_token_positions(tokenizer, c["prompt"], w)
+        except ValueError as e:
+            raise CaseError(f"{where}: {e}") from None
+    want = 1 if references_mode == "one2many" else len(words)
+    if len(refs) != want:
+        raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
+                        f"{references_mode} needs {want}")
+    return words, refs
+
+
+def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_seeds: Sequence[int],
+                seeds_override: Sequence[int] | None = None) -> list[dict]:
+    """Checks every case (:func:`check_case`) and loads its images; returns records {prompt, words,
+    references (paths), images (float [0, 1]), seeds, where}. Seeds: ``seeds_override`` if given,
+    else the case's own, else ``default_seeds``."""
+    out = []
+    for c in cases:
+        where = c.get("_where", "?")
+        words, refs = check_case(c, tokenizer, references_mode, where)
+        images = [load_image(r, where) for r in refs]
+        seeds = [int(s) for s in (seeds_override or c.get("seeds") or default_seeds)]
+        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where))
+    return out
