@@ -17,21 +17,26 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     c.size = 64
-    c.pool = 60_000 if gpu else 24_000   # training scenes rendered once
+    c.pool = 60_000 if gpu else 40_000   # training scenes rendered once
     c.tokenizer = dict(captions=20_000, max_merges=2000, model_max_length=32)
     c.vae = ml_collections.ConfigDict(dict(
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        kl_weight=1e-4, object_weight=4.0, steps=8000 if gpu else 2000, batch=8, lr=1e-3, warmup=100))
+        # 8 latent channels: at 1000 steps, reconstructions of held-out scenes had their category right
+        # 0.73 of the time against 0.68 with 4 channels, and their colour 0.83 against 0.69.
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=8,
+        kl_weight=1e-4, object_weight=4.0, steps=12_000 if gpu else 5000, batch=8, lr=1e-3, warmup=100))
     c.clip = ml_collections.ConfigDict(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=8,
-        projection_dim=64, steps=6000 if gpu else 1200, batch=64, lr=1e-3, warmup=100))
+        projection_dim=64, steps=6000 if gpu else 2000, batch=64, lr=1e-3, warmup=100))
     c.unet = ml_collections.ConfigDict(dict(
         block_out_channels=(32, 64, 64), layers_per_block=1, heads=(2, 4, 4), norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        # v prediction: the first CPU run (epsilon, 3000 steps) learnt little at high noise
-        prediction_type="v_prediction", p_uncond=0.1, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4,
-        warmup=200))
+        # The first CPU run (SD's scaled-linear betas, epsilon, 3000 steps) learnt little at high noise.
+        # At 16 x 16 latents SD's terminal SNR leaks the image mean (the background) through the noise
+        # (Lin et al. 2024): a cosine schedule (zero terminal SNR) with v prediction and "trailing"
+        # timesteps (sampling starts at t = 999) removes the leak; EMA weights are sampled.
+        prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
+        p_uncond=0.1, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4, warmup=200, ema=0.999))
     c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, batch=50, grid=16))
     if variant == "test":
         c.size, c.pool = 32, 64

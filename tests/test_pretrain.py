@@ -116,3 +116,29 @@ def test_pretrain_reruns_the_recorded_start_of_a_run(micro_run, tmp_path):
         assert [s for s, _ in got[stage]] == list(range(1, FINGERPRINT_STEPS + 1))
         for step, loss in got[stage]:
             assert loss == pytest.approx(want[step], rel=tol), (stage, step, loss, want[step])
+
+
+def test_fit_returns_the_moving_average_with_ema(tmp_path):
+    """``StageConfig.ema``: the stage returns the exponential moving average of the parameters, with
+    the decay warmed up as min(ema, (1 + i) / (10 + i)), and the raw trajectory is unchanged by it."""
+    def loss(p, frozen, batch, key):
+        return jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2), {}
+
+    def batches(step):
+        x = np.random.default_rng(step).normal(size=(16, 4)).astype(np.float32)
+        return {"x": x, "y": x @ np.arange(4, dtype=np.float32)}
+
+    import dataclasses
+    c = StageConfig(steps=6, batch=16, lr=0.3, warmup=1, log_every=1)
+    raw = [np.zeros(4, np.float32)] + [
+        np.asarray(fit(f"raw{k}", loss, {"w": jnp.zeros(4)}, None, batches, c, tmp_path, max_steps=k)[0]["w"])
+        for k in range(1, c.steps + 1)]
+    avg = raw[0]
+    for i in range(c.steps):
+        d = min(0.8, (1 + i) / (10 + i))
+        avg = d * avg + (1 - d) * raw[i + 1]
+    ema, hist = fit("ema", loss, {"w": jnp.zeros(4)}, None, batches, dataclasses.replace(c, ema=0.8), tmp_path)
+    np.testing.assert_allclose(ema["w"], avg, rtol=1e-5, atol=1e-6)
+    assert np.abs(avg - raw[-1]).max() > 1e-3          # the average is not the last iterate
+    _, plain = fit("plain", loss, {"w": jnp.zeros(4)}, None, batches, c, tmp_path)
+    assert [h["loss"] for h in hist] == [h["loss"] for h in plain]

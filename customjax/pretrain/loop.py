@@ -31,6 +31,8 @@ class StageConfig:
     clip_norm: float = 1.0
     log_every: int = 25
     save_every: int = 500     # resumable snapshot of params, optimizer state and step (0 = none)
+    ema: float = 0.0          # decay of an exponential moving average of the parameters (0 = none);
+                              # when set, the average is what the stage returns
 
 
 def optimizer(c: StageConfig) -> optax.GradientTransformation:
@@ -52,7 +54,8 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
     """Trains ``params`` for ``c.steps`` steps of ``loss_fn(params, frozen, batch, key) -> (loss,
     aux)`` on ``batches(step)`` (numpy arrays, batch-major); returns the parameters and the logged
     metrics (also in ``workdir/name/metrics.jsonl`` and its TensorBoard events). ``max_steps`` stops
-    early (same schedule): a rerun of a run's first steps. Every ``c.save_every`` steps a snapshot
+    early (same schedule): a rerun of a run's first steps. With ``c.ema`` the returned parameters
+    are the moving average (Polyak averaging, as diffusion models are sampled from). Every ``c.save_every`` steps a snapshot
     (parameters, optimizer state, step) is written to ``workdir/name/snapshot.msgpack``; a later
     call with the same ``resume_key`` (what the run depends on) goes on from it."""
     mesh = mesh or parallel.data_mesh()
@@ -61,11 +64,18 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
     params = jax.device_put(params, rep)
     frozen = jax.device_put(frozen, rep)
     opt = jax.jit(tx.init, out_shardings=rep)(params)
+    # The average rides in the optimizer-state slot, so snapshots and resumption carry it unchanged.
+    opt = (opt, jax.tree.map(jax.numpy.copy, params)) if c.ema else opt
 
-    def step(params, opt, frozen, batch, key):
+    def step(params, opt, frozen, batch, key, i):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+        state, avg = opt if c.ema else (opt, None)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if c.ema:
+            d = jax.numpy.minimum(c.ema, (1.0 + i) / (10.0 + i))    # the usual warm-up of the decay
+            state = (state, jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, avg, params))
+        return params, state, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
 
     jstep = jax.jit(step, donate_argnums=(0, 1))
     out = Path(workdir) / name
@@ -88,7 +98,7 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
             tqdm(total=c.steps, initial=start, desc=name, unit="step") as bar:
         for i in range(start, end):
             batch = parallel.shard_batch(batches(i), mesh)
-            params, opt, m = jstep(params, opt, frozen, batch, jax.random.fold_in(key, i))
+            params, opt, m = jstep(params, opt, frozen, batch, jax.random.fold_in(key, i), i)
             bar.update(1)
             if (i + 1) % c.log_every == 0 or i + 1 == c.steps or i < FINGERPRINT_STEPS:
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -110,7 +120,7 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
     snapshot.unlink(missing_ok=True)
     if writer:
         writer.close()
-    return jax.device_get(params), history
+    return jax.device_get(opt[1] if c.ema else params), history
 
 
 def _writer(folder: Path):

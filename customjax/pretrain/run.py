@@ -54,7 +54,7 @@ def define_flags() -> None:
 
 
 def _stage(c) -> StageConfig:
-    return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup)
+    return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup, ema=c.get("ema", 0.0))
 
 
 def _key(c, *sections: str) -> str:
@@ -106,8 +106,12 @@ def configs(c, tokenizer_dir: Path) -> tuple:
 
 
 def scheduler_config(c) -> dict:
-    """The diffusers DDIM scheduler config of the model (SD's betas; the UNet's prediction type)."""
-    return dict(SCHEDULER, prediction_type=c.unet.get("prediction_type", "epsilon"))
+    """The diffusers DDIM scheduler config of the model: SD's, with the UNet's prediction type,
+    beta schedule and inference timestep spacing."""
+    u = c.unet
+    return dict(SCHEDULER, prediction_type=u.get("prediction_type", "epsilon"),
+                beta_schedule=u.get("beta_schedule", SCHEDULER["beta_schedule"]),
+                timestep_spacing=u.get("timestep_spacing", SCHEDULER["timestep_spacing"]))
 
 
 def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
