@@ -92,7 +92,7 @@ def fit(name: str, loss_fn: LossFn, params: Any, frozen: Any, batches: Callable[
         opt = jax.device_put(serialization.from_state_dict(opt, raw["opt"]), rep)
         start, history = int(raw["step"]), json.loads(raw["history"])
     key = jax.random.key(seed)
-    t0 = time.time()
+    t0 = time.time() - (history[-1]["seconds"] if history else 0.0)   # seconds count on across resumes
     end = c.steps if max_steps is None else min(max_steps, c.steps)
     with open(out / "metrics.jsonl", "a" if start else "w") as log, \
             tqdm(total=c.steps, initial=start, desc=name, unit="step") as bar:

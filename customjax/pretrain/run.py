@@ -165,7 +165,8 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
                           f"--workdir {workdir}")
     info = dict(command=command, config=json.loads(c.to_json_best_effort()),
                 seed=c.seed, jax=jax.__version__, device=str(jax.devices()[0].device_kind), platform=platform.platform(),
-                train_seconds=round(time.time() - t0, 1),
+                train_seconds=round(time.time() - t0, 1),   # this invocation (a resumed run: its last part)
+                stage_seconds={k: h[-1].get("seconds") for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
                 final_loss={k: h[-1]["loss"] for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
                 loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in (("vae", vae_h), ("clip", clip_h),
                                                                                  ("unet", unet_h))})
