@@ -263,7 +263,7 @@ def test_shards_load(tmp_path):
     for ex in mv:
         assert len(ex.frames) == len(ex.masks) == 3 and ex.object_id
         _, subject, views = sw.multiview_record(0, int(ex.source.rsplit("/", 1)[1]), 3)
-        assert ex.caption == sw.subject_phrase(subject)
+        assert ex.caption == sw.subject_caption(subject) == sw.article(subject.category)   # the real word only
         for frame, mask, view in zip(ex.frames, ex.masks, views):
             image, masks = sw.render(view)
             np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(frame))), image)

@@ -12,8 +12,11 @@ in ``split="train"`` data; :func:`eval_scenes` builds base-model evaluation scen
 combinations and :func:`heldout_subjects` lists the subjects for customization benchmarks.
 
 Multiview records show one subject in several contexts (background, position, size, rotation,
-optional distractors) with the subject's mask per frame; their caption names only the subject
-(the loader pairs it with a random target frame, so it must be true of every frame).
+optional distractors) with the subject's mask per frame; their caption is the subject's category
+alone, "a star" (:func:`subject_caption`): true of every frame (the loader pairs it with a random
+target frame), and, as with MVImageNet's class labels in RealCustom++, the appearance is left to the
+reference, so an adapter trained on them must take it from there (a caption naming the colours and
+pattern, :func:`subject_phrase`, makes the reference redundant and the adapter learns nothing).
 
     python -m customjax.data.shapeworld OUT_DIR --num_text_image 10000 --num_multiview 2000 --frames 4 \
         --size 64 --seed 0 --shards 1
@@ -491,6 +494,11 @@ def subject_phrase(subject: Subject) -> str:
     return article(f"{appearance_phrase(subject.appearance)} {subject.category}")
 
 
+def subject_caption(subject: Subject) -> str:
+    """``"a star"``: the caption of a multiview record, the category word only (module docstring)."""
+    return article(subject.category)
+
+
 def _object_phrase(obj: Obj, rng=None) -> str:
     """Full description without rng; with rng, size / colours / pattern / position are sometimes omitted.
     The category word is always there; a None appearance / size / position is not named."""
@@ -576,13 +584,13 @@ def text_image_record(seed: int, index: int, size: int = 64, split: str = "train
 
 def multiview_record(seed: int, index: int, frames: int = 4, size: int = 64, split: str = "train",
                      distractors: float = 0.25):
-    """(Example, Subject, scenes) of multiview object ``index``: caption = :func:`subject_phrase`,
+    """(Example, Subject, scenes) of multiview object ``index``: caption = :func:`subject_caption`,
     masks = the subject's mask per frame."""
     rng = np.random.default_rng([seed, 1, index])
     subject = sample_subject(rng, split)
     scenes = multiview_scenes(rng, subject, frames, size, split=split, distractors=distractors)
     rendered = [render(s, size) for s in scenes]
-    ex = Example(kind="multiview", caption=subject_phrase(subject),
+    ex = Example(kind="multiview", caption=subject_caption(subject),
                  frames=tuple(encode_png(im) for im, _ in rendered), names=tuple(f"{j:03d}" for j in range(frames)),
                  masks=tuple(encode_png(m[0].astype(np.uint8) * 255) for _, m in rendered),
                  object_id=f"{index:07d}|{subject.key}", source=f"shapeworld/multiview/{index:07d}")
