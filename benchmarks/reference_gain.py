@@ -43,16 +43,16 @@ WITH, DROPPED = ObjectiveConfig(0.0, 0.0, 0.0), ObjectiveConfig(0.0, 1.0, 0.0)
 
 def gain(built, batches: list[dict], draws: int) -> dict:
     """Mean loss with the reference and dropped, and the gain with its 95% interval."""
-    frozen, train = trainer.split(built)
-    f = jax.jit(lambda tr, b, k, cfg: loss_fn(tr, frozen, b, k, built=built, cfg=cfg)[0], static_argnums=3)
+    frozen, train = trainer.split(built)    # frozen weights are an argument, not constants baked into the program
+    f = jax.jit(lambda tr, fr, b, k, cfg: loss_fn(tr, fr, b, k, built=built, cfg=cfg)[0], static_argnums=4)
     on, off = [], []
     for i, b in enumerate(batches):
         jb = {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
               "ids": tuple(jnp.asarray(tokenize(t, list(b["caption"]))) for t in built.pipe.tokenizers)}
         for s in range(draws):
             key = jax.random.key(1000 * i + s)
-            on.append(float(f(train, jb, key, WITH)))
-            off.append(float(f(train, jb, key, DROPPED)))
+            on.append(float(f(train, frozen, jb, key, WITH)))
+            off.append(float(f(train, frozen, jb, key, DROPPED)))
     d = np.asarray(off) - np.asarray(on)
     return dict(with_reference=float(np.mean(on)), dropped=float(np.mean(off)), gain=float(d.mean()),
                 ci95=float(1.96 * d.std(ddof=1) / np.sqrt(len(d))), n=len(d))

@@ -41,6 +41,7 @@ def test_shipped_base_reruns_the_recorded_start_of_its_command(info, tmp_path):
     got = fingerprint(ml_collections.ConfigDict(info["config"]), SHAPEWORLD_BASE, tmp_path, steps=FINGERPRINT_STEPS)
     for stage, tol in (("vae", 1e-4), ("clip", 1e-4), ("unet", 2e-2)):
         want = dict((s, l) for s, l in info["loss_curves"][stage])
+        assert [s for s, _ in got[stage]] == list(range(1, FINGERPRINT_STEPS + 1)), stage
         for step, loss in got[stage]:
             assert loss == pytest.approx(want[step], rel=tol), (stage, step, loss, want[step])
 

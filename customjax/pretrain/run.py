@@ -163,13 +163,13 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
         resume_key=k))
     command = command or (f"python -m customjax.pretrain --config configs/shapeworld_base.py:{c.variant} "
                           f"--workdir {workdir}")
+    hist = {"vae": vae_h, "clip": clip_h, "unet": unet_h}
     info = dict(command=command, config=json.loads(c.to_json_best_effort()),
                 seed=c.seed, jax=jax.__version__, device=str(jax.devices()[0].device_kind), platform=platform.platform(),
                 train_seconds=round(time.time() - t0, 1),   # this invocation (a resumed run: its last part)
-                stage_seconds={k: h[-1].get("seconds") for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
-                final_loss={k: h[-1]["loss"] for k, h in (("vae", vae_h), ("clip", clip_h), ("unet", unet_h))},
-                loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in (("vae", vae_h), ("clip", clip_h),
-                                                                                 ("unet", unet_h))})
+                stage_seconds={k: h[-1]["seconds"] for k, h in hist.items()},
+                final_loss={k: h[-1]["loss"] for k, h in hist.items()},
+                loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in hist.items()})
     folder = write_folder(workdir / "model", scheduler=scheduler, tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
                           vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info)
     e = c.eval
