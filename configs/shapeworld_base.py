@@ -36,7 +36,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # (Lin et al. 2024): a cosine schedule (zero terminal SNR) with v prediction and "trailing"
         # timesteps (sampling starts at t = 999) removes the leak; EMA weights are sampled.
         prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
-        p_uncond=0.1, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4, warmup=200, ema=0.999))
+        # object_weight w: the squared error on latent pixels that objects cover counts 1 + w times. In a
+        # 2000-step probe on 4-channel latents w = 4 did worse than w = 0 on 100 held-out prompts
+        # (background 0.56 vs 0.95, category 0.22 vs 0.26, colour 0.09 vs 0.16), so it is off.
+        p_uncond=0.1, object_weight=0.0, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4, warmup=200, ema=0.999))
     c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, batch=50, grid=16))
     if variant == "test":
         c.size, c.pool = 32, 64
@@ -46,6 +49,6 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
                            projection_dim=16, steps=4, batch=4))
         c.unet.update(dict(block_out_channels=(16, 32), heads=(2, 2), norm_num_groups=8,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), steps=4, batch=4))
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), object_weight=1.0, steps=4, batch=4))
         c.eval.update(dict(prompts=4, steps=2, batch=4, grid=4))
     return c

@@ -125,3 +125,22 @@ def test_fit_returns_the_moving_average_with_ema(tmp_path):
     assert np.abs(avg - raw[-1]).max() > 1e-3          # the average is not the last iterate
     _, plain = fit("plain", loss, {"w": jnp.zeros(4)}, None, batches, c, tmp_path)
     assert [h["loss"] for h in hist] == [h["loss"] for h in plain]
+
+
+def test_unet_object_weight_counts_object_latents_more():
+    """``unet.object_weight``: pixel masks pool to latent coverage, and the weighted error puts
+    (1 + w) times the weight on covered latent pixels, leaving a uniform error unchanged."""
+    from customjax.pretrain.unet import latent_masks, object_weighted_mean
+
+    fg = np.zeros((1, 64, 64), bool)
+    fg[0, :4, :4] = True          # one whole latent pixel (factor 4)
+    fg[0, 8:10, 0:4] = True       # half of the latent pixel (2, 0)
+    cover = latent_masks(fg, 16)
+    assert cover.shape == (1, 16, 16) and cover[0, 0, 0] == 1.0 and cover[0, 2, 0] == 0.5 and cover.sum() == 1.5
+    err = np.zeros((1, 16, 16, 4), np.float32)
+    err[0, 0, 0] = 1.0            # all of the error on the object
+    plain = float(object_weighted_mean(err, cover, 0.0))
+    assert plain == pytest.approx(float(err.mean()))
+    weighted = float(object_weighted_mean(err, cover, 4.0))
+    assert weighted == pytest.approx(5.0 * 4 / (4 * (256 + 4.0 * 1.5)), rel=1e-6) and weighted > 4 * plain
+    assert float(object_weighted_mean(np.ones_like(err), cover, 4.0)) == pytest.approx(1.0)

@@ -160,7 +160,7 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
-        resume_key=k))
+        fg=fg, object_weight=c.unet.get("object_weight", 0.0), resume_key=k))
     command = command or (f"python -m customjax.pretrain --config configs/shapeworld_base.py:{c.variant} "
                           f"--workdir {workdir}")
     hist = {"vae": vae_h, "clip": clip_h, "unet": unet_h}
@@ -227,7 +227,8 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, folder / "tokenizer")
     images = LazyRows(c.pool, lambda idx: pool(idx)[0])
     ids = LazyRows(c.pool, lambda idx: tokenize(tok, pool(idx)[2]))
-    out = {"vae": train_vae(vae_cfg, images, LazyRows(c.pool, lambda idx: pool(idx)[1]), _stage(c.vae), workdir,
+    fg = LazyRows(c.pool, lambda idx: pool(idx)[1])
+    out = {"vae": train_vae(vae_cfg, images, fg, _stage(c.vae), workdir,
                             kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight, seed=c.seed,
                             max_steps=steps)[1]}
     out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[1]
@@ -236,5 +237,5 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out["unet"] = train_unet(unet_cfg, pipe.text_encoders[0], params["text_encoders"][0], noise_schedule(pipe.schedule),
                              pipe.vae.config.scaling_factor, moments, ids, tokenize(tok, [""]), _stage(c.unet),
                              workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
-                             seed=c.seed, max_steps=steps)[1]
+                             seed=c.seed, fg=fg, object_weight=c.unet.get("object_weight", 0.0), max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}

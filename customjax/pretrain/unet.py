@@ -1,7 +1,9 @@
 """Stage 3: the text-to-image UNet (latent diffusion, Rombach et al. 2022, Eq. 2): epsilon or
 v prediction (Salimans & Ho 2022, as SD-2) on the frozen VAE's scaled latents, conditioned on the frozen CLIP text tower's last
 hidden state, with the caption dropped (empty prompt) with probability ``p_uncond`` so that
-classifier-free guidance works at sampling time."""
+classifier-free guidance works at sampling time. With ``object_weight`` the squared error is
+weighted 1 + object_weight on the latent pixels that objects cover (as the VAE's reconstruction,
+:mod:`.vae`): the objects are a small part of a scene's latent but all of what its caption names."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from customjax.weights.loaders import init_params
 
 def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: CLIPTextModel,
               sched: NoiseSchedule, scaling_factor: float, p_uncond: float, prediction_type: str,
-              empty_ids: np.ndarray):
+              empty_ids: np.ndarray, object_weight: float = 0.0):
     kz, kn, kt, kd = jax.random.split(key, 4)
     mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
     z0 = latent_dist_sample(mean, logvar, kz) * scaling_factor
@@ -33,23 +35,47 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
     noise = jax.random.normal(kn, z0.shape)
     t = jax.random.randint(kt, (B,), 0, sched.alphas_cumprod.shape[0])
     pred = unet.apply({"params": params}, add_noise(sched, z0, noise, t), t, ctx)
-    return jnp.mean((pred - target(sched, prediction_type, z0, noise, t)) ** 2), {}
+    err = (pred - target(sched, prediction_type, z0, noise, t)) ** 2
+    if not object_weight:
+        return jnp.mean(err), {}
+    return object_weighted_mean(err, batch["fg"], object_weight), {"mse": jnp.mean(err)}
+
+
+def object_weighted_mean(err, fg, object_weight: float):
+    """Mean of ``err`` (B, h, w, C) weighted 1 + object_weight * ``fg`` (B, h, w) per latent pixel,
+    normalised by the mean weight (so a uniform error is unchanged)."""
+    w = 1.0 + object_weight * fg[..., None]
+    return jnp.mean(w * err) / jnp.mean(w)
+
+
+def latent_masks(fg: np.ndarray, latent_size: int) -> np.ndarray:
+    """(N, h, w) float32 object coverage of each latent pixel, from (N, H, W) pixel masks."""
+    n, size = fg.shape[0], fg.shape[1]
+    f = size // latent_size
+    return np.asarray(fg, np.float32).reshape(n, latent_size, f, latent_size, f).mean((2, 4))
 
 
 def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSchedule, scaling_factor: float,
                moments: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
                workdir, *, p_uncond: float = 0.1, prediction_type: str = "epsilon", seed: int = 0,
-               **fit_kw):
+               fg: np.ndarray | None = None, object_weight: float = 0.0, **fit_kw):
     """(params, history): ``moments`` are the VAE posteriors [mean, logvar] of the training images
     (:func:`customjax.pretrain.vae.encode`), ``ids`` their captions' token ids and ``empty_ids``
-    (1, L) the empty prompt's."""
+    (1, L) the empty prompt's; ``fg`` (N, H, W) the images' object masks, needed with
+    ``object_weight``."""
+    if object_weight and fg is None:
+        raise ValueError("object_weight needs the object masks fg of the training images")
     unet = UNet2DConditionModel(cfg)
     params = init_params(UNET, cfg, jax.random.key(seed + 2))
     loss = functools.partial(unet_loss, unet=unet, text=text, sched=sched, scaling_factor=scaling_factor,
-                             p_uncond=p_uncond, prediction_type=prediction_type, empty_ids=np.asarray(empty_ids))
+                             p_uncond=p_uncond, prediction_type=prediction_type, empty_ids=np.asarray(empty_ids),
+                             object_weight=object_weight)
 
     def batches(step):
         idx = sample_indices(seed + 2, step, len(moments), stage.batch)
-        return {"moments": moments[idx], "ids": ids[idx]}
+        batch = {"moments": moments[idx], "ids": ids[idx]}
+        if object_weight:
+            batch["fg"] = latent_masks(fg[idx], cfg.sample_size)
+        return batch
 
     return fit("unet", loss, params, text_params, batches, stage, workdir, seed=seed, **fit_kw)
