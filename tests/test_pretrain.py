@@ -99,6 +99,10 @@ def test_pretrain_writes_a_stable_diffusion_folder(micro_run):
     assert (work / "samples.png").is_file()
     for stage in ("vae", "clip", "unet"):
         assert [s for s, _ in info["loss_curves"][stage]] == [1, 2, 3, 4]
+    # the test variant weights object latents in the UNet loss (unet.object_weight): the weighted
+    # path ran, logging the unweighted error beside the loss, and the two differ
+    unet_log = [json.loads(x) for x in (work / "unet" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mse" in m and m["mse"] != m["loss"] for m in unet_log)
 
 
 def test_fit_returns_the_moving_average_with_ema(tmp_path):
@@ -130,7 +134,8 @@ def test_fit_returns_the_moving_average_with_ema(tmp_path):
 def test_unet_object_weight_counts_object_latents_more():
     """``unet.object_weight``: pixel masks pool to latent coverage, and the weighted error puts
     (1 + w) times the weight on covered latent pixels, leaving a uniform error unchanged."""
-    from customjax.pretrain.unet import latent_masks, object_weighted_mean
+    from customjax.pretrain.loop import object_weighted_mean
+    from customjax.pretrain.unet import latent_masks
 
     fg = np.zeros((1, 64, 64), bool)
     fg[0, :4, :4] = True          # one whole latent pixel (factor 4)

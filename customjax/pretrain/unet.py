@@ -17,7 +17,7 @@ from customjax.models.clip_text import CLIPTextModel
 from customjax.models.unet import UNET, UNet2DConditionModel
 from customjax.models.unet_config import UNetConfig
 from customjax.models.vae import latent_dist_sample
-from customjax.pretrain.loop import StageConfig, fit, sample_indices
+from customjax.pretrain.loop import StageConfig, fit, object_weighted_mean, sample_indices
 from customjax.schedulers import NoiseSchedule, add_noise, target
 from customjax.weights.loaders import init_params
 
@@ -39,13 +39,6 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
     if not object_weight:
         return jnp.mean(err), {}
     return object_weighted_mean(err, batch["fg"], object_weight), {"mse": jnp.mean(err)}
-
-
-def object_weighted_mean(err, fg, object_weight: float):
-    """Mean of ``err`` (B, h, w, C) weighted 1 + object_weight * ``fg`` (B, h, w) per latent pixel,
-    normalised by the mean weight (so a uniform error is unchanged)."""
-    w = 1.0 + object_weight * fg[..., None]
-    return jnp.mean(w * err) / jnp.mean(w)
 
 
 def latent_masks(fg: np.ndarray, latent_size: int) -> np.ndarray:
