@@ -5,6 +5,7 @@ Stable Diffusion loader (the fingerprint rerun of a record: test_shipped_base.py
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,6 +104,16 @@ def test_pretrain_writes_a_stable_diffusion_folder(micro_run):
     # path ran, logging the unweighted error beside the loss, and the two differ
     unet_log = [json.loads(x) for x in (work / "unet" / "metrics.jsonl").read_text().splitlines()]
     assert all("mse" in m and m["mse"] != m["loss"] for m in unet_log)
+    # the test variant trains its CLIP with hard negatives (clip.hard_negatives) and the text tower
+    # with the UNet (unet.train_text): the pipeline's text encoder is then no longer the CLIP's
+    clip_log = [json.loads(x) for x in (work / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert all("hard_negative_top1" in m for m in clip_log)
+    from customjax.models.clip import load_clip
+    clip_text = load_clip(folder / "clip")[1]["text"]["text_model"]
+    pipe_text = params["text_encoders"][0]["text_model"]
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(pipe_text), jax.tree.leaves(clip_text))]
+    assert jax.tree.structure(pipe_text) == jax.tree.structure(clip_text) and sum(m > 0 for m in moved) > len(moved) // 2
 
 
 def test_fit_returns_the_moving_average_with_ema(tmp_path):
@@ -149,3 +160,70 @@ def test_unet_object_weight_counts_object_latents_more():
     weighted = float(object_weighted_mean(err, cover, 4.0))
     assert weighted == pytest.approx(5.0 * 4 / (4 * (256 + 4.0 * 1.5)), rel=1e-6) and weighted > 4 * plain
     assert float(object_weighted_mean(np.ones_like(err), cover, 4.0)) == pytest.approx(1.0)
+
+
+def test_negative_captions_change_one_category_or_position():
+    """Each hard negative is its scene's training caption (same template and omissions) with one
+    object's category or named position replaced by another of the world's words."""
+    from customjax.pretrain.run import negative_captions, training_pool
+
+    _, _, captions = training_pool(0, 60, 32)
+    negatives = negative_captions(0, 60, 32)
+    assert negatives == negative_captions(0, 60, 32, indices=range(60))      # any part regenerates alone
+    import re
+
+    cats = "|".join(sw.CATEGORIES)
+    places = "|".join(sw.POSITION_PHRASES.values())
+    blank = lambda text: re.sub(places, "<P>", re.sub(rf"\b({cats})\b", "<C>", text))
+    kinds = set()
+    for pos, neg in zip(captions, negatives):
+        assert pos != neg and blank(pos) == blank(neg), (pos, neg)     # only those words differ
+        same_categories = re.findall(rf"\b({cats})\b", pos) == re.findall(rf"\b({cats})\b", neg)
+        kinds.add("position" if same_categories else "category")
+        if same_categories:
+            assert re.findall(places, pos) != re.findall(places, neg)
+    assert kinds == {"category", "position"}
+
+
+def test_clip_hard_negatives_enter_the_image_to_text_softmax():
+    """clip_loss with ``neg_ids``: the image-to-text cross-entropy runs over B + B text columns, the
+    text-to-image one is unchanged; computed here by hand from the towers' embeddings."""
+    import jax
+
+    from customjax.models.clip import CLIP
+    from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel, clip_text_spec
+    from customjax.models.vit import CLIPVisionConfig, CLIPVisionModel, clip_vision_spec
+    from customjax.pretrain.clip import clip_loss
+    from customjax.weights.loaders import init_params
+
+    tc = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=8, eos_token_id=49, projection_dim=8,
+                        with_projection=True)
+    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=8, projection_dim=8, with_projection=True)
+    model = CLIP(CLIPTextModel(tc), CLIPVisionModel(vc))
+    params = {"text": init_params(clip_text_spec(True), tc, jax.random.key(0)),
+              "vision": init_params(clip_vision_spec(True), vc, jax.random.key(1)), "logit_scale": jnp.asarray(2.0)}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 48, (4, 8)).astype(np.int32)
+    ids[:, -1] = 49
+    neg = ids.copy()
+    neg[:, 2] = (ids[:, 2] + 1) % 48 + 1
+    neg[3] = ids[0]                      # image 3's negative is image 0's caption: a positive of image 0
+    images = rng.uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    plain, _ = clip_loss(params, None, {"images": images, "ids": ids}, None, model=model)
+    hard, m = clip_loss(params, None, {"images": images, "ids": ids, "neg_ids": neg}, None, model=model)
+    t, tn, i = (np.asarray(model.embed_text(params, ids)), np.asarray(model.embed_text(params, neg)),
+                np.asarray(model.embed_image(params, images)))
+    s = np.exp(2.0)
+    logits = s * i @ np.concatenate([t, tn]).T                # (4, 8)
+    lse = lambda x: np.log(np.exp(x).sum(-1))
+    targets = np.zeros((4, 8))
+    targets[np.arange(4), np.arange(4)] = 1
+    targets[0, 4 + 3] = 1                                      # the duplicate caption
+    targets /= targets.sum(-1, keepdims=True)
+    i2t = np.mean(lse(logits) - (targets * logits).sum(-1))
+    t2i = np.mean(lse(logits[:, :4].T) - np.diag(logits[:, :4]))
+    assert float(hard) == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
+    assert float(hard) > float(plain)
+    assert float(m["hard_negative_top1"]) == pytest.approx(np.mean(np.diag(logits[:, :4]) > np.diag(logits[:, 4:])))

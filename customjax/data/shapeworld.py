@@ -545,6 +545,21 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _choice(rng, CAPTION_TEMPLATES).format(objects=objects, bg=bg)
 
 
+def contrast_scene(scene: Scene, rng: np.random.Generator, attribute: str) -> Scene:
+    """``scene`` with one random object's ``attribute`` ("category" or "position", a free region)
+    changed: the description that a hard-negative caption (NegCLIP, Yuksekgonul et al. 2023) makes."""
+    k = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[k]
+    if attribute == "category":
+        obj = dataclasses.replace(obj, category=_choice(rng, tuple(c for c in CATEGORIES if c != obj.category)))
+    elif attribute == "position":
+        taken = {o.position for o in scene.objects}
+        obj = dataclasses.replace(obj, position=_choice(rng, tuple(p for p in POSITIONS if p not in taken)))
+    else:
+        raise ValueError(f"contrast_scene: attribute {attribute!r} is not 'category' or 'position'")
+    return Scene(scene.background, scene.objects[:k] + (obj,) + scene.objects[k + 1:])
+
+
 def prompt(scene: Scene) -> str:
     """The deterministic full description (evaluation prompt): every named attribute of every object
     (an object's None appearance / size / position is not named)."""

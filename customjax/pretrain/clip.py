@@ -1,7 +1,12 @@
 """Stage 2: a small CLIP (Radford et al. 2021): text and vision towers with projections trained
 with the symmetric InfoNCE loss (CLIP Fig. 3) on image-caption pairs. The towers become the
 pipeline's ``text_encoder/`` and ``image_encoder/``; the whole model, with ``logit_scale``, is the
-``clip/`` folder that CLIP-T / CLIP-I scores use."""
+``clip/`` folder that CLIP-T / CLIP-I scores use.
+
+In-batch negatives are solved by colours and backgrounds alone, and a text tower trained so keeps
+little of the category and position words that the UNet must then read from it. With hard
+negatives (NegCLIP, Yuksekgonul et al. 2023, Sec. 5) each image's caption with one category or
+position changed joins the image-to-text softmax as a further wrong answer."""
 
 from __future__ import annotations
 
@@ -27,15 +32,24 @@ def clip_loss(params, frozen, batch, key, *, model: CLIP):
     # Identical captions in one batch are positives too (the world repeats descriptions).
     same = (batch["ids"][:, None, :] == batch["ids"][None, :, :]).all(-1)
     target = same / same.sum(-1, keepdims=True)
-    loss = 0.5 * (optax.softmax_cross_entropy(logits, target).mean() + optax.softmax_cross_entropy(logits.T, target).mean())
-    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, {"i2t_top1": acc}
+    metrics = {"i2t_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    t2i = optax.softmax_cross_entropy(logits.T, target).mean()
+    if "neg_ids" in batch:   # (B, L) hard negatives: more text columns of the image-to-text softmax
+        neg = jnp.exp(params["logit_scale"]) * i @ model.embed_text(params, batch["neg_ids"]).T
+        metrics["hard_negative_top1"] = jnp.mean(jnp.diag(logits) > jnp.diag(neg))
+        # a negative may describe another image of the batch: a positive for that one
+        same_neg = (batch["ids"][:, None, :] == batch["neg_ids"][None, :, :]).all(-1)
+        logits = jnp.concatenate([logits, neg], axis=1)
+        target = jnp.concatenate([same, same_neg], axis=1)
+        target = target / target.sum(-1, keepdims=True)
+    loss = 0.5 * (optax.softmax_cross_entropy(logits, target).mean() + t2i)
+    return loss, metrics
 
 
 def train_clip(text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, images: np.ndarray, ids: np.ndarray,
-               stage: StageConfig, workdir, seed: int = 0, **fit_kw):
+               stage: StageConfig, workdir, seed: int = 0, neg_ids: np.ndarray | None = None, **fit_kw):
     """(params {"text", "vision", "logit_scale"}, history) trained on uint8 ``images`` and their
-    captions' token ``ids``."""
+    captions' token ``ids``; ``neg_ids``: a hard-negative caption's ids for each image."""
     model = CLIP(CLIPTextModel(text_cfg), CLIPVisionModel(vision_cfg))
     k1, k2 = jax.random.split(jax.random.key(seed))
     params = {"text": init_params(clip_text_spec(True), text_cfg, k1),
@@ -45,6 +59,9 @@ def train_clip(text_cfg: CLIPTextConfig, vision_cfg: CLIPVisionConfig, images: n
 
     def batches(step):
         idx = sample_indices(seed + 1, step, len(images), stage.batch)
-        return {"images": images[idx].astype(np.float32) / 255.0, "ids": ids[idx]}
+        batch = {"images": images[idx].astype(np.float32) / 255.0, "ids": ids[idx]}
+        if neg_ids is not None:
+            batch["neg_ids"] = neg_ids[idx]
+        return batch
 
     return fit("clip", loss, params, None, batches, stage, workdir, seed=seed, **fit_kw)

@@ -3,7 +3,8 @@
 
     model_index.json, scheduler/, tokenizer/
     unet/, vae/                      diffusers config.json + diffusion_pytorch_model.safetensors
-    text_encoder/                    transformers CLIPTextModel (the CLIP text tower)
+    text_encoder/                    transformers CLIPTextModel (the CLIP text tower, or the one trained
+                                     with the UNet: ``text_p``)
     image_encoder/                   transformers CLIPVisionModelWithProjection (the vision tower)
     clip/                            transformers CLIPModel (both towers, projections, logit_scale)
 
@@ -44,9 +45,9 @@ def vision_config_dict(c) -> dict:
 
 
 def write_folder(out, *, scheduler: dict, tokenizer_dir, unet_cfg, unet_p, vae_cfg, vae_p, text_cfg, vision_cfg, clip_p,
-                 info: dict) -> Path:
+                 info: dict, text_p: dict | None = None) -> Path:
     """Writes the folder (replacing ``out``); ``info`` (command, seed, settings, figures) goes to
-    ``out/shapeworld.json``."""
+    ``out/shapeworld.json``. ``text_p``: the pipeline's text encoder if not the CLIP's text tower."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -55,7 +56,7 @@ def write_folder(out, *, scheduler: dict, tokenizer_dir, unet_cfg, unet_p, vae_c
     _save(out / "unet", unet_config_dict(unet_cfg), to_torch_state(unet_p), "diffusion_pytorch_model.safetensors")
     _save(out / "vae", vae_config_dict(vae_cfg), to_torch_state(vae_p), "diffusion_pytorch_model.safetensors")
     text_plain = dataclasses.replace(text_cfg, with_projection=False)
-    _save(out / "text_encoder", clip_text_config_dict(text_plain), to_torch_state(_without(clip_p["text"], "text_projection")),
+    _save(out / "text_encoder", clip_text_config_dict(text_plain), to_torch_state(_without(text_p or clip_p["text"], "text_projection")),
           "model.safetensors")
     _save(out / "image_encoder", vision_config_dict(vision_cfg), to_torch_state(clip_p["vision"]), "model.safetensors")
     full = {**to_torch_state(clip_p["text"]), **to_torch_state(clip_p["vision"]),

@@ -129,6 +129,30 @@ def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarra
     return np.stack(images), np.stack(fg), captions
 
 
+def negative_captions(seed: int, n: int, size: int, indices=None) -> list[str]:
+    """A hard-negative caption for each training scene of :func:`training_pool`: the scene's caption
+    (same template, same omissions) with one object's category or named position changed
+    (:func:`customjax.data.shapeworld.contrast_scene`, position half of the time when the caption
+    names one). Scenes are sampled again, not rendered."""
+    out = []
+    for i in (range(n) if indices is None else indices):
+        ex_rng = np.random.default_rng([seed, 2, int(i)])
+        scene = sw.sample_scene(ex_rng, size)
+        state = ex_rng.bit_generator.state
+        positive = sw.caption(scene, ex_rng)
+        rng = np.random.default_rng([seed, 3, int(i)])
+
+        def described(s):
+            r = np.random.default_rng()
+            r.bit_generator.state = state
+            return sw.caption(s, r)
+        neg = described(sw.contrast_scene(scene, rng, "position")) if rng.random() < 0.5 else positive
+        if neg == positive:
+            neg = described(sw.contrast_scene(scene, rng, "category"))
+        out.append(neg)
+    return out
+
+
 def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     """Runs every stage; returns the model folder. ``command`` is recorded (default: the
     command of ``c.variant`` without overrides)."""
@@ -151,8 +175,10 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
         seed=c.seed, resume_key=k))
     moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
     vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
+    neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
+               else None)
     clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda k: train_clip(
-        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, resume_key=k))
+        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, neg_ids=neg_ids, resume_key=k))
     scheduler = scheduler_config(c)
     sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
@@ -160,7 +186,11 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
-        fg=fg, object_weight=c.unet.get("object_weight", 0.0), resume_key=k))
+        fg=fg, object_weight=c.unet.get("object_weight", 0.0), train_text=c.unet.get("train_text", False),
+        resume_key=k))
+    text_p = None
+    if c.unet.get("train_text", False):      # the text tower trained with the UNet: the pipeline's text encoder
+        unet_p, text_p = unet_p["unet"], unet_p["text"]
     command = command or (f"python -m customjax.pretrain --config configs/shapeworld_base.py:{c.variant} "
                           f"--workdir {workdir}")
     hist = {"vae": vae_h, "clip": clip_h, "unet": unet_h}
@@ -171,7 +201,8 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
                 final_loss={k: h[-1]["loss"] for k, h in hist.items()},
                 loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in hist.items()})
     folder = write_folder(workdir / "model", scheduler=scheduler, tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
-                          vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info)
+                          vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info,
+                          text_p=text_p)
     e = c.eval
     res = evaluate(folder, prompts=e.prompts, steps=e.steps, guidance=e.guidance, batch=e.batch, seed=c.seed,
                    grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
@@ -231,11 +262,20 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out = {"vae": train_vae(vae_cfg, images, fg, _stage(c.vae), workdir,
                             kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight, seed=c.seed,
                             max_steps=steps)[1]}
-    out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, max_steps=steps)[1]
+    neg_ids = (LazyRows(c.pool, lambda idx: tokenize(tok, negative_captions(c.seed, c.pool, c.size, idx)))
+               if c.clip.get("hard_negatives", False) else None)
+    out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed,
+                             neg_ids=neg_ids, max_steps=steps)[1]
     pipe, params = load_stable_diffusion(folder)
+    text, text_p = pipe.text_encoders[0], params["text_encoders"][0]
+    if c.unet.get("train_text", False):      # the UNet stage started from the CLIP's text tower
+        from customjax.models.clip import load_clip
+        clip_model, clip_params = load_clip(folder / "clip")
+        text, text_p = clip_model.text, clip_params["text"]
     moments = LazyRows(c.pool, lambda idx: encode(pipe.vae, params["vae"], pool(idx)[0]))
-    out["unet"] = train_unet(unet_cfg, pipe.text_encoders[0], params["text_encoders"][0], noise_schedule(pipe.schedule),
+    out["unet"] = train_unet(unet_cfg, text, text_p, noise_schedule(pipe.schedule),
                              pipe.vae.config.scaling_factor, moments, ids, tokenize(tok, [""]), _stage(c.unet),
                              workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
-                             seed=c.seed, fg=fg, object_weight=c.unet.get("object_weight", 0.0), max_steps=steps)[1]
+                             seed=c.seed, fg=fg, object_weight=c.unet.get("object_weight", 0.0),
+                             train_text=c.unet.get("train_text", False), max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}
