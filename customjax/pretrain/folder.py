@@ -56,7 +56,7 @@ def write_folder(out, *, scheduler: dict, tokenizer_dir, unet_cfg, unet_p, vae_c
     _save(out / "unet", unet_config_dict(unet_cfg), to_torch_state(unet_p), "diffusion_pytorch_model.safetensors")
     _save(out / "vae", vae_config_dict(vae_cfg), to_torch_state(vae_p), "diffusion_pytorch_model.safetensors")
     text_plain = dataclasses.replace(text_cfg, with_projection=False)
-    _save(out / "text_encoder", clip_text_config_dict(text_plain), to_torch_state(_without(text_p or clip_p["text"], "text_projection")),
+    _save(out / "text_encoder", clip_text_config_dict(text_plain), to_torch_state(_without(clip_p["text"] if text_p is None else text_p, "text_projection")),
           "model.safetensors")
     _save(out / "image_encoder", vision_config_dict(vision_cfg), to_torch_state(clip_p["vision"]), "model.safetensors")
     full = {**to_torch_state(clip_p["text"]), **to_torch_state(clip_p["vision"]),

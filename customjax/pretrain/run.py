@@ -183,13 +183,13 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
     empty = tokenize(tok, [""])
+    train_text = c.unet.get("train_text", False)
     unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
-        fg=fg, object_weight=c.unet.get("object_weight", 0.0), train_text=c.unet.get("train_text", False),
-        resume_key=k))
+        fg=fg, object_weight=c.unet.get("object_weight", 0.0), train_text=train_text, resume_key=k))
     text_p = None
-    if c.unet.get("train_text", False):      # the text tower trained with the UNet: the pipeline's text encoder
+    if train_text:      # the text tower trained with the UNet: the pipeline's text encoder
         unet_p, text_p = unet_p["unet"], unet_p["text"]
     command = command or (f"python -m customjax.pretrain --config configs/shapeworld_base.py:{c.variant} "
                           f"--workdir {workdir}")
@@ -267,8 +267,9 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed,
                              neg_ids=neg_ids, max_steps=steps)[1]
     pipe, params = load_stable_diffusion(folder)
+    train_text = c.unet.get("train_text", False)
     text, text_p = pipe.text_encoders[0], params["text_encoders"][0]
-    if c.unet.get("train_text", False):      # the UNet stage started from the CLIP's text tower
+    if train_text:      # the UNet stage started from the CLIP's text tower
         from customjax.models.clip import load_clip
         clip_model, clip_params = load_clip(folder / "clip")
         text, text_p = clip_model.text, clip_params["text"]
@@ -277,5 +278,5 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
                              pipe.vae.config.scaling_factor, moments, ids, tokenize(tok, [""]), _stage(c.unet),
                              workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
                              seed=c.seed, fg=fg, object_weight=c.unet.get("object_weight", 0.0),
-                             train_text=c.unet.get("train_text", False), max_steps=steps)[1]
+                             train_text=train_text, max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}
