@@ -35,6 +35,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         block_out_channels=(32, 64, 64), layers_per_block=1, heads=(2, 4, 4), norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # Cross-attention also at 16 x 16 (SD's placement) did not draw shapes either in a 2000-step probe
+        # (category 0.14 vs 0.11, position 0.12 vs 0.16) and trained 1.6x slower, so it stays at 8 x 8 and 4 x 4.
         # The first CPU run (SD's scaled-linear betas, epsilon, 3000 steps) learnt little at high noise.
         # At 16 x 16 latents SD's terminal SNR leaks the image mean (the background) through the noise
         # (Lin et al. 2024): a cosine schedule (zero terminal SNR) with v prediction and "trailing"
