@@ -32,7 +32,8 @@ def config(path: str, arg: str):
 
 
 def run_cli(*args, timeout=600, devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, "-m", "customjax.sample", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
