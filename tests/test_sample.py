@@ -4,7 +4,6 @@ RealCustom++ key names), and RealCustom's per-step scoring runs inside the sampl
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cpu_env
 from flax import traverse_util
 
 from customjax.methods import realcustom
@@ -32,9 +32,7 @@ def config(path: str, arg: str):
 
 
 def run_cli(*args, timeout=600, devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
-    return subprocess.run([sys.executable, "-m", "customjax.sample", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "customjax.sample", *args], cwd=ROOT, env=cpu_env(devices),
                           capture_output=True, text=True, timeout=timeout)
 
 

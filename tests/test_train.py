@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import train_probe
+from conftest import cpu_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,9 +25,7 @@ def _run_processes(args: dict, n: int = 2, devices: int = 2) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))   # this checkout's customjax
+    env = cpu_env(devices, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))   # this checkout's customjax
     procs = [subprocess.Popen([sys.executable, str(HERE / "train_probe.py"), json.dumps(dict(
         args, distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=i))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
