@@ -241,7 +241,7 @@ def dpm_solver_timesteps(config: ScheduleConfig, num_inference_steps: int) -> np
 
 
 # --------------------------------------------------------------------------------------------
-# DDIM, eta = 0 (Song et al. 2021, eq. 12)
+# DDIM (Song et al. 2021, eq. 12; eta > 0: eq. 16)
 
 
 class DDIMSchedule(NamedTuple):
@@ -252,6 +252,7 @@ class DDIMSchedule(NamedTuple):
     sigmas: jax.Array  # (N,) sqrt(1 - abar) at timesteps[i]
     alphas_prev: jax.Array  # (N,) the same after the step
     sigmas_prev: jax.Array  # (N,)
+    ancestral: jax.Array  # (N,) sigma_t(eta = 1) = sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
 
 
 def ddim_schedule(config: ScheduleConfig, num_inference_steps: int) -> DDIMSchedule:
@@ -273,18 +274,29 @@ def ddim_schedule(config: ScheduleConfig, num_inference_steps: int) -> DDIMSched
         f32(np.sqrt(1.0 - abar_t)),
         f32(np.sqrt(abar_prev)),
         f32(np.sqrt(1.0 - abar_prev)),
+        f32(np.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))),
     )
 
 
 def ddim_step(
-    ddim: DDIMSchedule, prediction_type: str, model_output: jax.Array, sample: jax.Array, i: jax.Array
+    ddim: DDIMSchedule, prediction_type: str, model_output: jax.Array, sample: jax.Array, i: jax.Array,
+    eta: float = 0.0, noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One deterministic DDIM step from ``sample`` at ``ddim.timesteps[i]``.
+    """One DDIM step from ``sample`` at ``ddim.timesteps[i]`` (Song et al. 2021, Eq. 12): deterministic
+    for ``eta = 0``; with ``eta > 0`` it adds ``sigma_t(eta) * noise`` (Eq. 16; ``eta = 1`` is DDPM's
+    ancestral step), as diffusers' ``DDIMScheduler.step(eta=..., variance_noise=noise)``.
 
     Returns ``(prev_sample, x0)``; ``prev_sample`` has ``sample``'s dtype.
     """
     x0, eps = _x0_eps(prediction_type, model_output, sample, ddim.alphas[i], ddim.sigmas[i])
-    prev = ddim.alphas_prev[i] * x0 + ddim.sigmas_prev[i] * eps
+    if not eta:
+        prev = ddim.alphas_prev[i] * x0 + ddim.sigmas_prev[i] * eps
+        return prev.astype(sample.dtype), x0
+    if noise is None:
+        raise ValueError(f"ddim_step with eta={eta} needs the step's noise")
+    std = eta * ddim.ancestral[i]
+    direction = jnp.sqrt(jnp.maximum(ddim.sigmas_prev[i] ** 2 - std ** 2, 0.0))
+    prev = ddim.alphas_prev[i] * x0 + direction * eps + std * noise
     return prev.astype(sample.dtype), x0
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from customjax.images import grid, save_png
 from customjax.pipeline import load_stable_diffusion
-from customjax.sampling.common import seed_latents
+from customjax.sampling.common import SAMPLERS, seed_latents
 from customjax.sampling.t2i import txt2img
 
 FLAGS = flags.FLAGS
@@ -35,7 +35,7 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", ["0"], "seeds; every prompt is sampled with every seed")
     flags.DEFINE_integer("steps", 25, "denoising steps")
     flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale")
-    flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpm++2m"], "sampler")
+    flags.DEFINE_enum("sampler", "ddim", list(SAMPLERS), "sampler")
     flags.DEFINE_integer("height", None, "image height (default: the model's)")
     flags.DEFINE_integer("width", None, "image width (default: the model's)")
     flags.DEFINE_integer("batch", 4, "images per compiled call")

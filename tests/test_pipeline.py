@@ -69,3 +69,17 @@ def test_seeded_noise_and_size_errors(tiny):
         txt2img(pipe, params, PROMPTS[:1], jax.random.key(1), steps=2, height=33)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_stable_diffusion(folder / "unet")
+
+
+def test_ancestral_txt2img_is_fixed_by_each_image_seed(tiny):
+    """The ancestral sampler's fresh noise at every step comes from each image's initial latents:
+    the same latents give the same image alone or in a batch; other latents another image."""
+    kind, folder = tiny
+    pipe, params = load_stable_diffusion(folder)
+    latents = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    kw = dict(steps=3, guidance=7.5, sampler="ancestral")
+    both = txt2img(pipe, params, PROMPTS, None, latents=latents, **kw)
+    alone = txt2img(pipe, params, PROMPTS[1:], None, latents=latents[1:], **kw)
+    np.testing.assert_allclose(alone[0], both[1], atol=2e-5)
+    ddim = txt2img(pipe, params, PROMPTS, None, latents=latents, steps=3, guidance=7.5)
+    assert max_abs(both, ddim) > 1e-3

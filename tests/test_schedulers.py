@@ -139,6 +139,64 @@ def test_ddim_loop_matches_diffusers(report, n, overrides):
     "n, overrides",
     [
         (10, {}),
+        (7, dict(timestep_spacing="trailing", prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")),
+    ],
+)
+def test_ddim_eta_one_matches_diffusers_with_the_same_noise(report, n, overrides):
+    """The ancestral (eta = 1) DDIM step, given the noise diffusers is given as ``variance_noise``."""
+    config = {**SD, **overrides}
+    noises = _rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    ref = DDIMScheduler.from_config(config)
+    ref.set_timesteps(n)
+    want = torch.from_numpy(X_T)
+    for k, t in enumerate(ref.timesteps):
+        want = ref.step(fake_model_torch(want, t), t, want, eta=1.0, variance_noise=torch.from_numpy(noises[k])).prev_sample
+    cfg = S.ScheduleConfig.from_dict(config)
+    ddim = S.ddim_schedule(cfg, n)
+    x = jnp.asarray(X_T)
+    for i in range(n):
+        x, _ = S.ddim_step(ddim, cfg.prediction_type, fake_model_jax(x, ddim.timesteps[i]), x, i, eta=1.0,
+                           noise=jnp.asarray(noises[i]))
+    report(f"DDIM eta=1 {n} steps {overrides}", max_abs(x, want.numpy()), 1e-4)
+    deterministic, _ = ddim_loop(cfg, n)
+    assert max_abs(x, deterministic) > 0.1          # the noise is used
+    with pytest.raises(ValueError, match="needs the step's noise"):
+        S.ddim_step(ddim, cfg.prediction_type, x, x, 0, eta=1.0)
+
+
+def test_ancestral_sampler_noise_follows_each_image_alone():
+    """An image's trajectory depends on its own initial noise, not on its batch neighbours."""
+    from customjax.sampling.common import make_sampler
+
+    cfg = S.ScheduleConfig.from_dict({**SD, "prediction_type": "v_prediction"})
+    smp = make_sampler(cfg, "ancestral", 6)
+    model = lambda x, t: 0.1 * x + jnp.sin(0.01 * t) * W[0]      # noqa: E731  the same for every image
+
+    @jax.jit
+    def run(x):
+        def body(i, carry):
+            x, st = carry
+            return smp.step(model(x, jnp.asarray(smp.timesteps)[i]), x, st, i)
+        return jax.lax.fori_loop(0, len(smp.timesteps), body, (x, smp.init(x)))[0]
+
+    x = jnp.asarray(X_T)
+    out = run(x)
+    alone = run(x[1:])
+    np.testing.assert_allclose(out[1:], alone, atol=1e-6)
+    swapped = run(x[::-1])
+    np.testing.assert_allclose(swapped[::-1], out, atol=1e-6)
+    ddim = make_sampler(cfg, "ddim", 6)
+    det = jax.lax.fori_loop(0, 6, lambda i, c: ddim.step(model(c[0], jnp.asarray(ddim.timesteps)[i]), c[0], c[1], i),
+                            (x, ddim.init(x)))[0]
+    assert max_abs(out, det) > 0.1
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        make_sampler(cfg, "euler", 6)
+
+
+@pytest.mark.parametrize(
+    "n, overrides",
+    [
+        (10, {}),
         (25, {}),
         (10, dict(prediction_type="v_prediction")),
         (25, dict(prediction_type="v_prediction")),

@@ -55,7 +55,7 @@ def test_shipped_base_quality_on_fresh_held_out_prompts(info):
     rec = info["eval"]["summary"]
     s = info["eval"]["settings"]
     fresh = evaluate(SHAPEWORLD_BASE, prompts=FRESH_PROMPTS, steps=s["steps"], guidance=s["guidance"],
-                     batch=FRESH_PROMPTS // 2, seed=s["seed"] + 1)["summary"]
+                     batch=FRESH_PROMPTS // 2, seed=s["seed"] + 1, sampler=s["sampler"])["summary"]
     keys = ("background_correct", "category_correct", "position_correct", "size_correct", "color_correct")
     print("\n[shipped base] recorded (%d prompts) / fresh (%d): " % (rec["background_correct"]["n"], FRESH_PROMPTS)
           + ", ".join(f"{k} {rec[k]['mean']:.3f} / {fresh[k]['mean']:.3f}" for k in keys))

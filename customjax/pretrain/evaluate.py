@@ -23,7 +23,7 @@ HEADLINE = ("background_correct", "category_correct", "position_correct", "size_
 
 
 def generate(pipe, params, prompts: list[str], *, steps: int, guidance: float, batch: int,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, sampler: str = "ddim") -> np.ndarray:
     """uint8 images for ``prompts``; image ``i`` starts from the noise of seed ``seed + i``."""
     s, c = pipe.unet.config.sample_size, pipe.unet.config.in_channels
     out = []
@@ -32,20 +32,21 @@ def generate(pipe, params, prompts: list[str], *, steps: int, guidance: float, b
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch - n)        # one compiled batch size
         lat = seed_latents(list(range(seed + i, seed + i + batch)), (s, s, c))
-        img = txt2img(pipe, params, chunk, None, steps=steps, guidance=guidance, latents=jnp.asarray(lat))
+        img = txt2img(pipe, params, chunk, None, steps=steps, guidance=guidance, sampler=sampler,
+                      latents=jnp.asarray(lat))
         out.append(np.asarray(img[:n]))
     return np.round(np.concatenate(out) * 255).astype(np.uint8)
 
 
 def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: float, batch: int, seed: int = 0,
-             grid_out: str | os.PathLike | None = None, grid_count: int = 16) -> dict:
+             sampler: str = "ddim", grid_out: str | os.PathLike | None = None, grid_count: int = 16) -> dict:
     """{"summary": {metric: {mean, lo, hi, n}}, "settings": ...}; writes a sample grid if asked."""
     folder = Path(folder)
     pipe, params = load_stable_diffusion(folder)
     size = pipe.unet.config.sample_size * pipe.vae_scale
     scenes = sw.eval_scenes(prompts, seed, size)
     texts = [sw.prompt(s) for s in scenes]
-    images = generate(pipe, params, texts, steps=steps, guidance=guidance, batch=batch, seed=seed)
+    images = generate(pipe, params, texts, steps=steps, guidance=guidance, batch=batch, seed=seed, sampler=sampler)
     results = [measure(im, sc) for im, sc in zip(images, scenes)]
     scorer = load_clip_scorer(folder / "clip", folder / "tokenizer")
     for r, t in zip(results, scorer.clip_t(images, texts)):
@@ -56,7 +57,7 @@ def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: f
     if grid_out is not None:
         save_png(grid(images[:grid_count] / 255.0, cols=8), grid_out)
     return {"summary": summary, "prompts": texts[:grid_count],
-            "settings": dict(prompts=prompts, steps=steps, guidance=guidance, seed=seed, sampler="ddim")}
+            "settings": dict(prompts=prompts, steps=steps, guidance=guidance, seed=seed, sampler=sampler)}
 
 
 def headline(summary: dict) -> str:

@@ -205,7 +205,7 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
                           text_p=text_p)
     e = c.eval
     res = evaluate(folder, prompts=e.prompts, steps=e.steps, guidance=e.guidance, batch=e.batch, seed=c.seed,
-                   grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
+                   sampler=e.get("sampler", "ddim"), grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
     info["eval"] = res
     (folder / "shapeworld.json").write_text(json.dumps(info, indent=2))
     logging.info("held-out prompts: %s", headline(res["summary"]))

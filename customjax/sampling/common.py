@@ -8,6 +8,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from customjax import schedulers as S
@@ -22,18 +23,38 @@ class Sampler:
     step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
+SAMPLERS = ("ddim", "ancestral", "dpm++2m")
+
+
+def image_keys(x: jax.Array) -> jax.Array:
+    """One PRNG key per image of ``x`` (B, ...), made from the bits of its first two values: a
+    stochastic sampler's noise is then fixed by the image's initial noise (its seed) alone, whatever
+    its batch neighbours."""
+    bits = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1)[:, :2].astype(jnp.float32), jnp.uint32)
+    return jax.vmap(jax.random.wrap_key_data)(bits)
+
+
+def _ancestral_step(table: S.DDIMSchedule, pt: str, out, x, keys, i):
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(keys)
+    return S.ddim_step(table, pt, out, x, i, eta=1.0, noise=noise)[0], keys
+
+
 def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
-    """``kind`` is ``"ddim"`` (eta 0) or ``"dpm++2m"``."""
+    """``kind`` is ``"ddim"`` (eta 0), ``"ancestral"`` (DDIM with eta 1, DDPM-like: fresh noise at
+    every step, drawn per image from :func:`image_keys`) or ``"dpm++2m"``."""
     pt = config.prediction_type
     if kind == "ddim":
         table = S.ddim_schedule(config, steps)
         return Sampler(np.asarray(table.timesteps), lambda x: (),
                        lambda out, x, st, i: (S.ddim_step(table, pt, out, x, i)[0], st))
+    if kind == "ancestral":
+        table = S.ddim_schedule(config, steps)
+        return Sampler(np.asarray(table.timesteps), image_keys, functools.partial(_ancestral_step, table, pt))
     if kind == "dpm++2m":
         table = S.dpm_solver_schedule(config, steps)
         return Sampler(np.asarray(table.timesteps), S.dpm_solver_init,
                        lambda out, x, st, i: S.dpm_solver_step(table, pt, out, x, st, i))
-    raise ValueError(f"unknown sampler {kind!r}; use 'ddim' or 'dpm++2m'")
+    raise ValueError(f"unknown sampler {kind!r}; use one of {SAMPLERS}")
 
 
 def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: float) -> jax.Array:
