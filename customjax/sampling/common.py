@@ -31,7 +31,7 @@ def image_keys(x: jax.Array) -> jax.Array:
     stochastic sampler's noise is then fixed by the image's initial noise (its seed) alone, whatever
     its batch neighbours."""
     bits = jax.lax.bitcast_convert_type(x.reshape(x.shape[0], -1)[:, :2].astype(jnp.float32), jnp.uint32)
-    return jax.vmap(jax.random.wrap_key_data)(bits)
+    return jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), b[0]), b[1]))(bits)
 
 
 def _ancestral_step(table: S.DDIMSchedule, pt: str, out, x, keys, i):
