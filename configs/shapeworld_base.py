@@ -50,7 +50,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # drew colours better (0.48 vs 0.385) but category no better (0.135 vs 0.145), so it is off.
         train_text=False,
         p_uncond=0.1, object_weight=0.0, steps=30_000 if gpu else 12_000, batch=24, lr=5e-4, warmup=200, ema=0.999))
-    c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, batch=50, grid=16))
+    c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, sampler="ddim", batch=50, grid=16))
     if variant == "test":
         c.size, c.pool = 32, 64
         c.tokenizer.captions = 200

@@ -168,10 +168,12 @@ def _mask_cfg(kind, **kw):
     return MaskConfig(cross_factors=(2,), self_factors=(2,), mask_factor=2, **kw)
 
 
-def test_zero_mask_without_guidance_is_plain_t2i_bit_for_bit(tiny):
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_zero_mask_without_guidance_is_plain_t2i_bit_for_bit(tiny, sampler):
+    """Also for the ancestral sampler, whose per-image noise keys ride in the sampler state."""
     kind, pipe, params, unet = tiny
     ids, neg, wm, latents = _inputs(pipe)
-    smp = cached_sampler(pipe.schedule, "ddim", 4)
+    smp = cached_sampler(pipe.schedule, sampler, 4)
     cfg = DualBranchConfig(mask=_mask_cfg(kind), t_stop=0, w=7.5)
     mhw = (16 // cfg.mask.mask_factor,) * 2
     feats = jax.random.normal(jax.random.key(3), (2, 1, 5, 16))

@@ -227,3 +227,18 @@ def test_clip_hard_negatives_enter_the_image_to_text_softmax():
     assert float(hard) == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
     assert float(hard) > float(plain)
     assert float(m["hard_negative_top1"]) == pytest.approx(np.mean(np.diag(logits[:, :4]) > np.diag(logits[:, 4:])))
+
+
+def test_pretrain_rejects_an_unknown_eval_sampler_before_training(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "configs"))
+    import shapeworld_base
+
+    from customjax.pretrain.run import pretrain
+
+    c = shapeworld_base.get_config("test")
+    c.eval.sampler = "ancestrl"
+    with pytest.raises(ValueError, match="eval.sampler='ancestrl'"):
+        pretrain(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()      # nothing rendered or trained

@@ -39,6 +39,7 @@ from customjax.pretrain.loop import StageConfig
 from customjax.pretrain.tokenizer import train_tokenizer
 from customjax.pretrain.unet import train_unet
 from customjax.pretrain.vae import encode, train_vae, with_latent_scale
+from customjax.sampling.common import SAMPLERS
 from customjax.schedulers import ScheduleConfig, noise_schedule
 from customjax.tokenizer import load_tokenizer, tokenize
 from customjax.zoo import SCHEDULER
@@ -156,6 +157,8 @@ def negative_captions(seed: int, n: int, size: int, indices=None) -> list[str]:
 def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     """Runs every stage; returns the model folder. ``command`` is recorded (default: the
     command of ``c.variant`` without overrides)."""
+    if c.eval.sampler not in SAMPLERS:     # before hours of training, not after
+        raise ValueError(f"config eval.sampler={c.eval.sampler!r}: choose one of {SAMPLERS}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
@@ -205,7 +208,7 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
                           text_p=text_p)
     e = c.eval
     res = evaluate(folder, prompts=e.prompts, steps=e.steps, guidance=e.guidance, batch=e.batch, seed=c.seed,
-                   sampler=e.get("sampler", "ddim"), grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
+                   sampler=e.sampler, grid_out=grid_out or workdir / "samples.png", grid_count=e.grid)
     info["eval"] = res
     (folder / "shapeworld.json").write_text(json.dumps(info, indent=2))
     logging.info("held-out prompts: %s", headline(res["summary"]))
