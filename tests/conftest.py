@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import tempfile
@@ -6,10 +7,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent compilation cache for the whole session, inherited by the CLI subprocesses: many
 # tests (and the resumed / multi-process training runs) compile the same tiny programs. A cache
-# folder made here is deleted at the end of the session (one given in the environment is kept).
-_SESSION_CACHE = None
+# folder made here is deleted when this process exits, even after a usage error that ends pytest
+# before the session starts (one given in the environment is kept). xdist workers inherit the
+# variable, so they share the controller's folder and leave its deletion to the controller.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="customjax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="customjax-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The suite is compile-bound on a CPU: XLA's LLVM backend without its expensive optimisations compiles
 # about a third faster (the whole suite on 2 cores: 1094 s -> 892 s; every test's tolerances still
@@ -19,11 +22,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE)
 
 import numpy as np
 import pytest
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _SESSION_CACHE is not None:
-        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def cpu_env(devices: int, **extra) -> dict:
