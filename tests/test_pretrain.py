@@ -242,3 +242,34 @@ def test_pretrain_rejects_an_unknown_eval_sampler_before_training(tmp_path):
     with pytest.raises(ValueError, match="eval.sampler='ancestrl'"):
         pretrain(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()      # nothing rendered or trained
+
+
+def test_cpu_and_gpu_presets_build_the_same_stack():
+    """The `cpu` and `gpu` presets (no test trains them) build their model and scheduler configs, the
+    UNet initialises on them, and they share one architecture (the config's docstring: "the same
+    architecture, longer"), so the gpu preset's run is a drop-in for the shipped base."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "configs"))
+    import shapeworld_base
+
+    from customjax.assets import SHAPEWORLD_BASE
+    from customjax.models.unet import UNET
+    from customjax.pretrain.run import configs, scheduler_config
+    from customjax.schedulers import ScheduleConfig
+    from customjax.weights.loaders import init_params
+
+    cpu, gpu = (shapeworld_base.get_config(v) for v in ("cpu", "gpu"))
+    built = {v: configs(c, SHAPEWORLD_BASE / "tokenizer") for v, c in (("cpu", cpu), ("gpu", gpu))}
+    assert built["cpu"] == built["gpu"]
+    assert scheduler_config(cpu) == scheduler_config(gpu)
+    ScheduleConfig.from_dict(scheduler_config(gpu))
+    unet_cfg = built["gpu"][3]
+    shapes = jax.eval_shape(lambda k: init_params(UNET, unet_cfg, k), jax.random.key(0))
+    assert shapes["conv_in"]["kernel"].shape[-2:] == (gpu.vae.latent_channels, gpu.unet.block_out_channels[0])
+    shipped = json.loads((SHAPEWORLD_BASE / "unet" / "config.json").read_text())
+    assert tuple(shipped["block_out_channels"]) == unet_cfg.block_out_channels
+    assert shipped["sample_size"] == unet_cfg.sample_size
+    # the gpu preset trains longer on more samples in every stage (the point of the preset)
+    for stage in ("vae", "clip", "unet"):
+        assert gpu[stage].steps * gpu[stage].batch > cpu[stage].steps * cpu[stage].batch, stage
