@@ -30,7 +30,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # hard_negatives (NegCLIP: each caption with one category or position changed) did not teach this
         # CLIP those words in 2000 steps (held-out renders: the true caption beat the category-swapped one
         # 0.63 of the time, 0.64 without), so it is off.
-        hard_negatives=False))
+        hard_negatives=False,
+        # token_weight: each word's final state names its own token beside InfoNCE (pretrain/clip.py).
+        token_weight=0.0))
     c.unet = ml_collections.ConfigDict(dict(
         block_out_channels=(32, 64, 64), layers_per_block=1, heads=(2, 4, 4), norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -63,7 +65,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         c.tokenizer.captions = 200
         c.vae.update(dict(block_out_channels=(8, 16, 16), norm_num_groups=4, steps=4, batch=4))
         c.clip.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           projection_dim=16, steps=4, batch=4, hard_negatives=True))
+                           projection_dim=16, steps=4, batch=4, hard_negatives=True, token_weight=1.0))
         c.unet.update(dict(block_out_channels=(16, 32), heads=(2, 2), norm_num_groups=8,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), object_weight=1.0, train_text=True,

@@ -273,3 +273,57 @@ def test_cpu_and_gpu_presets_build_the_same_stack():
     # the gpu preset trains longer on more samples in every stage (the point of the preset)
     for stage in ("vae", "clip", "unet"):
         assert gpu[stage].steps * gpu[stage].batch > cpu[stage].steps * cpu[stage].batch, stage
+
+
+def test_clip_token_objective_predicts_each_word_from_its_final_state():
+    """token_loss: the cross-entropy of each word's final state against the tied token embedding,
+    over the words between BOS and the first EOS only (computed here by hand); clip_loss adds it
+    with ``token_weight``; and a few steps on it alone teach the tower to name its words."""
+    import jax
+    import optax
+
+    from customjax.models.clip import CLIP
+    from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel, clip_text_spec
+    from customjax.models.vit import CLIPVisionConfig, CLIPVisionModel, clip_vision_spec
+    from customjax.pretrain.clip import clip_loss, token_loss
+    from customjax.weights.loaders import init_params
+
+    tc = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=8, eos_token_id=49, projection_dim=8,
+                        with_projection=True)
+    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=8, projection_dim=8, with_projection=True)
+    model = CLIP(CLIPTextModel(tc), CLIPVisionModel(vc))
+    params = {"text": init_params(clip_text_spec(True), tc, jax.random.key(0)),
+              "vision": init_params(clip_vision_spec(True), vc, jax.random.key(1)), "logit_scale": jnp.asarray(2.0)}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 48, (4, 8)).astype(np.int32)
+    ids[:, 0] = 48                                            # BOS
+    ends = [3, 5, 7, 4]
+    for r, e in enumerate(ends):
+        ids[r, e:] = 49                                       # EOS, then padding with EOS
+    out = model.text.apply({"params": params["text"]}, ids)
+    table = np.asarray(params["text"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    logits = np.asarray(out.last_hidden_state) @ table.T
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [-logp[r, k, ids[r, k]] for r, e in enumerate(ends) for k in range(1, e)]
+    ce, top1 = token_loss(params["text"], out, ids, 49)
+    assert float(ce) == pytest.approx(np.mean(want), rel=1e-5)
+    hits = [logits[r, k].argmax() == ids[r, k] for r, e in enumerate(ends) for k in range(1, e)]
+    assert float(top1) == pytest.approx(np.mean(hits))
+    images = rng.uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    plain, _ = clip_loss(params, None, {"images": images, "ids": ids}, None, model=model)
+    both, m = clip_loss(params, None, {"images": images, "ids": ids}, None, model=model, token_weight=0.5)
+    assert float(both) == pytest.approx(float(plain) + 0.5 * float(ce), rel=1e-5)
+    assert float(m["token_loss"]) == pytest.approx(float(ce), rel=1e-5)
+
+    tx = optax.adam(1e-2)
+    opt = tx.init(params["text"])
+    f = jax.jit(jax.value_and_grad(lambda p: token_loss(p, model.text.apply({"params": p}, ids), ids, 49)[0]))
+    p = params["text"]
+    for _ in range(60):
+        v, g = f(p)
+        up, opt = tx.update(g, opt, p)
+        p = optax.apply_updates(p, up)
+    after, acc = token_loss(p, model.text.apply({"params": p}, ids), ids, 49)
+    assert float(after) < 0.25 * float(ce) and float(acc) == 1.0

@@ -181,7 +181,8 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
                else None)
     clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda k: train_clip(
-        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, neg_ids=neg_ids, resume_key=k))
+        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, neg_ids=neg_ids,
+        token_weight=c.clip.get("token_weight", 0.0), resume_key=k))
     scheduler = scheduler_config(c)
     sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
@@ -268,7 +269,7 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     neg_ids = (LazyRows(c.pool, lambda idx: tokenize(tok, negative_captions(c.seed, c.pool, c.size, idx)))
                if c.clip.get("hard_negatives", False) else None)
     out["clip"] = train_clip(text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed,
-                             neg_ids=neg_ids, max_steps=steps)[1]
+                             neg_ids=neg_ids, token_weight=c.clip.get("token_weight", 0.0), max_steps=steps)[1]
     pipe, params = load_stable_diffusion(folder)
     train_text = c.unet.get("train_text", False)
     text, text_p = pipe.text_encoders[0], params["text_encoders"][0]
