@@ -185,15 +185,13 @@ def test_negative_captions_change_one_category_or_position():
     assert kinds == {"category", "position"}
 
 
-def test_clip_hard_negatives_enter_the_image_to_text_softmax():
-    """clip_loss with ``neg_ids``: the image-to-text cross-entropy runs over B + B text columns, the
-    text-to-image one is unchanged; computed here by hand from the towers' embeddings."""
+def _tiny_clip():
+    """A two-tower CLIP of one layer each (vocabulary 50, EOS 49) and its random parameters."""
     import jax
 
     from customjax.models.clip import CLIP
     from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel, clip_text_spec
     from customjax.models.vit import CLIPVisionConfig, CLIPVisionModel, clip_vision_spec
-    from customjax.pretrain.clip import clip_loss
     from customjax.weights.loaders import init_params
 
     tc = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -204,6 +202,15 @@ def test_clip_hard_negatives_enter_the_image_to_text_softmax():
     model = CLIP(CLIPTextModel(tc), CLIPVisionModel(vc))
     params = {"text": init_params(clip_text_spec(True), tc, jax.random.key(0)),
               "vision": init_params(clip_vision_spec(True), vc, jax.random.key(1)), "logit_scale": jnp.asarray(2.0)}
+    return model, params
+
+
+def test_clip_hard_negatives_enter_the_image_to_text_softmax():
+    """clip_loss with ``neg_ids``: the image-to-text cross-entropy runs over B + B text columns, the
+    text-to-image one is unchanged; computed here by hand from the towers' embeddings."""
+    from customjax.pretrain.clip import clip_loss
+
+    model, params = _tiny_clip()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 48, (4, 8)).astype(np.int32)
     ids[:, -1] = 49
@@ -282,20 +289,9 @@ def test_clip_token_objective_predicts_each_word_from_its_final_state():
     import jax
     import optax
 
-    from customjax.models.clip import CLIP
-    from customjax.models.clip_text import CLIPTextConfig, CLIPTextModel, clip_text_spec
-    from customjax.models.vit import CLIPVisionConfig, CLIPVisionModel, clip_vision_spec
     from customjax.pretrain.clip import clip_loss, token_loss
-    from customjax.weights.loaders import init_params
 
-    tc = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, max_position_embeddings=8, eos_token_id=49, projection_dim=8,
-                        with_projection=True)
-    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=16, patch_size=8, projection_dim=8, with_projection=True)
-    model = CLIP(CLIPTextModel(tc), CLIPVisionModel(vc))
-    params = {"text": init_params(clip_text_spec(True), tc, jax.random.key(0)),
-              "vision": init_params(clip_vision_spec(True), vc, jax.random.key(1)), "logit_scale": jnp.asarray(2.0)}
+    model, params = _tiny_clip()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 48, (4, 8)).astype(np.int32)
     ids[:, 0] = 48                                            # BOS
