@@ -104,10 +104,11 @@ def test_pretrain_writes_a_stable_diffusion_folder(micro_run):
     # path ran, logging the unweighted error beside the loss, and the two differ
     unet_log = [json.loads(x) for x in (work / "unet" / "metrics.jsonl").read_text().splitlines()]
     assert all("mse" in m and m["mse"] != m["loss"] for m in unet_log)
-    # the test variant trains its CLIP with hard negatives (clip.hard_negatives) and the text tower
-    # with the UNet (unet.train_text): the pipeline's text encoder is then no longer the CLIP's
+    # the test variant trains its CLIP with hard negatives (clip.hard_negatives) and the token objective
+    # (clip.token_weight), and the text tower with the UNet (unet.train_text): the pipeline's text
+    # encoder is then no longer the CLIP's
     clip_log = [json.loads(x) for x in (work / "clip" / "metrics.jsonl").read_text().splitlines()]
-    assert all("hard_negative_top1" in m for m in clip_log)
+    assert all("hard_negative_top1" in m and "token_loss" in m for m in clip_log)
     from customjax.models.clip import load_clip
     clip_text = load_clip(folder / "clip")[1]["text"]["text_model"]
     pipe_text = params["text_encoders"][0]["text_model"]
@@ -318,7 +319,7 @@ def test_clip_token_objective_predicts_each_word_from_its_final_state():
     f = jax.jit(jax.value_and_grad(lambda p: token_loss(p, model.text.apply({"params": p}, ids), ids, 49)[0]))
     p = params["text"]
     for _ in range(60):
-        v, g = f(p)
+        _, g = f(p)
         up, opt = tx.update(g, opt, p)
         p = optax.apply_updates(p, up)
     after, acc = token_loss(p, model.text.apply({"params": p}, ids), ids, 49)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from customjax.adapters.features import normalize
-from customjax.models.clip_text import CLIPTextModel, clip_text_spec
+from customjax.models.clip_text import CLIPTextModel, CLIPTextOutput, clip_text_spec
 from customjax.models.vit import CLIP_MEAN, CLIP_STD, CLIPVisionModel, clip_vision_spec
 from customjax.weights.loaders import load_pretrained
 
@@ -25,8 +25,12 @@ class CLIP:
     vision: CLIPVisionModel
 
     def embed_text(self, params: dict, ids: jax.Array) -> jax.Array:
-        e = self.text.apply({"params": params["text"]}, ids).text_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return self.text_features(params, ids)[0]
+
+    def text_features(self, params: dict, ids: jax.Array) -> tuple[jax.Array, CLIPTextOutput]:
+        """(normalised text embeddings, the tower's whole output: per-token states too)."""
+        out = self.text.apply({"params": params["text"]}, ids)
+        return out.text_embeds / jnp.linalg.norm(out.text_embeds, axis=-1, keepdims=True), out
 
     def embed_image(self, params: dict, images: jax.Array) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] at the vision tower's size."""

@@ -41,8 +41,7 @@ def token_loss(text_params, out, ids, eos_token_id: int):
 
 
 def clip_loss(params, frozen, batch, key, *, model: CLIP, token_weight: float = 0.0):
-    out = model.text.apply({"params": params["text"]}, batch["ids"])
-    t = out.text_embeds / jnp.linalg.norm(out.text_embeds, axis=-1, keepdims=True)
+    t, out = model.text_features(params, batch["ids"])
     i = model.embed_image(params, batch["images"])
     logits = jnp.exp(params["logit_scale"]) * i @ t.T
     labels = jnp.arange(logits.shape[0])
