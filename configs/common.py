@@ -123,7 +123,7 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, accumulate=1))
     c.optim.total_steps = c.train.get_ref("steps")
     c.objective = ml_collections.ConfigDict(dict(p_drop_text=0.05, p_drop_image=0.05, p_drop_both=0.05,
-                                                 gamma_low=0.3, gamma_high=1.0))
+                                                 gamma_low=0.3, gamma_high=1.0, subject_weight=0.0))
     # recipe: customjax.data.curriculum presets ("realcustompp" = Table X No.6, "table10_no1".."no6",
     # "realcustom" = text-image reconstruction only, the conference version).
     # hflip / random_crop: augmentation of the target. latents: a folder of
@@ -134,5 +134,7 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         workers=0,
         recipe="realcustompp" if c.method == "realcustompp" else "realcustom",
         hflip=not sw, random_crop=False,   # no flips in ShapeWorld: its captions name left and right
+        # multiview references cut to the subject's mask (object-centric, neutral fill), as users' references are:
+        subject_reference=sw,
         latents=""))
     return c

@@ -126,6 +126,8 @@ def host_batch(batch: dict, tokenizers) -> dict:
     numpy arrays with token ids per tokenizer (this process's part of the global batch)."""
     ids = tuple(tokenize(t, [str(c) for c in batch["caption"]]) for t in tokenizers)
     arrays = {"reference": np.asarray(batch["reference"], np.float32), "ids": ids}
+    if "mask" in batch:   # the target's subject mask (objective.subject_weight)
+        arrays["mask"] = np.asarray(batch["mask"], np.float32)
     if "latent_mean" in batch:  # stored dtype (float16 halves the transfer); loss_fn casts
         arrays.update(latent_mean=np.asarray(batch["latent_mean"]), latent_logvar=np.asarray(batch["latent_logvar"]))
     else:

@@ -230,6 +230,72 @@ def test_augment_views_and_reference():
         assert 40 < np.ptp(r3.map({**el, "index": i})["reference"][..., 0].astype(int)) < 100
 
 
+def test_subject_cutout():
+    """The subject alone, centred on a square canvas (its longer side ``extent`` of it), everything else
+    the first neutral fill far enough from the subject's colours; an empty mask gives None."""
+    frame = np.zeros((40, 60, 3), np.uint8)
+    frame[:] = (30, 60, 220)                                      # blue background
+    frame[5:15, 35:55] = (220, 30, 30)                            # a red 10 x 20 box, the subject
+    frame[20:30, 5:15] = (220, 30, 30)                            # a red distractor outside the mask
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 35:55] = 255
+    im, size = images.subject_cutout(Image.fromarray(frame), Image.fromarray(mask), extent=0.5)
+    a = np.asarray(im)
+    assert size == (40, 40) and a.shape == (40, 40, 3)            # ceil(20 / 0.5)
+    red = (a == (220, 30, 30)).all(-1)
+    ys, xs = np.nonzero(red)
+    assert red.sum() == 200 and (ys.min(), ys.max(), xs.min(), xs.max()) == (15, 24, 10, 29)   # centred, alone
+    assert (a[~red] == 255).all()                                 # white fill (the canvas also leaves the frame)
+    frame[5:15, 35:45] = (250, 250, 250)                          # a white half: the fill becomes gray
+    a = np.asarray(images.subject_cutout(Image.fromarray(frame), Image.fromarray(mask), extent=0.5)[0])
+    assert ((a == 128).all(-1) | (a == (220, 30, 30)).all(-1) | (a == 250).all(-1)).all() and (a == 128).all(-1).any()
+    assert images.subject_cutout(Image.fromarray(frame), Image.fromarray(mask * 0)) is None
+
+
+def test_augment_subject_reference():
+    """``subject_reference``: a multiview reference is the cut-out of a frame other than the target's
+    (then Eq. 11); frames without a usable mask keep the whole frame and count ``bad_mask``;
+    text-image references are unchanged."""
+    frames, masks = [], []
+    for k, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        f = np.full((40, 40, 3), 90, np.uint8)
+        f[4 + 8 * k:14 + 8 * k, 6 + 5 * k:24 + 5 * k] = color
+        m = (f != 90).any(-1).astype(np.uint8) * 255
+        frames.append(f)
+        masks.append(m)
+    ex = records.Example(kind="multiview", caption="c", frames=tuple(_png(Image.fromarray(f)) for f in frames),
+                         masks=tuple(_png(Image.fromarray(m)) for m in masks))
+    aug = transforms.Augment(image_size=(16, 16), reference_size=12, total_steps=10, hflip=False,
+                             recipe=curriculum.Recipe(crop="off"), subject_reference=True)
+    cuts = []
+    for f, m in zip(frames, masks):
+        im, size = images.subject_cutout(Image.fromarray(f), Image.fromarray(m))
+        cuts.append(np.asarray(images.crop_resize(im, size, images.reference_crop_box(size, 12, 1.0, (0.5, 0.5)),
+                                                  (12, 12))))
+    seen = set()
+    for index in range(8):
+        out = aug.map({"record": ex, "kind": "multiview", "step": 0, "index": index, "where": "w"})
+        t = next(k for k, f in enumerate(frames) if (np.asarray(Image.fromarray(f).resize((16, 16), Image.BICUBIC))
+                                                   == out["image"]).all())
+        r = [k for k, c in enumerate(cuts) if (c == out["reference"]).all()]
+        assert len(r) == 1 and r[0] != t and out["skipped"].sum() == 0
+        seen.add(r[0])
+    assert len(seen) > 1
+    # without masks: the whole frame, not counted (nothing was asked of a mask); an empty mask: counted
+    plain = dataclasses.replace(ex, masks=None)
+    out = aug.map({"record": plain, "kind": "multiview", "step": 0, "index": 0, "where": "w"})
+    assert (out["reference"] == 90).mean() > 0.5 and out["skipped"].sum() == 0
+    empty = dataclasses.replace(ex, masks=tuple(_png(Image.fromarray(m * 0)) for m in masks))
+    out = aug.map({"record": empty, "kind": "multiview", "step": 0, "index": 0, "where": "w"})
+    assert (out["reference"] == 90).mean() > 0.5 and out["skipped"].tolist() == transforms.skip_vector(bad_mask=1).tolist()
+    ti = records.Example(kind="text_image", caption="c", frames=(ex.frames[0],))
+    a = transforms.Augment(image_size=(16, 16), reference_size=12, total_steps=10, hflip=False,
+                           recipe=curriculum.Recipe(crop="off"), subject_reference=True)
+    b = dataclasses.replace(a, subject_reference=False)
+    el = {"record": ti, "kind": "text_image", "step": 0, "index": 0, "where": "w"}
+    assert (a.map(el)["reference"] == b.map(el)["reference"]).all()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Curriculum (Eqs. 10-11, Table X) and the index -> record mixture.
 
@@ -399,6 +465,16 @@ def test_train_loader_from_config(tmp_path, monkeypatch):
     c.data.recipe = "realcustom"
     tl = loader.make_train_loader(c, process_index=0, process_count=1)
     assert not any(next(tl)["is_multiview"].any() for _ in range(4))
+    # config.data.subject_reference reaches the transform; objective.subject_weight > 0 asks for the mask
+    made, real = [], transforms.Augment
+    monkeypatch.setattr(transforms, "Augment", lambda **k: made.append(k) or real(**k))
+    for flag in (False, True):
+        with c.unlocked():
+            c.data.subject_reference = flag
+            c.objective = dict(subject_weight=4.0 * flag)
+        tl = loader.make_train_loader(c, process_index=0, process_count=1)
+        assert made[-1]["subject_reference"] is flag and made[-1]["with_mask"] is flag
+        assert ("mask" in tl.peek()) is flag
     c.data.synthetic = False
     with pytest.raises(ValueError, match="synthetic is off"):
         loader.make_train_loader(c, process_index=0, process_count=1)

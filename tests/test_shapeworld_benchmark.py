@@ -73,6 +73,12 @@ def test_cases(size):
             for colour in {s.appearance.primary, s.appearance.secondary} - {None}:
                 assert not _named(colour, c.prompt), (colour, c.prompt)
         assert not any(_named(w, c.prompt) for w in APPEARANCE_WORDS), c.prompt
+        # the `described` setting's prompt names them, and the same context
+        d = c.described_prompt
+        for s in c.subjects:
+            assert all(_named(colour, d) for colour in {s.appearance.primary, s.appearance.secondary} - {None}), d
+            assert s.appearance.pattern == "solid" or _named(sw.PATTERN_WORDS[s.appearance.pattern], d), d
+        assert all(sw.POSITION_PHRASES[o.position] in d for o in c.scene.objects) and _named(c.scene.background.color, d)
         # the new context is named: background, each object's position, the subjects' sizes
         assert _named(c.scene.background.color, c.prompt)
         assert all(sw.POSITION_PHRASES[o.position] in c.prompt for o in c.scene.objects)
@@ -95,6 +101,7 @@ def test_cases(size):
         # the ground truth scores full controllability and high similarity
         r = score(sw.render(c.scene, size)[0], c)
         assert r["controllability"] == 1.0 and r["similarity"] > SIMILARITY_FLOOR[size][1], (c.name, r)
+        assert r["placed_any"] and r["position_correct"]
         assert (r["others_correct"] is None) == (len(c.scene.objects) == 1)
     # an image of the right context without the subject's appearance scores low similarity
     c = single[0]
@@ -104,6 +111,16 @@ def test_cases(size):
                      for f in ("position", "size", "center", "radius", "rotation")]),))
     r = score(sw.render(wrong, size)[0], c)
     assert r["controllability"] == 1.0 and r["similarity"] < 0.15
+    # the subject drawn as another shape at the named place: placed_any, not position_correct; elsewhere: neither
+    shape = next(k for k in ("square", "triangle", "cross") if k not in c.words)
+    o = c.scene.objects[0]
+    moved = lambda pos, center: sw.render(sw.Scene(c.scene.background, (dataclasses.replace(
+        o, category=shape, position=pos, center=center),)), size)[0]
+    r = score(moved(o.position, o.center), c)
+    assert r["placed_any"] and not r["position_correct"] and not r["category_correct"], r
+    away = next(p for p in sw.POSITIONS if p not in (o.position, "center"))
+    r = score(moved(away, tuple(v * size for v in sw.POSITIONS[away])), c)
+    assert not r["placed_any"] and not r["position_correct"], r
 
 
 def test_settings_map_to_the_sampler():

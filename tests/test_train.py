@@ -96,3 +96,52 @@ def test_two_processes_of_two_devices_data_by_fsdp_preempted_and_resumed_equal_o
     print(f"\n[sharding] 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), SIGTERM to process 1 "
           f"after step 1 (both stopped at {stopped}), resumed to 3 steps: max abs parameter difference {err:.2e}")
     assert err < 1e-5
+
+
+def test_subject_weighted_loss():
+    """objective.subject_weight: each latent pixel's error weighted by 1 + w * (mask mean-pooled to the
+    latent grid), normalised per example; an all-ones mask (no mask in the record) is the plain loss, and
+    the loader delivers the mask only when the weight is on."""
+    import jax.numpy as jnp
+
+    from customjax.methods.objective import ObjectiveConfig, loss_fn, subject_weighted_mse
+    from customjax.methods.build import build
+    from customjax import trainer
+    from customjax.tokenizer import tokenize
+
+    rng = np.random.default_rng(0)
+    err = jnp.asarray(rng.random((2, 4, 4, 3)), jnp.float32)
+    np.testing.assert_allclose(subject_weighted_mse(err, jnp.ones((2, 8, 8)), 5.0), err.mean(), rtol=1e-6)
+    mask = np.zeros((2, 8, 8), np.float32)
+    mask[0, :4, :4] = 1.0          # example 0: the top-left 2 x 2 latents are the subject
+    mask[1, :2, :2] = 1.0          # example 1: the top-left latent alone
+    e = np.asarray(err)
+    v0 = np.ones((4, 4))
+    v0[:2, :2] = 6.0
+    v1 = np.ones((4, 4))
+    v1[0, 0] = 6.0
+    want = np.mean([(v[..., None] * e[i]).sum() / (v.sum() * 3) for i, v in enumerate((v0, v1))])
+    np.testing.assert_allclose(subject_weighted_mse(err, jnp.asarray(mask), 5.0), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="latent grid"):
+        subject_weighted_mse(err, jnp.ones((2, 9, 9)), 1.0)
+
+    c = train_probe.tiny_config()
+    built = build(c)
+    frozen, train = trainer.split(built)
+    b = next(train_probe.batches(1, 4))
+    batch = {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
+             "ids": tuple(jnp.asarray(tokenize(t, b["caption"])) for t in built.pipe.tokenizers)}
+    plain, weighted = ObjectiveConfig(0.0, 0.0, 0.0), ObjectiveConfig(0.0, 0.0, 0.0, subject_weight=5.0)
+    key = jax.random.key(3)
+    base = float(loss_fn(train, frozen, batch, key, built=built, cfg=plain)[0])
+    ones = {**batch, "mask": jnp.ones(batch["image"].shape[:3])}
+    np.testing.assert_allclose(float(loss_fn(train, frozen, ones, key, built=built, cfg=weighted)[0]), base, rtol=1e-5)
+    half = np.zeros(batch["image"].shape[:3], np.float32)
+    half[:, : half.shape[1] // 2] = 1.0
+    assert abs(float(loss_fn(train, frozen, {**batch, "mask": jnp.asarray(half)}, key, built=built, cfg=weighted)[0])
+               - base) > 1e-6
+    with pytest.raises(ValueError, match="subject mask in the batch"):
+        loss_fn(train, frozen, batch, key, built=built, cfg=weighted)
+    from customjax.train import host_batch     # the loader's mask reaches the train step
+    assert "mask" not in host_batch(b, built.pipe.tokenizers)
+    assert host_batch({**b, "mask": half}, built.pipe.tokenizers)["mask"].shape == half.shape

@@ -46,6 +46,12 @@ class Case:
                      for k, o in enumerate(self.scene.objects))
         return sw.Scene(self.scene.background, objs)
 
+    @property
+    def described_prompt(self) -> str:
+        """The prompt with the subjects' appearance named too (``"a large red and blue striped star on
+        the left ..."``): the text-only way to ask for the subject (the benchmark's ``described`` setting)."""
+        return case_prompt(self.scene, len(self.subjects), describe=True)
+
     def reference_images(self, size: int) -> np.ndarray:
         return np.stack([sw.render(r, size)[0] for r in self.references])
 
@@ -74,12 +80,12 @@ def reference_scene(subject: sw.Subject, size: int) -> sw.Scene:
     return sw.Scene(neutral_background(subject), (obj,))
 
 
-def case_prompt(scene: sw.Scene, n_subjects: int) -> str:
+def case_prompt(scene: sw.Scene, n_subjects: int, describe: bool = False) -> str:
     """:func:`~customjax.data.shapeworld.prompt` of ``scene`` with the first ``n_subjects`` objects named
-    by size, category and position (never their appearance) and the others by (solid) colour,
-    category and position: ``"a large star on the left and a red square at the top, on a blue
+    by size, category and position (their appearance only with ``describe``) and the others by (solid)
+    colour, category and position: ``"a large star on the left and a red square at the top, on a blue
     background"``."""
-    objs = tuple(dataclasses.replace(o, appearance=None) if k < n_subjects
+    objs = tuple((o if describe else dataclasses.replace(o, appearance=None)) if k < n_subjects
                  else dataclasses.replace(o, appearance=sw.Appearance(o.appearance.primary), size=None)
                  for k, o in enumerate(scene.objects))
     return sw.prompt(sw.Scene(scene.background, objs))

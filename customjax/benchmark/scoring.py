@@ -3,6 +3,8 @@
 Scores per image:
   * ``background_correct``: ``measure``'s (the background is the named colour);
   * ``position_correct``: the (first) subject was found with the right category at the named position;
+  * ``placed_any``: the subject's object was found at the named position, whatever its shape (layout
+    control apart from drawing the category; not part of controllability);
   * ``others_correct``: every other named object (the extra object, or the second subject) was
     found with the right category at its named position (None when the prompt has no other object);
   * ``controllability`` = the mean of those of the three that apply (None skipped);
@@ -28,7 +30,7 @@ from customjax.benchmark.cases import Case
 from customjax.metrics.shapeworld import measure
 
 CONTROL_KEYS = ("background_correct", "position_correct", "others_correct")
-METRICS = ("controllability", "background_correct", "position_correct", "others_correct", "similarity",
+METRICS = ("controllability", "background_correct", "position_correct", "placed_any", "others_correct", "similarity",
            "category_correct", "size_correct", "color_correct", "count_correct", "background_score", "mask_mean",
            "clip_t", "clip_i")
 UNIT = ("controllability", "similarity", "background_score", "mask_mean")   # non-boolean scores in [0, 1]
@@ -50,6 +52,7 @@ def score(image: np.ndarray, case: Case) -> dict:
     objs = m["objects"]
     subject = objs[0]
     out = dict(background_correct=bool(m["background_correct"]), position_correct=_placed_ok(subject),
+               placed_any=bool(subject["found"] and subject["position_correct"] is not False),
                others_correct=None if len(objs) == 1 else all(_placed_ok(o) for o in objs[1:]),
                similarity=float(np.mean([o["similarity"] for o in objs[:len(case.subjects)]])),
                category_correct=bool(subject["category_correct"]),

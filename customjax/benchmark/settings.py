@@ -3,6 +3,10 @@ config, the papers' ablation presets (``configs/common.py: ABLATIONS``) where th
 
   * ``t2i``: no reference (``t_stop=0``, constant all-zero mask: the visual branch contributes
     nothing; exactly plain CFG text-to-image with weight ``guidance.w``);
+  * ``described``: as ``t2i``, with the subject's colours and pattern named in the prompt
+    (:attr:`~customjax.benchmark.cases.Case.described_prompt`): what the base model renders when the text
+    carries the appearance, the similarity a reference would have to match (CLIP-T is still scored
+    against the case's own prompt);
   * ``unmasked_sXXX``: the adapter everywhere at visual scale s (``t_stop=0``, constant mask = s,
     ``visual_scale=1``: the visual attention output is multiplied by mask x scale, so a constant
     mask s is the unmasked adapter at scale s; the guidance branch never runs). The four scales and
@@ -41,6 +45,7 @@ class Setting:
     init_mask: float = 0.0
     subjects: int = 1
     fast: bool = False
+    described: bool = False      # sample with Case.described_prompt (the appearance in words)
 
 
 GROUPS = {
@@ -49,6 +54,7 @@ GROUPS = {
     "gamma": "Top-K ratio gamma_scope (RealCustom++ Table VI)",
     "early_stop": "Early stop of the guidance branch (RealCustom++ Table VII / XII AMG-T)",
     "realcustom": "RealCustom (conference version: adaptive scoring module, Eq. 13 guidance)",
+    "described": "No reference, the subject's appearance named in the prompt (what the base renders from words)",
     "two_subject": "Two subjects, Many2Many references (RealCustom++ Algorithm 1 vs overlapping masks)",
 }
 _NOMASK = (("t_stop", 0), ("visual_scale", 1.0))
@@ -64,6 +70,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tstop", "early_stop", "early stop at T_stop (AMG-T)"),
     Setting("no_early_stop", "early_stop", "w/o early stop (guidance every step)", ablations=("no_early_stop",)),
     Setting("realcustom", "realcustom", "RealCustom (scoring module, Eq. 13 CFG)", method="realcustom"),
+    Setting("described", "described", "text-to-image, appearance named in the prompt", guidance=_NOMASK,
+            described=True),
     Setting("two_algorithm1", "two_subject", "two subjects, Algorithm 1 (disjoint masks)",
             guidance=(("references", "many2many"), ("multi", "algorithm1")), subjects=2, fast=True),
     Setting("two_overlap", "two_subject", "two subjects, masks may overlap", ablations=("overlap",),

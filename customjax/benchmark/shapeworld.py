@@ -94,14 +94,14 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     for s in chosen:
         c = setting_config(cfg if s.method == "realcustompp" else rc_cfg, s, apply_variant)
         gcfg = guidance_config(c)
-        key = (s.method, gcfg, float(s.init_mask), s.subjects)
+        key = (s.method, gcfg, float(s.init_mask), s.subjects, s.described)
         plan.append((s, c, gcfg, first.setdefault(key, s.name)))
     # Every case must suit every setting's sampler (target words survive tokenization, one reference
     # per word), before anything loads or compiles. The RealCustom model shares the base (tokenizer).
     tokenizer = first_tokenizer(cfg)
     for s, c, gcfg, _ in plan:
         for case in (two if s.subjects == 2 else single):
-            check_case(dict(prompt=case.prompt, words=list(case.words),
+            check_case(dict(prompt=case.described_prompt if s.described else case.prompt, words=list(case.words),
                             references=[f"{case.name}_ref{j}" for j in range(len(case.references))]),
                        tokenizer, gcfg.references, f"case {case.name} ({s.name})")
 
@@ -124,6 +124,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
             pool = two if s.subjects == 2 else single
             entry = dict(name=s.name, group=s.group, label=s.label, method=s.method, ablations=list(s.ablations),
                          overrides=dict(s.guidance), init_mask=s.init_mask, subjects=s.subjects,
+                         described=s.described,
                          guidance=c.guidance.to_dict(),
                          unet_evaluations_per_image=unet_evaluations(gcfg, c.sample.steps),
                          same_as=None if same == s.name else same)
@@ -137,7 +138,8 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
             bsz += -bsz % ndev
             t0 = time.time()
             with CompileCounter("dual_branch_sample") as compiles:
-                imgs, masks = generate(models[s.method], gcfg, jobs, s.init_mask, bsz, mesh, size, bar.update)
+                imgs, masks = generate(models[s.method], gcfg, jobs, s.init_mask, bsz, mesh, size, bar.update,
+                                       described=s.described)
             seconds = time.time() - t0
             recs = [dict(setting=s.name, case=case.name, seed=int(seed), **score(im, case), mask_mean=float(mk.mean()))
                     for (case, seed), im, mk in zip(jobs, imgs, masks)]

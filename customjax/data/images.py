@@ -179,3 +179,34 @@ def reference_crop_box(size: tuple[int, int], out: int, ratio: float, offset: tu
     x0, y0 = (w - m) / 2, (h - m) / 2
     top, left = round((side - out) * offset[0]), round((side - out) * offset[1])
     return (x0 + left / s, y0 + top / s, x0 + (left + out) / s, y0 + (top + out) / s)
+
+
+NEUTRAL_FILLS = ((255, 255, 255), (128, 128, 128), (0, 0, 0))   # white, gray, black: in this order
+
+
+def subject_cutout(im: Image.Image, mask: Image.Image, *, extent: float = 0.45, margin: float = 60.0):
+    """The subject of a frame as an object-centric reference: the pixels outside ``mask`` (>= 128 is
+    the subject) replaced by the first of :data:`NEUTRAL_FILLS` at RGB distance >= ``margin`` from
+    every subject pixel (else the farthest), on a square canvas centred on the mask's box, whose
+    longer side spans ``extent`` of the canvas. ``mask`` is resized to ``im`` (nearest). Returns
+    (image, (side, side)), or None for an empty mask."""
+    a = np.asarray(im.convert("RGB"))
+    m = np.asarray(mask.resize(im.size, Image.NEAREST)) >= 128
+    if not m.any():
+        return None
+    ys, xs = np.nonzero(m)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    colors = np.unique(a[m].reshape(-1, 3), axis=0).astype(np.float32)
+    dist = [float(np.sqrt(((colors - np.float32(f)) ** 2).sum(-1)).min()) for f in NEUTRAL_FILLS]
+    ok = [i for i, d in enumerate(dist) if d >= margin]
+    fill = NEUTRAL_FILLS[ok[0] if ok else int(np.argmax(dist))]
+    side = max(int(math.ceil(max(y1 - y0, x1 - x0) / extent)), 1)
+    top, left = int(round((y0 + y1 - side) / 2)), int(round((x0 + x1 - side) / 2))
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = fill
+    sy0, sx0 = max(top, 0), max(left, 0)                        # the canvas window inside the frame
+    sy1, sx1 = min(top + side, a.shape[0]), min(left + side, a.shape[1])
+    win = canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left]
+    keep = m[sy0:sy1, sx0:sx1]
+    win[keep] = a[sy0:sy1, sx0:sx1][keep]
+    return Image.fromarray(canvas), (side, side)

@@ -107,6 +107,7 @@ def make_loader(
     hflip: bool = True,
     with_mask: bool = False,
     latents: bool = False,
+    subject_reference: bool = False,
 ) -> grain.IterDataset:
     """The pipeline of local batches (see the module docstring).
 
@@ -129,6 +130,8 @@ def make_loader(
         precomputed VAE posterior ``latent_mean`` / ``latent_logvar`` (B, h, w, c) instead of ``image``.
         The target is then the centre crop, unflipped (``random_crop`` and ``hflip`` are ignored, with
         a log line when set); the reference is cut from the stored frames as usual (Eq. 11).
+      subject_reference: multiview references are cut to the subject's mask first
+        (:class:`~customjax.data.transforms.Augment`).
     """
     if process_index is None or process_count is None:
         import jax
@@ -159,7 +162,7 @@ def make_loader(
     augment = transforms.Augment(
         image_size=size, reference_size=int(reference_size or size[0]), total_steps=total_steps, seed=seed,
         recipe=recipe, min_size=min_size, random_crop=random_crop, hflip=hflip, with_mask=with_mask,
-        latents=latents)
+        latents=latents, subject_reference=subject_reference)
 
     ds = grain.MapDataset.source(view).map(transforms.ParseRecord(latents=latents)).map(augment)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * local_batch))
@@ -321,7 +324,7 @@ def make_train_loader(config, *, process_index: int | None = None,
     Reads ``config.data`` (the sources of :func:`train_sources`, or ``latents``: a folder written by
     ``python -m customjax.data.precompute`` read instead of them (see ``make_loader(latents=True)``);
     ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
-    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``), ``config.train`` (``batch`` global,
+    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``, ``subject_reference``), ``config.train`` (``batch`` global,
     ``image_size``, ``steps``) and ``config.seed``. The reference side defaults to the method's
     (:func:`customjax.methods.build.reference_size`).
     """
@@ -343,5 +346,7 @@ def make_train_loader(config, *, process_index: int | None = None,
         image_size=config.train.image_size, reference_size=int(reference_size), total_steps=int(config.train.steps),
         recipe=rec, seed=int(config.seed), num_workers=int(d.get("workers", 0)), process_index=process_index,
         process_count=process_count, shuffle=bool(d.get("shuffle", True)), min_size=int(d.get("min_size", 0)),
-        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)), latents=latents)
+        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)), latents=latents,
+        subject_reference=bool(d.get("subject_reference", False)),
+        with_mask=float(config.get("objective", {}).get("subject_weight", 0.0)) > 0)
     return TrainLoader(ds)

@@ -102,6 +102,9 @@ class Augment(grain.transforms.Map):
       re-contextualisation pair), else the same frame; the centre square is resized to ``R * r`` and
       an R x R window cropped at random, with ``r`` from the recipe's crop mode (Eq. 11);
     * ``mask`` (H, W) of the target frame (all 255 without a mask) when ``with_mask``.
+    * ``subject_reference``: a multiview reference frame with a mask is first cut to its subject
+      (:func:`~customjax.data.images.subject_cutout`: object-centric, on a neutral fill), as the
+      reference images users give at sampling time; the Eq. 11 crop then applies to the cut-out.
 
     Also ``caption``, ``is_multiview``, ``step``, ``index``, SDXL's ``original_size`` / ``crop_top_left``,
     and ``skipped`` (frames / masks replaced). Returns :class:`Skipped` for unusable records.
@@ -125,6 +128,7 @@ class Augment(grain.transforms.Map):
     hflip: bool = True
     with_mask: bool = False
     latents: bool = False
+    subject_reference: bool = False
 
     def _target(self, ex: Example, fi: int, where: str, lat):
         """(frame index, decoded image or None with latents, original size) of a target candidate."""
@@ -186,8 +190,17 @@ class Augment(grain.transforms.Map):
                                                       scale=reference_scale))
                 except images.ImageError as e:
                     return Skipped(e.reason, where, str(e))
-        _, r_im, r_size = reference
+        ri, r_im, r_size = reference
         skipped = skip_vector(bad_frame=len(errors))
+        if self.subject_reference and multiview and ex.masks is not None and ex.masks[ri] is not None:
+            try:
+                cut = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], f"{frame_where(ri)}"))
+            except images.ImageError:
+                cut = None
+            if cut is None:   # undecodable or empty: the whole frame, counted
+                skipped[_REASON_INDEX["bad_mask"]] += 1
+            else:
+                r_im, r_size = cut
 
         box, top_left = images.cover_crop_box(t_size, (H, W), target_offset)
         if self.latents:

@@ -9,6 +9,11 @@ view of the subject for multiview examples, Sec. III-C2).
 
 Condition dropout for classifier-free guidance: text only, image only, or both, each with its own
 probability; dropped text is the empty prompt, a dropped image is a visual scale of 0.
+
+``subject_weight`` w > 0 (not in the papers, off by default) weights each latent pixel's squared error
+by 1 + w * (the target's subject mask, mean-pooled to the latent grid), normalised per example, so a
+record without a mask (all ones) keeps the plain loss: the subject's appearance, which only the
+reference supplies, is otherwise a few per cent of the loss (see docs/shapeworld_custom/training.json).
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ class ObjectiveConfig:
     p_drop_both: float = 0.05
     gamma_low: float = 0.3
     gamma_high: float = 1.0
+    subject_weight: float = 0.0
+
+
+def subject_weighted_mse(err: jax.Array, mask: jax.Array, weight: float) -> jax.Array:
+    """Mean over examples of sum(v * err) / sum(v), v = 1 + ``weight`` * mask mean-pooled from the image
+    grid (B, H, W) to the latent grid of ``err`` (B, h, w, c); an all-ones mask gives the plain mean."""
+    B, h, w = err.shape[:3]
+    H, W = mask.shape[1:]
+    if H % h or W % w:
+        raise ValueError(f"subject mask {mask.shape[1:]} does not pool onto the latent grid {(h, w)}")
+    m = mask.astype(jnp.float32).reshape(B, h, H // h, w, W // w).mean((2, 4))
+    v = (1.0 + weight * m)[..., None]
+    return jnp.mean((v * err).sum((1, 2, 3)) / (v.sum((1, 2, 3)) * err.shape[3]))
 
 
 def condition_dropout(key: jax.Array, batch: int, cfg: ObjectiveConfig) -> tuple[jax.Array, jax.Array]:
@@ -101,5 +119,11 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     params = merge(frozen["unet"], trainable["unet"])
     pred = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra).astype(jnp.float32)
     tgt = S.target(sched, pipe.schedule.prediction_type, z0, noise, t)
-    loss = jnp.mean((pred - tgt) ** 2)
+    if cfg.subject_weight:
+        if "mask" not in batch:
+            raise ValueError("objective.subject_weight > 0 needs the target's subject mask in the batch "
+                             "(the loader's with_mask)")
+        loss = subject_weighted_mse((pred - tgt) ** 2, batch["mask"], cfg.subject_weight)
+    else:
+        loss = jnp.mean((pred - tgt) ** 2)
     return loss, {"loss": loss, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}
