@@ -304,3 +304,32 @@ def test_shipped_shapeworld_examples_are_the_generated_cases(tmp_path):
     for made, ours in zip(lines, shipped):
         for a, b in zip(made["references"], ours["references"]):
             assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(repo / b))), b
+
+
+def test_appearance_signal_batches_and_run(tmp_path):
+    """benchmarks/appearance_signal.py: the two captions differ only in the subject's appearance; the
+    references are the other frame, whole or cut to the subject; the run writes every row."""
+    spec = importlib.util.spec_from_file_location("appearance_signal", ROOT / "benchmarks" / "appearance_signal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = mod.batches(8, 64, 32, "scene")
+    assert len(data) == 1 and data[0]["image"].shape == (8, 64, 64, 3)
+    for k in (False, True):
+        assert data[0]["ref"][k].shape == (8, 32, 32, 3) and 0 <= data[0]["ref"][k].min() <= data[0]["ref"][k].max() <= 1
+    cut = data[0]["ref"][True]
+    border = np.concatenate([cut[:, 0], cut[:, -1], cut[:, :, 0], cut[:, :, -1]], 1)   # neutral fill all round
+    assert all(np.isin(np.round(b * 255), (0, 128, 255)).all() for b in border)
+    for i, (plain, named) in enumerate(zip(data[0]["plain"], data[0]["named"])):
+        _, subject, scenes = sw.multiview_record(0, 100_000 + i, frames=2, size=64)
+        assert named == sw.prompt(scenes[0]) and subject.category in plain
+        colours = {subject.appearance.primary, subject.appearance.secondary} - {None}
+        assert all(_named(c, named) for c in colours)
+        assert plain == sw.prompt(mod.without_appearance(scenes[0]))
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "benchmarks/appearance_signal.py", "--config", "configs/realcustompp.py:shapeworld",
+                        "--objects", "8", "--draws", "2", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"dropped", "text oracle", "random init | whole-frame reference", "random init | cut-out reference"}
+    assert all(np.isfinite(v["gain"]) and v["ci95"] >= 0 for k, v in res.items() if k != "dropped")
