@@ -124,6 +124,8 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.train.get_ref("steps")
     c.objective = ml_collections.ConfigDict(dict(p_drop_text=0.05, p_drop_image=0.05, p_drop_both=0.05,
                                                  gamma_low=0.3, gamma_high=1.0, subject_weight=0.0))
+    if sw and c.method == "realcustompp":   # multiview masks; the subject's appearance is ~3% of the plain
+        c.objective.subject_weight = 9.0     # loss here (benchmarks/appearance_signal.py)
     # recipe: customjax.data.curriculum presets ("realcustompp" = Table X No.6, "table10_no1".."no6",
     # "realcustom" = text-image reconstruction only, the conference version).
     # hflip / random_crop: augmentation of the target. latents: a folder of

@@ -186,7 +186,8 @@ def test_report_from_figures(tmp_path):
     entries = []
     for i, s in enumerate(SETTINGS):
         summary = {k: fig(0.5) for k in METRICS}
-        summary.update(controllability=fig(0.1 + 0.05 * i), similarity=fig(0.9 - 0.05 * i))
+        summary.update(controllability=fig(0.1 + 0.05 * i), similarity=fig(0.9 - 0.05 * i),
+                       placed_any=fig(0.95 - 0.05 * i))
         entries.append(dict(name=s.name, group=s.group, label=s.label, subjects=s.subjects, init_mask=s.init_mask,
                             same_as="amg" if s.name in ("tstop", "gamma020") else None, unet_evaluations_per_image=30,
                             guidance=dict(gamma_scope=0.2, t_stop=12), summary=summary))
@@ -208,6 +209,16 @@ def test_report_from_figures(tmp_path):
         assert tuple(img[round(y), round(x)]) == color, (name, x, y, img[round(y), round(x)])
     by_c = sorted(pts.values(), key=lambda p: p[0][0])     # more controllable: further right, less similar: lower
     assert [p[0][1] for p in by_c[:-1]] == sorted(p[0][1] for p in by_c[:-1])
+    # against placed_any (frontier_placed.png): the same points, mirrored left-right (placed falls as i grows)
+    report["ground_truth"]["1"]["placed_any"] = fig(0.97)
+    plot(report, tmp_path / "q.png", x="placed_any")
+    img = np.asarray(Image.open(tmp_path / "q.png").convert("RGB"))
+    placed = plot_points(report, x="placed_any")
+    assert set(placed) == drawn
+    for name, ((x, y), color) in placed.items():
+        assert tuple(img[round(y), round(x)]) == color, name
+    by_p = sorted((placed[n] for n in drawn - {"ground_truth"}), key=lambda p: p[0][0])
+    assert [p[0][1] for p in by_p] == sorted(p[0][1] for p in by_p)[::-1]   # further right: more similar
 
 
 def test_clip_scores_embed_once_and_average_references():

@@ -74,20 +74,24 @@ LEGEND = {"frontier": "unmasked frontier", "mask": "AMG / mask ablations", "gamm
           "ground_truth": "rendered target (ceiling)"}
 
 
-def _layout(report: dict, width: int, height: int) -> dict:
+X_AXES = {"controllability": "controllability (background / position / other objects correct)",
+          "placed_any": "subject placed where the prompt says (any shape)"}
+
+
+def _layout(report: dict, width: int, height: int, x: str = "controllability") -> dict:
     """What :func:`plot` draws: the frame (L, R, T, B), the axis ranges, the pixel maps X / Y and the
     points ``[(name, label, colour, summary)]`` in drawing order (the frontier first, the ground truth last)."""
-    pts = {s["name"]: s for s in report["settings"] if s["subjects"] == 1 and "controllability" in s["summary"]
+    pts = {s["name"]: s for s in report["settings"] if s["subjects"] == 1 and x in s["summary"]
            and "similarity" in s["summary"]}
     gt = report.get("ground_truth", {}).get("1", {})
-    gt = gt if "controllability" in gt and "similarity" in gt else None
+    gt = gt if x in gt and "similarity" in gt else None
     front = [n for n in SETTING_NAMES if n in pts and (n == "t2i" or n.startswith("unmasked_"))]
     points = [(n, "t2i" if n == "t2i" else f"s={pts[n]['init_mask']}", COLORS["frontier"], pts[n]["summary"])
               for n in front]
     points += [(s["name"], s["name"], COLORS.get(s["group"], (0, 0, 0)), s["summary"]) for s in pts.values()
                if s["group"] != "frontier" and not s["same_as"]]
     points += [("ground_truth", "ground truth", COLORS["ground_truth"], gt)] if gt else []
-    xs = [v for p in points for v in (p[3]["controllability"]["lo"], p[3]["controllability"]["hi"])]
+    xs = [v for p in points for v in (p[3][x]["lo"], p[3][x]["hi"])]
     ys = [v for p in points for v in (p[3]["similarity"]["lo"], p[3]["similarity"]["hi"])]
 
     def span(v):
@@ -98,20 +102,22 @@ def _layout(report: dict, width: int, height: int) -> dict:
     L, R, T, B = 70, width - 230, 62, height - 60
     (x0, x1), (y0, y1) = span(xs), span(ys)
     return dict(frame=(L, R, T, B), x=(x0, x1), y=(y0, y1), X=lambda v: L + (v - x0) / (x1 - x0) * (R - L),
-                Y=lambda v: B - (v - y0) / (y1 - y0) * (B - T), points=points, frontier=len(front))
+                Y=lambda v: B - (v - y0) / (y1 - y0) * (B - T), points=points, frontier=len(front), key=x)
 
 
-def plot_points(report: dict, width: int = 900, height: int = 640) -> dict[str, tuple[tuple[float, float], tuple]]:
+def plot_points(report: dict, width: int = 900, height: int = 640,
+                x: str = "controllability") -> dict[str, tuple[tuple[float, float], tuple]]:
     """``{setting name (or "ground_truth"): ((x, y) pixel centre, colour)}`` of the points :func:`plot` draws."""
-    lay = _layout(report, width, height)
-    return {n: ((lay["X"](s["controllability"]["mean"]), lay["Y"](s["similarity"]["mean"])), c)
+    lay = _layout(report, width, height, x)
+    return {n: ((lay["X"](s[x]["mean"]), lay["Y"](s["similarity"]["mean"])), c)
             for n, _, c, s in lay["points"]}
 
 
-def plot(report: dict, path: str | Path, width: int = 900, height: int = 640) -> None:
-    """Similarity (y) against controllability (x) with 95% intervals: the unmasked frontier (t2i = s 0
-    and the four scales) as a line, the masked settings as labelled points, the rendered targets (ceiling)."""
-    lay = _layout(report, width, height)
+def plot(report: dict, path: str | Path, width: int = 900, height: int = 640, x: str = "controllability") -> None:
+    """Similarity (y) against controllability (x; or another score of :data:`X_AXES`) with 95% intervals:
+    the unmasked frontier (t2i = s 0 and the four scales) as a line, the masked settings as labelled
+    points, the rendered targets (ceiling)."""
+    lay = _layout(report, width, height, x)
     L, R, T, B = lay["frame"]
     X, Y = lay["X"], lay["Y"]
     img = Image.new("RGB", (width, height), "white")
@@ -128,23 +134,22 @@ def plot(report: dict, path: str | Path, width: int = 900, height: int = 640) ->
     for v in ticks(*lay["y"]):
         d.line([L, Y(v), R, Y(v)], fill=(230, 230, 230))
         d.text((L - 8, Y(v)), f"{v:.2f}", fill="black", font=small, anchor="rm")
-    d.text(((L + R) / 2, height - 22), "controllability (background / position / other objects correct)",
-           fill="black", font=font, anchor="mm")
+    d.text(((L + R) / 2, height - 22), X_AXES[x], fill="black", font=font, anchor="mm")
     d.text((12, T - 24), "similarity to the reference (appearance)", fill="black", font=font)
     d.text(((L + R) / 2, 14), "ShapeWorld customization: similarity vs controllability (95% intervals)",
            fill="black", font=font, anchor="mm")
     points = lay["points"]
     if lay["frontier"] > 1:
-        d.line([(X(s["controllability"]["mean"]), Y(s["similarity"]["mean"])) for *_, s in points[:lay["frontier"]]],
+        d.line([(X(s[x]["mean"]), Y(s["similarity"]["mean"])) for *_, s in points[:lay["frontier"]]],
                fill=COLORS["frontier"], width=2)
     for _, label, color, s in points:
-        cx, cy = s["controllability"], s["similarity"]
-        x, y, r = X(cx["mean"]), Y(cy["mean"]), 5
-        d.line([X(cx["lo"]), y, X(cx["hi"]), y], fill=color)
-        d.line([x, Y(cy["lo"]), x, Y(cy["hi"])], fill=color)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=color)
-        right = x > R - 90   # labels near the right edge go to the left of the point
-        d.text((x + (-7 if right else 7), y - 7), label, fill=color, font=small, anchor="rs" if right else "ls")
+        cx, cy = s[x], s["similarity"]
+        px, py, r = X(cx["mean"]), Y(cy["mean"]), 5
+        d.line([X(cx["lo"]), py, X(cx["hi"]), py], fill=color)
+        d.line([px, Y(cy["lo"]), px, Y(cy["hi"])], fill=color)
+        d.ellipse([px - r, py - r, px + r, py + r], fill=color)
+        right = px > R - 90   # labels near the right edge go to the left of the point
+        d.text((px + (-7 if right else 7), py - 7), label, fill=color, font=small, anchor="rs" if right else "ls")
     ly = T
     for g, c in COLORS.items():
         d.rectangle([R + 20, ly + 3, R + 32, ly + 15], fill=c)
@@ -190,13 +195,15 @@ def sample_grid(extra: dict, report: dict, path: str | Path, rows: int = 4, tile
 
 
 def write_report(report: dict, extra: dict, out: str | Path) -> dict[str, Path]:
-    """Writes ``results.json``, ``results.md``, ``frontier.png`` and ``samples.png`` to ``out``."""
+    """Writes ``results.json``, ``results.md``, ``frontier.png`` (similarity against controllability),
+    ``frontier_placed.png`` (against ``placed_any``) and ``samples.png`` to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = dict(json=out / "results.json", markdown=out / "results.md", plot=out / "frontier.png",
-                 grid=out / "samples.png")
+                 plot_placed=out / "frontier_placed.png", grid=out / "samples.png")
     paths["json"].write_text(json.dumps(report, indent=1, default=str))
     paths["markdown"].write_text(markdown(report))
     plot(report, paths["plot"])
+    plot(report, paths["plot_placed"], x="placed_any")
     sample_grid(extra, report, paths["grid"])
     return paths
