@@ -194,7 +194,7 @@ class Augment(grain.transforms.Map):
         skipped = skip_vector(bad_frame=len(errors))
         if self.subject_reference and multiview and ex.masks is not None and ex.masks[ri] is not None:
             try:
-                cut = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], f"{frame_where(ri)}"))
+                cut = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], frame_where(ri)))
             except images.ImageError:
                 cut = None
             if cut is None:   # undecodable or empty: the whole frame, counted
