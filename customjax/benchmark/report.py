@@ -136,7 +136,8 @@ def plot(report: dict, path: str | Path, width: int = 900, height: int = 640, x:
         d.text((L - 8, Y(v)), f"{v:.2f}", fill="black", font=small, anchor="rm")
     d.text(((L + R) / 2, height - 22), X_AXES[x], fill="black", font=font, anchor="mm")
     d.text((12, T - 24), "similarity to the reference (appearance)", fill="black", font=font)
-    d.text(((L + R) / 2, 14), "ShapeWorld customization: similarity vs controllability (95% intervals)",
+    d.text(((L + R) / 2, 14), f"ShapeWorld customization: similarity vs {'placement' if x == 'placed_any' else x} "
+           "(95% intervals)",
            fill="black", font=font, anchor="mm")
     points = lay["points"]
     if lay["frontier"] > 1:
