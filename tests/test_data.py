@@ -252,7 +252,7 @@ def test_subject_cutout():
     assert images.subject_cutout(Image.fromarray(frame), Image.fromarray(mask * 0)) is None
 
 
-def test_augment_subject_reference():
+def test_augment_subject_reference(monkeypatch):
     """``subject_reference``: a multiview reference is the cut-out of a frame other than the target's
     (then Eq. 11); frames without a usable mask keep the whole frame and count ``bad_mask``;
     text-image references are unchanged."""
@@ -288,6 +288,30 @@ def test_augment_subject_reference():
     empty = dataclasses.replace(ex, masks=tuple(_png(Image.fromarray(m * 0)) for m in masks))
     out = aug.map({"record": empty, "kind": "multiview", "step": 0, "index": 0, "where": "w"})
     assert (out["reference"] == 90).mean() > 0.5 and out["skipped"].tolist() == transforms.skip_vector(bad_mask=1).tolist()
+    # a reference that will be cut is decoded at full size (its box is unknown before decoding); without the
+    # cut-out the frame may be decoded reduced (JPEG draft) to what the reference crop needs
+    scales = []
+    real_open = images.open_rgb
+
+    def spy(data, where, *, min_size=0, scale=None):
+        scales.append(None if scale is None else scale(256, 256))
+        return real_open(data, where, min_size=min_size, scale=scale)
+    big = np.full((256, 256, 3), 90, np.uint8)
+    big[100:140, 100:140] = (255, 0, 0)
+    jpg = io.BytesIO()
+    Image.fromarray(big).save(jpg, "JPEG")
+    bm = np.zeros((256, 256), np.uint8)
+    bm[100:140, 100:140] = 255
+    large = records.Example(kind="multiview", caption="c", frames=(jpg.getvalue(),) * 2,
+                            masks=(_png(Image.fromarray(bm)),) * 2)
+    monkeypatch.setattr(images, "open_rgb", spy)
+    for a in (aug, dataclasses.replace(aug, subject_reference=False)):
+        scales.clear()
+        out = a.map({"record": large, "kind": "multiview", "step": 0, "index": 0, "where": "w"})
+        assert len(scales) == 2 and scales[0] < 0.1                         # the target: 16 / 256
+        assert (scales[1] == 1.0) is a.subject_reference, scales
+    red = (out["reference"][..., 0] > 200) & (out["reference"][..., 1] < 80)
+    assert red.mean() < 0.05                                             # the whole frame: a small red square
     ti = records.Example(kind="text_image", caption="c", frames=(ex.frames[0],))
     a = transforms.Augment(image_size=(16, 16), reference_size=12, total_steps=10, hflip=False,
                            recipe=curriculum.Recipe(crop="off"), subject_reference=True)

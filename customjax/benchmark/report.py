@@ -74,8 +74,8 @@ LEGEND = {"frontier": "unmasked frontier", "mask": "AMG / mask ablations", "gamm
           "ground_truth": "rendered target (ceiling)"}
 
 
-X_AXES = {"controllability": "controllability (background / position / other objects correct)",
-          "placed_any": "subject placed where the prompt says (any shape)"}
+X_AXES = {"controllability": ("controllability", "controllability (background / position / other objects correct)"),
+          "placed_any": ("placement", "subject placed where the prompt says (any shape)")}   # key: (title, axis)
 
 
 def _layout(report: dict, width: int, height: int, x: str = "controllability") -> dict:
@@ -134,10 +134,9 @@ def plot(report: dict, path: str | Path, width: int = 900, height: int = 640, x:
     for v in ticks(*lay["y"]):
         d.line([L, Y(v), R, Y(v)], fill=(230, 230, 230))
         d.text((L - 8, Y(v)), f"{v:.2f}", fill="black", font=small, anchor="rm")
-    d.text(((L + R) / 2, height - 22), X_AXES[x], fill="black", font=font, anchor="mm")
+    d.text(((L + R) / 2, height - 22), X_AXES[x][1], fill="black", font=font, anchor="mm")
     d.text((12, T - 24), "similarity to the reference (appearance)", fill="black", font=font)
-    d.text(((L + R) / 2, 14), f"ShapeWorld customization: similarity vs {'placement' if x == 'placed_any' else x} "
-           "(95% intervals)",
+    d.text(((L + R) / 2, 14), f"ShapeWorld customization: similarity vs {X_AXES[x][0]} (95% intervals)",
            fill="black", font=font, anchor="mm")
     points = lay["points"]
     if lay["frontier"] > 1:

@@ -196,7 +196,7 @@ def subject_cutout(im: Image.Image, mask: Image.Image, *, extent: float = 0.45, 
         return None
     ys, xs = np.nonzero(m)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    colors = np.unique(a[m].reshape(-1, 3), axis=0).astype(np.float32)
+    colors = a[m].astype(np.float32)                                  # (n, 3) subject pixels
     dist = [float(np.sqrt(((colors - np.float32(f)) ** 2).sum(-1)).min()) for f in NEUTRAL_FILLS]
     ok = [i for i, d in enumerate(dist) if d >= margin]
     fill = NEUTRAL_FILLS[ok[0] if ok else int(np.argmax(dist))]

@@ -157,7 +157,11 @@ class Augment(grain.transforms.Map):
         side = max(R, round(R * ratio))
         target_scale = images.target_scale((H, W))
 
+        cut = self.subject_reference and multiview and ex.masks is not None
+
         def reference_scale(h, w):  # also covers the target's need: one decode when they share a frame
+            if cut:   # the cut-out's size depends on the mask's box, unknown before decoding: no reduction
+                return 1.0
             return max(target_scale(h, w), side / min(h, w))
 
         def frame_where(fi):
@@ -192,7 +196,7 @@ class Augment(grain.transforms.Map):
                     return Skipped(e.reason, where, str(e))
         ri, r_im, r_size = reference
         skipped = skip_vector(bad_frame=len(errors))
-        if self.subject_reference and multiview and ex.masks is not None and ex.masks[ri] is not None:
+        if cut and ex.masks[ri] is not None:
             try:
                 cut = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], frame_where(ri)))
             except images.ImageError:

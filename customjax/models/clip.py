@@ -17,6 +17,10 @@ from customjax.models.vit import CLIP_MEAN, CLIP_STD, CLIPVisionModel, clip_visi
 from customjax.weights.loaders import load_pretrained
 
 
+def _unit(e: jax.Array) -> jax.Array:
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIP:
     """Static towers (hashable, a jit static argument); parameters ``{"text", "vision"}`` apart."""
@@ -30,12 +34,11 @@ class CLIP:
     def text_features(self, params: dict, ids: jax.Array) -> tuple[jax.Array, CLIPTextOutput]:
         """(normalised text embeddings, the tower's whole output: per-token states too)."""
         out = self.text.apply({"params": params["text"]}, ids)
-        return out.text_embeds / jnp.linalg.norm(out.text_embeds, axis=-1, keepdims=True), out
+        return _unit(out.text_embeds), out
 
     def embed_image(self, params: dict, images: jax.Array) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] at the vision tower's size."""
-        e = self.vision.apply({"params": params["vision"]}, normalize(images, CLIP_MEAN, CLIP_STD)).image_embeds
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return _unit(self.vision.apply({"params": params["vision"]}, normalize(images, CLIP_MEAN, CLIP_STD)).image_embeds)
 
 
 def load_clip(folder: str | os.PathLike) -> tuple[CLIP, dict]:
