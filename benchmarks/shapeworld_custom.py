@@ -13,7 +13,7 @@ Writes ``results.json`` (every figure, setting, case, seed, the device and commi
 (tables grouped like RealCustom++ Tables V-VII / X-XII), ``frontier.png`` (similarity against
 controllability: the unmasked frontier and the masked settings) and ``samples.png``. ``--fast``:
 2 cases, 1 two-subject case, 1 seed, 4 steps, the settings marked fast (t2i, the four unmasked
-scales, AMG, two subjects with Algorithm 1: three compiled samplers).
+scales, AMG, the layout oracle, two subjects with Algorithm 1: three compiled samplers).
 Definitions: ``customjax/benchmark/`` (cases, settings, generate, scoring, report; run: ``shapeworld.py``).
 """
 

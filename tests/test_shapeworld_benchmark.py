@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customjax.benchmark.cases import make_cases
+from customjax.benchmark.cases import make_cases, place_masks, place_regions
 from customjax.benchmark.report import COLORS, markdown, plot, plot_points
-from customjax.benchmark.scoring import CONTROLLABILITY, METRICS, clip_scorer, clip_scores, reference_embeddings, score
+from customjax.benchmark.scoring import (CONTROLLABILITY, METRICS, clip_scorer, clip_scores, mask_scores,
+                                         reference_embeddings, score)
 from customjax.benchmark.settings import (GROUPS, SETTING_NAMES, SETTINGS, config_apply_variant, setting_config,
                                          with_steps)
 from customjax.data import shapeworld as sw
+from customjax.sampling.batch import Job, job_masks
 from customjax.metrics.shapeworld import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,8 +209,8 @@ def test_report_from_figures(tmp_path):
     for name, ((x, y), color) in pts.items():
         assert color == COLORS[group[name]]
         assert tuple(img[round(y), round(x)]) == color, (name, x, y, img[round(y), round(x)])
-    by_c = sorted(pts.values(), key=lambda p: p[0][0])     # more controllable: further right, less similar: lower
-    assert [p[0][1] for p in by_c[:-1]] == sorted(p[0][1] for p in by_c[:-1])
+    by_c = sorted((p for n, p in pts.items() if n != "ground_truth"), key=lambda p: p[0][0])
+    assert [p[0][1] for p in by_c] == sorted(p[0][1] for p in by_c)    # further right, less similar: lower
     # against placed_any (frontier_placed.png): the same points, mirrored left-right (placed falls as i grows)
     report["ground_truth"]["1"]["placed_any"] = fig(0.97)
     plot(report, tmp_path / "q.png", x="placed_any")
@@ -219,6 +221,32 @@ def test_report_from_figures(tmp_path):
         assert tuple(img[round(y), round(x)]) == color, name
     by_p = sorted((placed[n] for n in drawn - {"ground_truth"}), key=lambda p: p[0][0])
     assert [p[0][1] for p in by_p] == sorted(p[0][1] for p in by_p)[::-1]   # further right: more similar
+
+
+def test_mask_scores():
+    regions = place_regions(8, 8)
+    assert regions[4, 0] == "left" and regions[4, 7] == "right" and regions[0, 4] == "top" and regions[4, 4] == "center"
+    _, two = make_cases(0, 0, 32, pairs=1)
+    case = two[0]
+    places = [o.position for o in case.scene.objects]
+    on = np.stack([(regions == p).astype(float) for p in places])      # each mask on its own place
+    assert mask_scores(on, case) == {"mask_on_place": 1.0, "mask_overlap": 0.0}
+    swapped = mask_scores(on[::-1], case)                                  # each on the other's place
+    assert swapped["mask_on_place"] == 0.0 and swapped["mask_overlap"] == 0.0
+    half = np.stack([on[0], 0.5 * on[0] + on[1]])                          # the second also half on the first's place
+    sc = mask_scores(half, case)
+    n0, n1 = on[0].sum(), on[1].sum()
+    assert sc["mask_on_place"] == pytest.approx((1 + n1 / (n1 + 0.5 * n0)) / 2)
+    assert sc["mask_overlap"] == pytest.approx(0.5 * n0 / min(n0, n1 + 0.5 * n0))
+    with pytest.raises(ValueError, match="expected \\(2, h, w\\)"):
+        mask_scores(on[:1], case)
+    # the layout settings' masks, and how a job's own masks replace the constant ones
+    assert np.array_equal(place_masks(case, 8, 8), on)
+    jobs = [Job("p", ("a", "b"), None, 0), Job("p", ("a", "b"), None, 1, mask=on)]
+    m0 = job_masks(jobs, np.full((2, 2, 8, 8), 0.5, np.float32))
+    assert (m0[0] == 0.5).all() and np.array_equal(m0[1], on)
+    with pytest.raises(ValueError, match=r"seed 1\): mask of shape \(1, 8, 8\), the sampler needs \(2, 8, 8\)"):
+        job_masks([Job("p", ("a", "b"), None, 1, mask=on[:1])], m0)
 
 
 def test_clip_scores_embed_once_and_average_references():
@@ -289,7 +317,14 @@ def test_fast_benchmark_end_to_end(tmp_path):
         assert by[n]["unet_evaluations_per_image"] == 2 * 4
     assert by["amg"]["compiled"] and by["amg"]["unet_evaluations_per_image"] == 3 * 2 + 2 * 2
     assert by["amg"]["summary"]["mask_mean"]["mean"] < 0.25              # Top-K at gamma_scope 0.2, max-normed
-    assert len(rep["images"]) == 6 * 2 + 1 and {i["setting"] for i in rep["images"]} == set(FAST)
+    # where the masks lie: only for the guided settings; Algorithm 1's two masks are disjoint
+    assert all("mask_on_place" not in by[n]["summary"] for n in FAST if by[n]["group"] == "frontier")
+    assert 0.0 <= by["amg"]["summary"]["mask_on_place"]["mean"] <= 1.0 and "mask_overlap" not in by["amg"]["summary"]
+    assert by["two_algorithm1"]["summary"]["mask_overlap"]["mean"] == 0.0
+    # the layout oracle: t2i's compiled sampler, its fixed masks (1 on the named place) reach the output
+    assert not by["layout"]["compiled"] and by["layout"]["summary"]["mask_on_place"]["mean"] == 1.0
+    assert 0.1 < by["layout"]["summary"]["mask_mean"]["mean"] < 0.35        # one of five places
+    assert len(rep["images"]) == 7 * 2 + 1 and {i["setting"] for i in rep["images"]} == set(FAST)
     md = (out / "results.md").read_text()
     assert all(by[n]["label"] in md for n in FAST)
     # the frontier plot: the ground-truth point (drawn last, black) where its figures put it
@@ -297,7 +332,7 @@ def test_fast_benchmark_end_to_end(tmp_path):
     (x, y), color = plot_points(rep)["ground_truth"]
     assert tuple(frontier[round(y), round(x)]) == color == (0, 0, 0)
     grid = Image.open(out / "samples.png")
-    assert grid.width >= (1 + 6) * 96 and grid.height >= 2 * 96 + 24
+    assert grid.width >= (1 + 7) * 96 and grid.height >= 2 * 96 + 24
 
 
 def test_shipped_shapeworld_examples_are_the_generated_cases(tmp_path):

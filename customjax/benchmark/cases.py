@@ -11,6 +11,8 @@
   * two-subject: two held-out subjects of different categories, two references, both category
     words in the prompt, at opposite positions (left / right or top / bottom).
 
+:func:`place_masks`: each subject's named place as a mask (the ``layout`` settings' fixed masks).
+
 The ground-truth :attr:`Case.scene` is a placed, renderable scene; :attr:`Case.spec` is what the
 prompt says (plus the subjects' appearances, which ``measure`` compares with the references) and is
 what the images are measured against.
@@ -59,6 +61,23 @@ class Case:
         return dict(name=self.name, prompt=self.prompt, words=list(self.words),
                     subjects=[dict(key=s.key, phrase=sw.subject_phrase(s)) for s in self.subjects],
                     scene=sw.scene_to_dict(self.scene), references=[sw.scene_to_dict(r) for r in self.references])
+
+
+def place_regions(h: int, w: int) -> np.ndarray:
+    """(h, w) position names: each cell's nearest position centre (:data:`~customjax.data.shapeworld.POSITIONS`,
+    as :func:`~customjax.metrics.shapeworld.position_of` places an object by its centre)."""
+    names = list(sw.POSITIONS)
+    centres = np.array([sw.POSITIONS[n] for n in names])                       # (P, 2) as (x, y)
+    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    d = (x[..., None] - centres[:, 0]) ** 2 + (y[..., None] - centres[:, 1]) ** 2
+    return np.array(names)[d.argmin(-1)]
+
+
+def place_masks(case: Case, h: int, w: int) -> np.ndarray:
+    """(J, h, w) float: 1 on each subject's named place (:func:`place_regions`), 0 elsewhere: the masks
+    of the benchmark's ``layout`` settings (a layout that a user could draw, disjoint by construction)."""
+    regions = place_regions(h, w)
+    return np.stack([(regions == o.position).astype(np.float32) for o in case.scene.objects[:len(case.subjects)]])
 
 
 def _pick(rng: np.random.Generator, items: Sequence):

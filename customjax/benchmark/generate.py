@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from customjax.benchmark.cases import Case
+from customjax.benchmark.cases import Case, place_masks
 
 
 @dataclasses.dataclass
@@ -56,18 +56,22 @@ def reference_tokens(model: Model, case: Case, size: int) -> np.ndarray:
 
 
 def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float, batch: int, mesh, size: int,
-             on_batch: Callable[[int], None] = lambda n: None, described: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             on_batch: Callable[[int], None] = lambda n: None, described: bool = False,
+             layout: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, H, W, 3) and final masks (n, J, h, w) of ``jobs`` (case, seed), all with
     ``len(case.words) == J``, in batches of ``batch`` (the last padded: one compiled shape); prompts are
-    the cases' own, or their :attr:`~customjax.benchmark.cases.Case.described_prompt` with ``described``."""
+    the cases' own, or their :attr:`~customjax.benchmark.cases.Case.described_prompt` with ``described``;
+    the initial masks are ``init_mask`` everywhere, or with ``layout`` each subject's named place
+    (:func:`~customjax.benchmark.cases.place_masks`)."""
     from customjax.images import to_uint8
     from customjax.sampling.batch import Job, sample_batches
     from customjax.sampling.common import cached_sampler
 
     cfg, pipe = model.cfg, model.built.pipe
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
-    work = [Job(c.described_prompt if described else c.prompt, c.words, reference_tokens(model, c, size), seed)
-            for c, seed in jobs]
+    hw = size // pipe.vae_scale // gcfg.mask.mask_factor
+    work = [Job(c.described_prompt if described else c.prompt, c.words, reference_tokens(model, c, size), seed,
+                mask=place_masks(c, hw, hw) if layout else None) for c, seed in jobs]
     if len({(len(j.words), j.tokens.shape) for j in work}) > 1:
         raise ValueError("generate: every job needs the same number of subjects and reference tokens")
     images, masks = [], []

@@ -26,7 +26,8 @@ def markdown(report: dict) -> str:
     cols = (("controllability", "Controllability"), ("background_correct", "Background"),
             ("position_correct", "Position"), ("placed_any", "Position (any shape)"), ("others_correct", "Other objects"),
             ("similarity", "Similarity"),
-            ("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("mask_mean", "Mask cover"))
+            ("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("mask_mean", "Mask cover"),
+            ("mask_on_place", "Mask on place"), ("mask_overlap", "Mask overlap"))
     lines = ["# ShapeWorld customization benchmark", "",
              f"Device {report['device']['kind']} ({report['device']['platform']}), commit "
              f"{(report.get('commit') or '?')[:12]}{' (dirty)' if report.get('dirty') else ''}; "
@@ -68,9 +69,10 @@ def _font(size: int):
 
 
 COLORS = {"frontier": (40, 90, 200), "mask": (210, 40, 40), "gamma": (230, 140, 20), "early_stop": (40, 160, 60),
-          "realcustom": (130, 40, 170), "described": (120, 120, 120), "ground_truth": (0, 0, 0)}
+          "realcustom": (130, 40, 170), "described": (120, 120, 120), "layout": (0, 150, 150), "ground_truth": (0, 0, 0)}
 LEGEND = {"frontier": "unmasked frontier", "mask": "AMG / mask ablations", "gamma": "gamma_scope",
           "early_stop": "early stop", "realcustom": "RealCustom", "described": "appearance in the prompt",
+          "layout": "mask on the named place (oracle)",
           "ground_truth": "rendered target (ceiling)"}
 
 

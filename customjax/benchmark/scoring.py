@@ -12,7 +12,11 @@ Scores per image:
     found); two subjects: the mean over both (one ``measure`` call, a reference per subject);
   * also ``category_correct`` / ``size_correct`` / ``color_correct`` of the subject, ``count_correct``,
     ``background_score``, ``mask_mean`` (mean of the final guidance masks), and ``clip_t`` (prompt)
-    / ``clip_i`` (reference; two subjects: the mean) with the model folder's own ``clip/``.
+    / ``clip_i`` (reference; two subjects: the mean) with the model folder's own ``clip/``;
+  * settings with masks of their own (guided or ``layout``; :func:`mask_scores`): ``mask_on_place``, the share of each subject's final
+    guidance mask that lies in its named place (the region of the image nearest to that position's
+    centre; mean over subjects), and, with two subjects, ``mask_overlap``, the share the two masks have
+    in common (sum of the pointwise minimum over the smaller mask's sum; 0 for disjoint masks).
 
 Summaries: mean and 95% interval over cases x seeds (``summarise``: Wilson for booleans, the normal
 approximation clipped to [0, 1] for the scores in :data:`UNIT`).
@@ -26,14 +30,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from customjax.benchmark.cases import Case
+from customjax.benchmark.cases import Case, place_masks
 from customjax.metrics.shapeworld import measure
 
 CONTROL_KEYS = ("background_correct", "position_correct", "others_correct")
 METRICS = ("controllability", "background_correct", "position_correct", "placed_any", "others_correct", "similarity",
            "category_correct", "size_correct", "color_correct", "count_correct", "background_score", "mask_mean",
-           "clip_t", "clip_i")
-UNIT = ("controllability", "similarity", "background_score", "mask_mean")   # non-boolean scores in [0, 1]
+           "mask_on_place", "mask_overlap", "clip_t", "clip_i")
+UNIT = ("controllability", "similarity", "background_score", "mask_mean", "mask_on_place", "mask_overlap")   # non-boolean scores in [0, 1]
 CONTROLLABILITY = ("controllability = mean over the applicable items of {background_correct; position_correct: the "
                    "subject found with the right category at the named position; others_correct: every other named "
                    "object (extra object / second subject) found with the right category at its named position}; "
@@ -59,6 +63,19 @@ def score(image: np.ndarray, case: Case) -> dict:
                size_correct=subject["size_correct"], color_correct=subject["color_correct"],
                count_correct=bool(m["count_correct"]), background_score=float(m["background_score"]))
     out["controllability"] = float(np.mean([float(out[k]) for k in CONTROL_KEYS if out[k] is not None]))
+    return out
+
+
+def mask_scores(masks: np.ndarray, case: Case) -> dict:
+    """Where the final guidance masks (J, h, w) of one image lie: ``mask_on_place`` and, for two
+    subjects, ``mask_overlap`` (see the module docstring)."""
+    masks = np.asarray(masks, np.float64)
+    if masks.ndim != 3 or masks.shape[0] != len(case.subjects):
+        raise ValueError(f"case {case.name}: masks of shape {masks.shape}, expected ({len(case.subjects)}, h, w)")
+    mass = np.maximum(masks.sum((1, 2)), 1e-12)
+    out = dict(mask_on_place=float(np.mean((masks * place_masks(case, *masks.shape[1:])).sum((1, 2)) / mass)))
+    if len(masks) == 2:
+        out["mask_overlap"] = float(np.minimum(masks[0], masks[1]).sum() / mass.min())
     return out
 
 

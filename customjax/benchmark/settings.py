@@ -16,7 +16,11 @@ config, the papers' ablation presets (``configs/common.py: ABLATIONS``) where th
   * ``realcustom``: the RealCustom adapter (``--realcustom_config`` / ``--realcustom_checkpoint``;
     scoring module, Eq. 13 two-scale CFG, its own mask settings);
   * ``two_algorithm1`` / ``two_overlap``: two-subject cases, Many2Many references, disjoint masks
-    (Algorithm 1) or independent, possibly overlapping Top-K.
+    (Algorithm 1) or independent, possibly overlapping Top-K;
+  * ``layout`` / ``two_layout``: no attention masks; each subject's mask is fixed to its named place
+    (:func:`~customjax.benchmark.cases.place_masks`, value 1, ``t_stop=0``): what mask guidance gives
+    when the masks are right (an oracle of the mask, not of the image). ``layout`` shares ``t2i``'s
+    compiled sampler.
 
 Settings that resolve to the same sampler configuration and constant mask are sampled once
 (``same_as`` in the report).
@@ -46,6 +50,12 @@ class Setting:
     subjects: int = 1
     fast: bool = False
     described: bool = False      # sample with Case.described_prompt (the appearance in words)
+    layout: bool = False         # each subject's mask fixed to its named place (cases.place_masks)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the guidance branch makes the masks (every setting but the constant-mask ones)."""
+        return dict(self.guidance).get("t_stop") != 0
 
 
 GROUPS = {
@@ -56,6 +66,7 @@ GROUPS = {
     "realcustom": "RealCustom (conference version: adaptive scoring module, Eq. 13 guidance)",
     "described": "No reference, the subject's appearance named in the prompt (what the base renders from words)",
     "two_subject": "Two subjects, Many2Many references (RealCustom++ Algorithm 1 vs overlapping masks)",
+    "layout": "Masks fixed to the named places (an oracle of the mask: what guidance gives when the masks are right)",
 }
 _NOMASK = (("t_stop", 0), ("visual_scale", 1.0))
 SETTINGS: tuple[Setting, ...] = (
@@ -76,6 +87,9 @@ SETTINGS: tuple[Setting, ...] = (
             guidance=(("references", "many2many"), ("multi", "algorithm1")), subjects=2, fast=True),
     Setting("two_overlap", "two_subject", "two subjects, masks may overlap", ablations=("overlap",),
             guidance=(("references", "many2many"),), subjects=2),
+    Setting("layout", "layout", "mask fixed to the subject's named place", guidance=_NOMASK, layout=True, fast=True),
+    Setting("two_layout", "two_subject", "two subjects, masks fixed to their named places (disjoint)",
+            guidance=(("references", "many2many"), *_NOMASK), subjects=2, layout=True),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 

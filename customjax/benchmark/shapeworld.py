@@ -17,7 +17,7 @@ from typing import Sequence
 from customjax.benchmark.cases import make_cases
 from customjax.benchmark.generate import generate, load_model
 from customjax.benchmark.provenance import git_state
-from customjax.benchmark.scoring import (CONTROLLABILITY, METRICS, UNIT, clip_scorer, clip_scores,
+from customjax.benchmark.scoring import (CONTROLLABILITY, METRICS, UNIT, clip_scorer, clip_scores, mask_scores,
                                          reference_embeddings, score)
 from customjax.benchmark.settings import SETTING_NAMES, SETTINGS, setting_config
 from customjax.data import shapeworld as sw
@@ -94,7 +94,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     for s in chosen:
         c = setting_config(cfg if s.method == "realcustompp" else rc_cfg, s, apply_variant)
         gcfg = guidance_config(c)
-        key = (s.method, gcfg, float(s.init_mask), s.subjects, s.described)
+        key = (s.method, gcfg, float(s.init_mask), s.subjects, s.described, s.layout)
         plan.append((s, c, gcfg, first.setdefault(key, s.name)))
     # Every case must suit every setting's sampler (target words survive tokenization, one reference
     # per word), before anything loads or compiles. The RealCustom model shares the base (tokenizer).
@@ -124,7 +124,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
             pool = two if s.subjects == 2 else single
             entry = dict(name=s.name, group=s.group, label=s.label, method=s.method, ablations=list(s.ablations),
                          overrides=dict(s.guidance), init_mask=s.init_mask, subjects=s.subjects,
-                         described=s.described,
+                         described=s.described, layout=s.layout,
                          guidance=c.guidance.to_dict(),
                          unet_evaluations_per_image=unet_evaluations(gcfg, c.sample.steps),
                          same_as=None if same == s.name else same)
@@ -139,9 +139,10 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
             t0 = time.time()
             with CompileCounter("dual_branch_sample") as compiles:
                 imgs, masks = generate(models[s.method], gcfg, jobs, s.init_mask, bsz, mesh, size, bar.update,
-                                       described=s.described)
+                                       described=s.described, layout=s.layout)
             seconds = time.time() - t0
-            recs = [dict(setting=s.name, case=case.name, seed=int(seed), **score(im, case), mask_mean=float(mk.mean()))
+            recs = [dict(setting=s.name, case=case.name, seed=int(seed), **score(im, case), mask_mean=float(mk.mean()),
+                         **(mask_scores(mk, case) if s.guided or s.layout else {}))
                     for (case, seed), im, mk in zip(jobs, imgs, masks)]
             if scorer is not None:
                 ct, ci = clip_scores(scorer, imgs, [case.prompt for case, _ in jobs],

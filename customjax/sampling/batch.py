@@ -24,13 +24,16 @@ from customjax.tokenizer import tokenize, word_masks
 @dataclasses.dataclass(frozen=True, eq=False)
 class Job:
     """One image to sample: ``words`` are the target words in ``prompt`` (J of them), ``tokens`` the
-    reference tokens (R, N, D); ``case``: the caller's own record, handed back with the results."""
+    reference tokens (R, N, D); ``mask``: this image's initial masks (J, h, w) at the mask resolution in
+    place of the constant ``init_mask`` (with ``t_stop == 0``, the masks throughout: a given layout);
+    ``case``: the caller's own record, handed back with the results."""
 
     prompt: str
     words: Sequence[str]
     tokens: np.ndarray
     seed: int
     case: Any = None
+    mask: np.ndarray | None = None
 
 
 def pad_to(items: Sequence, size: int) -> list:
@@ -62,6 +65,18 @@ def batch_inputs(pipe, gcfg, prompts: Sequence[str], words: Sequence[Sequence[st
                 m0=np.full((B, wm.shape[1], *hw_mask), init_mask, np.float32))
 
 
+def job_masks(jobs: Sequence[Job], m0: np.ndarray) -> np.ndarray:
+    """``m0`` (B, J, h, w) with each job's own ``mask`` in place of its constant one."""
+    out = m0.copy()
+    for i, j in enumerate(jobs):
+        if j.mask is not None:
+            if np.shape(j.mask) != m0.shape[1:]:
+                raise ValueError(f"job {j.prompt!r} (seed {j.seed}): mask of shape {np.shape(j.mask)}, the sampler "
+                                 f"needs {m0.shape[1:]} (one map per target word at the mask resolution)")
+            out[i] = j.mask
+    return out
+
+
 def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job], batch_size: int, mesh,
                    image_hw: tuple[int, int], *, init_mask: float = 0.0
                    ) -> Iterator[tuple[list[Job], dict[str, np.ndarray]]]:
@@ -84,6 +99,7 @@ def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job
             chunk = pad_to(real, batch_size)
             x = batch_inputs(pipe, gcfg, [j.prompt for j in chunk], [j.words for j in chunk],
                              [j.seed for j in chunk], image_hw, init_mask=init_mask, neg=neg)
+            x["m0"] = job_masks(chunk, x["m0"])
             data = shard_batch(dict(x, feats=np.stack([j.tokens for j in chunk])), mesh)
             res = dual_branch_sample(pipe, unet, sampler, gcfg, visual, params, data["ids"], data["neg"],
                                      data["wm"], data["feats"], data["lat"], data["m0"], zero_uncond=pipe.is_sdxl)
