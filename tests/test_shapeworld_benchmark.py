@@ -304,6 +304,8 @@ def test_fast_benchmark_end_to_end(tmp_path):
         assert gt["controllability"]["mean"] == 1.0 and gt["similarity"]["mean"] > 0.7, (k, gt)
         assert all(v["n"] == n for m, v in gt.items() if m != "others_correct"), (k, gt)
         assert gt["others_correct"]["n"] == 1             # the second single case has another object; the pair
+        assert gt["mask_on_place"]["mean"] > 0.8          # the subjects' own masks lie (mostly) on their places
+    assert rep["ground_truth"]["2"]["mask_overlap"]["mean"] == 0.0
     for s in rep["settings"]:
         n = 1 if s["subjects"] == 2 else 2
         for k in ("controllability", "background_correct", "position_correct", "similarity", "mask_mean"):

@@ -47,7 +47,7 @@ def markdown(report: dict) -> str:
         lines += [f"## {title}", "", "| Setting | " + " | ".join(c[1] for c in cols) + " | UNet evals / img |",
                   "|---" * (len(cols) + 2) + "|"]
         gt = report.get("ground_truth", {}).get("2" if g == "two_subject" else "1")
-        if gt and g in ("frontier", "two_subject"):
+        if gt and g in ("frontier", "two_subject", "layout"):
             lines.append("| ground-truth render of the prompt's scene (ceiling) | "
                          + " | ".join(_fmt(gt, c[0]) for c in cols) + " | - |")
         for s in groups[g]:

@@ -105,9 +105,11 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
                             references=[f"{case.name}_ref{j}" for j in range(len(case.references))]),
                        tokenizer, gcfg.references, f"case {case.name} ({s.name})")
 
-    # the ceiling: the rendered target scenes, scored like the samples
-    ground_truth = {str(k): summarise([score(sw.render(c.scene, size)[0], c) for c in pool], UNIT)
-                    for k, pool in ((1, single), (2, two)) if pool}
+    # the ceiling: the rendered target scenes, scored like the samples; their subjects' own masks as masks
+    def truth(case):
+        image, masks = sw.render(case.scene, size)
+        return {**score(image, case), **mask_scores(masks[:len(case.subjects)].astype("float32"), case)}
+    ground_truth = {str(k): summarise([truth(c) for c in pool], UNIT) for k, pool in ((1, single), (2, two)) if pool}
     mesh = data_mesh()
     ndev = mesh.shape["data"]
     models = {"realcustompp": load_model(cfg, checkpoint, mesh)}
