@@ -7,14 +7,16 @@
 
     {"prompt": "a toy on the beach", "words": ["toy"], "references": ["toy.png"], "seeds": [0, 1]}
 
-(or ``--prompt`` / ``--word`` / ``--reference`` flags for one case). Every case is checked before
-anything compiles: the target words must be in the prompt, the references must be readable
-images. Writes per image a PNG, the final masks over it (``*_mask.png``), the per-step mask strip
+(or ``--prompt`` / ``--word`` / ``--reference`` flags for one case); ``"masks": ["left.png", ...]``, one
+per word, fixes the subjects' masks to a drawn layout (sampled with ``t_stop = 0``: no attention masks).
+Every case is checked before anything compiles: the target words must be in the prompt, the
+references and masks must be readable images. Writes per image a PNG, the final masks over it (``*_mask.png``), the per-step mask strip
 (``*_steps.png``), a grid, and ``record.json`` with every setting and seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from customjax.images import grid, mask_strip, overlay, resize_reference, save_p
 from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter, sampler_params, sampling_side
 from customjax.parallel import data_mesh, replicate
 from customjax.sampling.batch import Job, sample_batches
-from customjax.sampling.cases import CaseError, check_cases, read_cases
+from customjax.sampling.cases import CaseError, check_cases, read_cases, resize_masks
 from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import unet_evaluations
 
@@ -46,6 +48,7 @@ def define_flags() -> None:
     flags.DEFINE_string("prompt", None, "one prompt (with --word and --reference)")
     flags.DEFINE_multi_string("word", [], "target real word(s) of --prompt")
     flags.DEFINE_multi_string("reference", [], "reference image(s) of --prompt")
+    flags.DEFINE_multi_string("mask", [], "layout mask image(s) of --prompt, one per --word (optional)")
     flags.DEFINE_list("seeds", None, "seeds for every case (default: the case's own, else config.sample.seeds)")
     flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
 
@@ -55,7 +58,8 @@ def flag_cases() -> list[dict]:
     if FLAGS.prompts:
         return read_cases(FLAGS.prompts)
     if FLAGS.prompt:
-        return [{"prompt": FLAGS.prompt, "words": FLAGS.word, "references": FLAGS.reference, "_where": "flags"}]
+        return [{"prompt": FLAGS.prompt, "words": FLAGS.word, "references": FLAGS.reference,
+                 "masks": FLAGS.mask or None, "_where": "flags"}]
     raise CaseError("give --prompts FILE.jsonl, or --prompt with --word and --reference")
 
 
@@ -83,7 +87,13 @@ def main(argv) -> None:
         imgs = np.stack([resize_reference(i, ss.ref_size) for i in c["images"]])
         c["tokens"] = np.asarray(ss.tokens(built.image_side, built.params["image"], jnp.asarray(imgs)))
 
-    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c) for c in cases for s in c["seeds"]]
+    f = pipe.vae_scale * gcfg.mask.mask_factor
+    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c, mask=None if c["masks"] is None else
+                resize_masks(c["masks"], (cfg.sample.height // f, cfg.sample.width // f)))
+            for c in cases for s in c["seeds"]]
+    # attention-mask cases with the config's guidance; layout cases with their masks fixed (no guidance branch)
+    runs = [(g, [j for j in jobs if (j.mask is not None) == layout])
+            for g, layout in ((gcfg, False), (dataclasses.replace(gcfg, t_stop=0), True))]
     mesh = data_mesh()
     bsz = max(cfg.sample.batch, mesh.shape["data"])
     bsz += -bsz % mesh.shape["data"]
@@ -91,23 +101,27 @@ def main(argv) -> None:
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
     records, images = [], []
     with tqdm(total=len(jobs), desc="sampling", unit="img") as bar:
-        for done, res in sample_batches(pipe, built.unet, smp, gcfg, ss.visual, params, jobs, bsz, mesh,
-                                        (cfg.sample.height, cfg.sample.width)):
-            for i, job in enumerate(done):
-                c, s = job.case, job.seed
-                name = f"{len(records):04d}_seed{s}"
-                save_png(res["images"][i], out / f"{name}.png")
-                save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
-                if "mask_steps" in res:
-                    save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
-                records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
-                                    references=c["references"], seed=s, case=c["where"]))
-                images.append(res["images"][i])
-            bar.update(len(done))
+        for g, part in runs:
+            if not part:
+                continue
+            for done, res in sample_batches(pipe, built.unet, smp, g, ss.visual, params, part, bsz, mesh,
+                                            (cfg.sample.height, cfg.sample.width)):
+                for i, job in enumerate(done):
+                    c, s = job.case, job.seed
+                    name = f"{len(records):04d}_seed{s}"
+                    save_png(res["images"][i], out / f"{name}.png")
+                    save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
+                    if "mask_steps" in res:
+                        save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
+                    records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
+                                        references=c["references"], seed=s, case=c["where"],
+                                        layout=job.mask is not None, unet_evaluations=unet_evaluations(g, cfg.sample.steps)))
+                    images.append(res["images"][i])
+                bar.update(len(done))
     save_png(grid(np.stack(images)), out / "grid.png")
     record = dict(config=json.loads(cfg.to_json_best_effort()), checkpoint=FLAGS.checkpoint,
                   device=str(jax.devices()[0]), devices=len(jax.devices()), batch=bsz,
-                  unet_evaluations_per_image=unet_evaluations(gcfg, cfg.sample.steps),
+                  unet_evaluations_per_image=unet_evaluations(gcfg, cfg.sample.steps),   # attention-mask cases
                   seconds=round(time.time() - t0, 2), images=records)
     (out / "record.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(records)} images, masks and grid.png to {out}")

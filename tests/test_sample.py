@@ -37,9 +37,17 @@ def run_cli(*args, timeout=600, devices=1):
 
 
 def test_cli_end_to_end_tiny(tmp_path):
+    from PIL import Image
+    halves = np.zeros((2, 40, 40), np.uint8)
+    halves[0, :, :20] = halves[1, :, 20:] = 255                 # a layout: the toy left, the box right
+    for k, m in enumerate(halves):
+        Image.fromarray(m).save(tmp_path / f"m{k}.png")
+    toy = str(ROOT / "examples/toy.png")
     cases = tmp_path / "cases.jsonl"
-    cases.write_text(json.dumps({"prompt": "a toy on the beach", "words": ["toy"],
-                                 "references": [str(ROOT / "examples/toy.png")], "seeds": [0, 1]}) + "\n")
+    cases.write_text(json.dumps({"prompt": "a toy and a box", "words": ["toy", "box"], "references": [toy, toy],
+                                 "masks": [str(tmp_path / "m0.png"), str(tmp_path / "m1.png")], "seeds": [3]}) + "\n"
+                     + json.dumps({"prompt": "a toy on the beach", "words": ["toy"],
+                                   "references": [toy], "seeds": [0, 1]}) + "\n")
     out = tmp_path / "out"
     r = run_cli("--config", "configs/realcustompp.py:tiny", "--prompts", str(cases),
                 "--config.sample.steps=3", "--config.guidance.t_stop=2", "--config.sample.batch=2",
@@ -47,8 +55,10 @@ def test_cli_end_to_end_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((out / "record.json").read_text())
     assert rec["devices"] == 2 and rec["batch"] == 2     # the batch is split over both devices
-    assert [i["seed"] for i in rec["images"]] == [0, 1] and rec["config"]["guidance"]["t_stop"] == 2
+    assert [i["seed"] for i in rec["images"]] == [0, 1, 3] and rec["config"]["guidance"]["t_stop"] == 2
     assert rec["unet_evaluations_per_image"] == 3 * 2 + 2 * 1
+    # the layout case: sampled after the attention-mask cases, its masks fixed (no guidance branch)
+    assert [(i["layout"], i["unet_evaluations"]) for i in rec["images"]] == [(False, 8), (False, 8), (True, 6)]
     for item in rec["images"]:
         stem = item["file"][:-4]
         for suffix in ("", "_mask", "_steps"):
@@ -74,6 +84,35 @@ def test_bad_cases_are_named(tmp_path, case, needle):
         check_cases([dict(case, _where="cases.jsonl:3")], first_tokenizer(config("realcustompp.py", "tiny")),
                     "many2many", [0])
     assert "cases.jsonl:3" in str(e.value)
+
+
+def test_layout_masks_checked_and_resized(tmp_path):
+    from PIL import Image
+
+    from customjax.methods.build import first_tokenizer
+    from customjax.sampling.cases import CaseError, check_cases, resize_masks
+    tok = first_tokenizer(config("realcustompp.py", "tiny"))
+    m = np.zeros((8, 8), np.uint8)
+    m[:, :4] = 255
+    m[0, 4:] = 128
+    Image.fromarray(m).save(tmp_path / "left.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    toy = str(ROOT / "examples/toy.png")
+    case = dict(prompt="a toy and a box", words=["toy", "box"], references=[toy, toy], _where="c.jsonl:2")
+    (c,) = check_cases([dict(case, masks=[str(tmp_path / "left.png")] * 2)], tok, "many2many", [0])
+    assert len(c["masks"]) == 2 and c["masks"][0][0, 4] == pytest.approx(128 / 255) and c["masks"][0][1, 7] == 0.0
+    assert check_cases([case], tok, "many2many", [0])[0]["masks"] is None
+    r = resize_masks(c["masks"], (2, 4))                     # box average over 4 x 2 cells
+    assert r.shape == (2, 2, 4) and r[0, 1].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert r[0, 0, 2] == pytest.approx(0.25 * 128 / 255, abs=1 / 255)
+    for masks, needle in (([str(tmp_path / "left.png")], "1 mask\\(s\\) for 2 word"),
+                          ([str(tmp_path / "left.png"), str(tmp_path / "none.png")], "none.png does not exist"),
+                          ([str(tmp_path / "left.png"), str(tmp_path / "bad.png")], "bad.png cannot be read"),
+                          ([str(tmp_path / "black.png")] * 2, "black.png is all black")):
+        with pytest.raises(CaseError, match=needle) as e:
+            check_cases([dict(case, masks=masks)], tok, "many2many", [0])
+        assert "c.jsonl:2" in str(e.value)
 
 
 def test_cli_reports_a_bad_case_before_loading_models(tmp_path):

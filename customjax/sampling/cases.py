@@ -3,6 +3,10 @@ files of the sample CLI and checked before anything compiles. One case a line::
 
     {"prompt": "a toy on the beach", "words": ["toy"], "references": ["toy.png"], "seeds": [0, 1]}
 
+An optional ``"masks"`` (one image a word: grey level = mask value, white = 1) is a layout: each
+subject's mask, fixed for the whole sampling, in place of its attention mask (the sampler runs such
+cases with ``t_stop = 0``).
+
 Used by the sample CLI (``customjax.sample``) and the training previews (``customjax.preview``).
 """
 
@@ -52,6 +56,27 @@ def load_image(path: str, where: str) -> np.ndarray:
         raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
+def load_mask(path: str, where: str) -> np.ndarray:
+    """A layout mask as float32 (H, W) in [0, 1] (its grey level), or a :class:`CaseError` naming
+    ``where``: missing, unreadable or all black."""
+    try:
+        with Image.open(path) as im:
+            m = np.asarray(im.convert("L"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise CaseError(f"{where}: mask image {path} does not exist") from None
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise CaseError(f"{where}: mask image {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not m.any():
+        raise CaseError(f"{where}: mask image {path} is all black (an empty mask)")
+    return m
+
+
+def resize_masks(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
+    """(J, h, w) float32: each layout mask averaged over the cells of the sampler's mask grid ``hw``."""
+    out = [np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.BOX), np.float32) for m in masks]
+    return np.clip(np.stack(out), 0.0, 1.0)
+
+
 def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[list[str], list[str]]:
     """(words, reference paths) of one case, or a :class:`CaseError` naming ``where``: keys
     present, every target word in the prompt, one reference per word (one for One2Many)."""
@@ -77,7 +102,7 @@ def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[li
 def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_seeds: Sequence[int],
                 seeds_override: Sequence[int] | None = None) -> list[dict]:
     """Checks every case (:func:`check_case`) and loads its images; returns records {prompt, words,
-    references (paths), images (float [0, 1]), seeds, where}. Seeds: ``seeds_override`` if given,
+    references (paths), images (float [0, 1]), seeds, where, masks (layout masks (H, W) per word, or None)}. Seeds: ``seeds_override`` if given,
     else the case's own, else ``default_seeds``."""
     out = []
     for c in cases:
@@ -85,5 +110,12 @@ def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_
         words, refs = check_case(c, tokenizer, references_mode, where)
         images = [load_image(r, where) for r in refs]
         seeds = [int(s) for s in (seeds_override or c.get("seeds") or default_seeds)]
-        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where))
+        masks = None
+        if c.get("masks") is not None:
+            paths = [c["masks"]] if isinstance(c["masks"], str) else list(c["masks"])
+            if len(paths) != len(words):
+                raise CaseError(f"{where}: {len(paths)} mask(s) for {len(words)} word(s); a layout needs one per word")
+            masks = [load_mask(m, where) for m in paths]
+        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where,
+                        masks=masks))
     return out
