@@ -28,11 +28,11 @@ from ml_collections import config_flags
 from PIL import Image
 
 from customjax import trainer
+from customjax.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
 from customjax.benchmark.provenance import git_state
 from customjax.data import images
 from customjax.data import shapeworld as sw
 from customjax.methods.build import build, load_adapter, reference_size
-from customjax.methods.objective import ObjectiveConfig, loss_fn
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
@@ -43,7 +43,6 @@ flags.DEFINE_integer("objects", 192, "multiview objects (held apart from trainin
 flags.DEFINE_integer("draws", 3, "noise / timestep draws per object")
 flags.DEFINE_string("out", None, "JSON results file")
 
-WITH, DROPPED = ObjectiveConfig(0.0, 0.0, 0.0), ObjectiveConfig(0.0, 1.0, 0.0)
 BATCH = 8
 
 
@@ -86,7 +85,7 @@ def main(argv) -> None:
         raise app.UsageError("--config must be a ShapeWorld config, e.g. configs/realcustompp.py:shapeworld")
     base = build(c)
     frozen, random_train = trainer.split(base)
-    loss = jax.jit(lambda tr, fr, b, k, cfg: loss_fn(tr, fr, b, k, built=base, cfg=cfg)[0], static_argnums=4)
+    loss = jitted_objective(base)
     data = batches(FLAGS.objects, int(c.train.image_size), int(reference_size(c)), FLAGS.captions)
     ids = lambda caps: tuple(jnp.asarray(tokenize(t, caps)) for t in base.pipe.tokenizers)
 
@@ -100,8 +99,7 @@ def main(argv) -> None:
     dropped = run(random_train, False, "plain", DROPPED)
 
     def gain(x: np.ndarray) -> dict:
-        d = dropped - x
-        return dict(loss=float(x.mean()), gain=float(d.mean()), ci95=float(1.96 * d.std(ddof=1) / np.sqrt(len(d))))
+        return dict(loss=float(x.mean()), **paired_gain(dropped, x))
 
     results = {"dropped": dict(loss=float(dropped.mean()), n=len(dropped)),
                "text oracle": gain(run(random_train, False, "named", DROPPED))}

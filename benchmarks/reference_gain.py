@@ -24,10 +24,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from customjax import trainer
+from customjax.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
 from customjax.benchmark.provenance import git_state
 from customjax.data.loader import make_train_loader
 from customjax.methods.build import build, load_adapter
-from customjax.methods.objective import ObjectiveConfig, loss_fn
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
@@ -37,9 +37,6 @@ flags.DEFINE_integer("curriculum", 40, "curriculum length (steps) the batches ar
 flags.DEFINE_integer("skip", 16, "the first batches skipped (early curriculum: mostly text-image pairs)")
 flags.DEFINE_integer("draws", 3, "noise / timestep draws per batch")
 flags.DEFINE_string("out", None, "JSON results file")
-
-WITH, DROPPED = ObjectiveConfig(0.0, 0.0, 0.0), ObjectiveConfig(0.0, 1.0, 0.0)
-
 
 def gain(loss, frozen, train, batches: list[dict], draws: int) -> dict:
     """Mean loss with the reference and dropped, and the gain with its 95% interval, of the adapter
@@ -51,9 +48,7 @@ def gain(loss, frozen, train, batches: list[dict], draws: int) -> dict:
             on.append(loss(train, frozen, b, key, WITH))
             off.append(loss(train, frozen, b, key, DROPPED))
     on, off = np.asarray(jnp.stack(on)), np.asarray(jnp.stack(off))      # one transfer, not one per draw
-    d = off - on
-    return dict(with_reference=float(on.mean()), dropped=float(off.mean()), gain=float(d.mean()),
-                ci95=float(1.96 * d.std(ddof=1) / np.sqrt(len(d))), n=len(d))
+    return dict(with_reference=float(on.mean()), dropped=float(off.mean()), **paired_gain(off, on))
 
 
 def main(argv) -> None:
@@ -66,8 +61,8 @@ def main(argv) -> None:
     batches = [next(it) for _ in range(FLAGS.curriculum)][FLAGS.skip:]
     example_captions = [str(x) for x in batches[-1]["caption"][:4]]
     base = build(c)
-    frozen, train = trainer.split(base)    # frozen weights are an argument, not constants baked into the program
-    loss = jax.jit(lambda tr, fr, b, k, cfg: loss_fn(tr, fr, b, k, built=base, cfg=cfg)[0], static_argnums=4)
+    frozen, train = trainer.split(base)
+    loss = jitted_objective(base)
     batches = [{"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
                 "ids": tuple(jnp.asarray(tokenize(t, list(b["caption"]))) for t in base.pipe.tokenizers)} for b in batches]
     results = {"random init": gain(loss, frozen, train, batches, FLAGS.draws)}

@@ -354,6 +354,15 @@ def test_shipped_shapeworld_examples_are_the_generated_cases(tmp_path):
             assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(repo / b))), b
 
 
+def test_paired_gain():
+    from customjax.benchmark.loss_gain import paired_gain
+    g = paired_gain(np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 1.0]))   # differences 1, 1, 2
+    assert g["gain"] == pytest.approx(4 / 3) and g["n"] == 3
+    assert g["ci95"] == pytest.approx(1.96 * np.std([1, 1, 2], ddof=1) / np.sqrt(3))
+    with pytest.raises(ValueError, match="length >= 2"):
+        paired_gain(np.array([1.0]), np.array([0.0]))
+
+
 def test_appearance_signal_batches_and_run(tmp_path):
     """benchmarks/appearance_signal.py: the two captions differ only in the subject's appearance; the
     references are the other frame, whole or cut to the subject; the run writes every row."""
