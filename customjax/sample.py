@@ -10,8 +10,9 @@
 (or ``--prompt`` / ``--word`` / ``--reference`` flags for one case); ``"masks": ["left.png", ...]``, one
 per word, fixes the subjects' masks to a drawn layout (sampled with ``t_stop = 0``: no attention masks).
 Every case is checked before anything compiles: the target words must be in the prompt, the
-references and masks must be readable images. Writes per image a PNG, the final masks over it (``*_mask.png``), the per-step mask strip
-(``*_steps.png``), a grid, and ``record.json`` with every setting and seed.
+references and masks must be readable images. Writes per image a PNG, the final masks over it
+(``*_mask.png``), the per-step mask strip (``*_steps.png``), a grid, and ``record.json`` with every
+setting and seed.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def main(argv) -> None:
                         save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
                     records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
                                         references=c["references"], seed=s, case=c["where"],
-                                        layout=job.mask is not None, unet_evaluations=unet_evaluations(g, cfg.sample.steps)))
+                                        layout=job.mask is not None,
+                                        unet_evaluations=unet_evaluations(g, cfg.sample.steps)))
                     images.append(res["images"][i])
                 bar.update(len(done))
     save_png(grid(np.stack(images)), out / "grid.png")

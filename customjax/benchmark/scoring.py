@@ -13,10 +13,11 @@ Scores per image:
   * also ``category_correct`` / ``size_correct`` / ``color_correct`` of the subject, ``count_correct``,
     ``background_score``, ``mask_mean`` (mean of the final guidance masks), and ``clip_t`` (prompt)
     / ``clip_i`` (reference; two subjects: the mean) with the model folder's own ``clip/``;
-  * settings with masks of their own (guided or ``layout``; :func:`mask_scores`): ``mask_on_place``, the share of each subject's final
-    guidance mask that lies in its named place (the region of the image nearest to that position's
-    centre; mean over subjects), and, with two subjects, ``mask_overlap``, the share the two masks have
-    in common (sum of the pointwise minimum over the smaller mask's sum; 0 for disjoint masks).
+  * settings with masks of their own (guided or ``layout``; :func:`mask_scores`): ``mask_on_place``,
+    the share of each subject's final mask that lies in its named place (the region of the image
+    nearest to that position's centre; mean over subjects), and, with two subjects, ``mask_overlap``,
+    the share the two masks have in common (sum of the pointwise minimum over the smaller mask's sum;
+    0 for disjoint masks).
 
 Summaries: mean and 95% interval over cases x seeds (``summarise``: Wilson for booleans, the normal
 approximation clipped to [0, 1] for the scores in :data:`UNIT`).
@@ -37,7 +38,8 @@ CONTROL_KEYS = ("background_correct", "position_correct", "others_correct")
 METRICS = ("controllability", "background_correct", "position_correct", "placed_any", "others_correct", "similarity",
            "category_correct", "size_correct", "color_correct", "count_correct", "background_score", "mask_mean",
            "mask_on_place", "mask_overlap", "clip_t", "clip_i")
-UNIT = ("controllability", "similarity", "background_score", "mask_mean", "mask_on_place", "mask_overlap")   # non-boolean scores in [0, 1]
+# non-boolean scores in [0, 1]
+UNIT = ("controllability", "similarity", "background_score", "mask_mean", "mask_on_place", "mask_overlap")
 CONTROLLABILITY = ("controllability = mean over the applicable items of {background_correct; position_correct: the "
                    "subject found with the right category at the named position; others_correct: every other named "
                    "object (extra object / second subject) found with the right category at its named position}; "

@@ -102,8 +102,8 @@ def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[li
 def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_seeds: Sequence[int],
                 seeds_override: Sequence[int] | None = None) -> list[dict]:
     """Checks every case (:func:`check_case`) and loads its images; returns records {prompt, words,
-    references (paths), images (float [0, 1]), seeds, where, masks (layout masks (H, W) per word, or None)}. Seeds: ``seeds_override`` if given,
-    else the case's own, else ``default_seeds``."""
+    references (paths), images (float [0, 1]), seeds, where, masks (layout masks (H, W) per word, or
+    None)}. Seeds: ``seeds_override`` if given, else the case's own, else ``default_seeds``."""
     out = []
     for c in cases:
         where = c.get("_where", "?")
