@@ -348,9 +348,11 @@ def test_shipped_shapeworld_examples_are_the_generated_cases(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     lines = write_sample_cases(tmp_path)
     shipped = [json.loads(x) for x in (repo / "examples/shapeworld/cases.jsonl").read_text().splitlines()]
-    assert [(x["prompt"], x["words"]) for x in lines] == [(x["prompt"], x["words"]) for x in shipped]
+    assert [(x["prompt"], x["words"], "masks" in x) for x in lines] == [(x["prompt"], x["words"], "masks" in x)
+                                                                       for x in shipped]
+    assert [len(x["words"]) for x in shipped if "masks" in x] == [2]      # the pair again, with a drawn layout
     for made, ours in zip(lines, shipped):
-        for a, b in zip(made["references"], ours["references"]):
+        for a, b in zip(made["references"] + made.get("masks", []), ours["references"] + ours.get("masks", [])):
             assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(repo / b))), b
 
 

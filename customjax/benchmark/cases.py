@@ -195,8 +195,9 @@ def write_sample_cases(out_dir, n: int = 4, pairs: int = 1, seed: int = 0, size:
                        seeds: Sequence[int] = (0, 1)) -> list[dict]:
     """Writes cases as the sample CLI's input: ``out_dir/cases.jsonl`` (prompt, words, references,
     seeds) and the reference PNGs beside it (paths relative to the repository root when ``out_dir``
-    is). ``python -c "from customjax.benchmark.cases import write_sample_cases as w;
-    w('examples/shapeworld')"`` wrote ``examples/shapeworld/``."""
+    is); each two-subject case a second time with a drawn layout (``masks``: each subject's named place,
+    :func:`place_masks`, as PNGs). ``python -c "from customjax.benchmark.cases import write_sample_cases
+    as w; w('examples/shapeworld')"`` wrote ``examples/shapeworld/``."""
     import json
     import pathlib
 
@@ -212,6 +213,14 @@ def write_sample_cases(out_dir, n: int = 4, pairs: int = 1, seed: int = 0, size:
             path = out / f"{case.name}_ref{j}.png"
             Image.fromarray(sw.render(ref, size)[0]).save(path)
             refs.append(str(path))
-        lines.append({"prompt": case.prompt, "words": list(case.words), "references": refs, "seeds": list(seeds)})
+        line = {"prompt": case.prompt, "words": list(case.words), "references": refs, "seeds": list(seeds)}
+        lines.append(line)
+        if len(case.subjects) > 1:
+            masks = []
+            for j, m in enumerate(place_masks(case, size, size)):
+                path = out / f"{case.name}_mask{j}.png"
+                Image.fromarray((m * 255).astype(np.uint8)).save(path)
+                masks.append(str(path))
+            lines.append(dict(line, masks=masks))
     (out / "cases.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return lines
