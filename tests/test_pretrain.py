@@ -146,13 +146,12 @@ def test_fit_returns_the_moving_average_with_ema(tmp_path):
 def test_unet_object_weight_counts_object_latents_more():
     """``unet.object_weight``: pixel masks pool to latent coverage, and the weighted error puts
     (1 + w) times the weight on covered latent pixels, leaving a uniform error unchanged."""
-    from customjax.pretrain.loop import object_weighted_mean
-    from customjax.pretrain.unet import latent_masks
+    from customjax.losses import coverage, weighted_mean as object_weighted_mean
 
     fg = np.zeros((1, 64, 64), bool)
     fg[0, :4, :4] = True          # one whole latent pixel (factor 4)
     fg[0, 8:10, 0:4] = True       # half of the latent pixel (2, 0)
-    cover = latent_masks(fg, 16)
+    cover = coverage(fg, (16, 16))
     assert cover.shape == (1, 16, 16) and cover[0, 0, 0] == 1.0 and cover[0, 2, 0] == 0.5 and cover.sum() == 1.5
     err = np.zeros((1, 16, 16, 4), np.float32)
     err[0, 0, 0] = 1.0            # all of the error on the object

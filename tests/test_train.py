@@ -104,13 +104,15 @@ def test_subject_weighted_loss():
     the loader delivers the mask only when the weight is on."""
     import jax.numpy as jnp
 
-    from customjax.methods.objective import ObjectiveConfig, loss_fn, subject_weighted_mse
+    from customjax.losses import coverage, weighted_mean
+    from customjax.methods.objective import ObjectiveConfig, loss_fn
     from customjax.methods.build import build
     from customjax import trainer
     from customjax.tokenizer import tokenize
 
     rng = np.random.default_rng(0)
     err = jnp.asarray(rng.random((2, 4, 4, 3)), jnp.float32)
+    subject_weighted_mse = lambda e, m, w: weighted_mean(e, coverage(m, e.shape[1:3]), w, per_example=True)
     np.testing.assert_allclose(subject_weighted_mse(err, jnp.ones((2, 8, 8)), 5.0), err.mean(), rtol=1e-6)
     mask = np.zeros((2, 8, 8), np.float32)
     mask[0, :4, :4] = 1.0          # example 0: the top-left 2 x 2 latents are the subject
@@ -122,7 +124,12 @@ def test_subject_weighted_loss():
     v1[0, 0] = 6.0
     want = np.mean([(v[..., None] * e[i]).sum() / (v.sum() * 3) for i, v in enumerate((v0, v1))])
     np.testing.assert_allclose(subject_weighted_mse(err, jnp.asarray(mask), 5.0), want, rtol=1e-6)
-    with pytest.raises(ValueError, match="latent grid"):
+    # the pretraining's object_weight normalises over the whole batch instead: another figure here
+    batchwise = weighted_mean(err, coverage(jnp.asarray(mask), (4, 4)), 5.0)
+    want_b = sum((v[..., None] * e[i]).sum() for i, v in enumerate((v0, v1))) / ((v0.sum() + v1.sum()) * 3)
+    np.testing.assert_allclose(batchwise, want_b, rtol=1e-6)
+    assert abs(float(batchwise) - want) > 1e-4
+    with pytest.raises(ValueError, match="does not pool onto the grid"):
         subject_weighted_mse(err, jnp.ones((2, 9, 9)), 1.0)
 
     c = train_probe.tiny_config()

@@ -198,13 +198,13 @@ class Augment(grain.transforms.Map):
         skipped = skip_vector(bad_frame=len(errors))
         if cut and ex.masks[ri] is not None:
             try:
-                cut = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], frame_where(ri)))
+                cutout = images.subject_cutout(r_im, images.open_mask(ex.masks[ri], frame_where(ri)))
             except images.ImageError:
-                cut = None
-            if cut is None:   # undecodable or empty: the whole frame, counted
+                cutout = None
+            if cutout is None:   # undecodable or empty: the whole frame, counted
                 skipped[_REASON_INDEX["bad_mask"]] += 1
             else:
-                r_im, r_size = cut
+                r_im, r_size = cutout
 
         box, top_left = images.cover_crop_box(t_size, (H, W), target_offset)
         if self.latents:

@@ -12,7 +12,7 @@ probability; dropped text is the empty prompt, a dropped image is a visual scale
 
 ``subject_weight`` w > 0 (not in the papers, off by default) weights each latent pixel's squared error
 by 1 + w * (the target's subject mask, mean-pooled to the latent grid), normalised per example, so a
-record without a mask (all ones) keeps the plain loss: the subject's appearance, which only the
+record without a mask (all ones) keeps the plain loss (:mod:`customjax.losses`): the subject's appearance, which only the
 reference supplies, is otherwise a few per cent of the loss (see docs/shapeworld_custom/training.json).
 """
 
@@ -28,6 +28,7 @@ from customjax import schedulers as S
 from customjax.adapters.scoring import sample_gamma
 from customjax.control.params import merge
 from customjax.control.spec import Control, ExtraTokens
+from customjax.losses import coverage, weighted_mean
 from customjax.methods import realcustom, realcustompp
 from customjax.models.vae import latent_dist_sample, scale_latents
 from customjax.pipeline import encode_text, sdxl_time_ids
@@ -41,18 +42,6 @@ class ObjectiveConfig:
     gamma_low: float = 0.3
     gamma_high: float = 1.0
     subject_weight: float = 0.0
-
-
-def subject_weighted_mse(err: jax.Array, mask: jax.Array, weight: float) -> jax.Array:
-    """Mean over examples of sum(v * err) / sum(v), v = 1 + ``weight`` * mask mean-pooled from the image
-    grid (B, H, W) to the latent grid of ``err`` (B, h, w, c); an all-ones mask gives the plain mean."""
-    B, h, w = err.shape[:3]
-    H, W = mask.shape[1:]
-    if H % h or W % w:
-        raise ValueError(f"subject mask {mask.shape[1:]} does not pool onto the latent grid {(h, w)}")
-    m = mask.astype(jnp.float32).reshape(B, h, H // h, w, W // w).mean((2, 4))
-    v = (1.0 + weight * m)[..., None]
-    return jnp.mean((v * err).sum((1, 2, 3)) / (v.sum((1, 2, 3)) * err.shape[3]))
 
 
 def condition_dropout(key: jax.Array, batch: int, cfg: ObjectiveConfig) -> tuple[jax.Array, jax.Array]:
@@ -123,7 +112,8 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
         if "mask" not in batch:
             raise ValueError("objective.subject_weight > 0 needs the target's subject mask in the batch "
                              "(the loader's with_mask)")
-        loss = subject_weighted_mse((pred - tgt) ** 2, batch["mask"], cfg.subject_weight)
+        err = (pred - tgt) ** 2
+        loss = weighted_mean(err, coverage(batch["mask"], err.shape[1:3]), cfg.subject_weight, per_example=True)
     else:
         loss = jnp.mean((pred - tgt) ** 2)
     return loss, {"loss": loss, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
@@ -141,10 +140,3 @@ def to_unit(images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) -> float32 in [-1, 1]."""
     return images.astype(np.float32) / 127.5 - 1.0
 
-
-def object_weighted_mean(err, fg, object_weight: float):
-    """Mean of ``err`` (B, H, W, C) weighted 1 + object_weight on the pixels that objects cover
-    (``fg`` (B, H, W): coverage in [0, 1]), normalised by the mean weight so that a uniform error is
-    unchanged: the VAE's reconstruction and the UNet's diffusion loss (``object_weight``)."""
-    w = 1.0 + object_weight * fg[..., None]
-    return jnp.mean(w * err) / jnp.mean(w)

@@ -20,7 +20,8 @@ from customjax.models.clip_text import CLIPTextModel
 from customjax.models.unet import UNET, UNet2DConditionModel
 from customjax.models.unet_config import UNetConfig
 from customjax.models.vae import latent_dist_sample
-from customjax.pretrain.loop import StageConfig, fit, object_weighted_mean, sample_indices
+from customjax.losses import coverage, weighted_mean
+from customjax.pretrain.loop import StageConfig, fit, sample_indices
 from customjax.schedulers import NoiseSchedule, add_noise, target
 from customjax.weights.loaders import init_params
 
@@ -43,14 +44,7 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
     err = (pred - target(sched, prediction_type, z0, noise, t)) ** 2
     if not object_weight:
         return jnp.mean(err), {}
-    return object_weighted_mean(err, batch["fg"], object_weight), {"mse": jnp.mean(err)}
-
-
-def latent_masks(fg: np.ndarray, latent_size: int) -> np.ndarray:
-    """(N, h, w) float32 object coverage of each latent pixel, from (N, H, W) pixel masks."""
-    n, size = fg.shape[0], fg.shape[1]
-    f = size // latent_size
-    return np.asarray(fg, np.float32).reshape(n, latent_size, f, latent_size, f).mean((2, 4))
+    return weighted_mean(err, batch["fg"], object_weight), {"mse": jnp.mean(err)}
 
 
 def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSchedule, scaling_factor: float,
@@ -74,7 +68,7 @@ def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSc
         idx = sample_indices(seed + 2, step, len(moments), stage.batch)
         batch = {"moments": moments[idx], "ids": ids[idx]}
         if object_weight:
-            batch["fg"] = latent_masks(fg[idx], cfg.sample_size)
+            batch["fg"] = coverage(np.asarray(fg[idx]), (cfg.sample_size, cfg.sample_size))
         return batch
 
     if train_text:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from customjax.models.vae import VAE, AutoencoderKL, VAEConfig, latent_dist_sample
-from customjax.pretrain.loop import StageConfig, fit, object_weighted_mean, sample_indices, to_unit
+from customjax.losses import weighted_mean
+from customjax.pretrain.loop import StageConfig, fit, sample_indices, to_unit
 from customjax.weights.loaders import init_params
 
 
@@ -23,8 +24,8 @@ def vae_loss(params, frozen, batch, key, *, model: AutoencoderKL, kl_weight: flo
     mean, logvar = model.apply({"params": params}, x, method="encode")
     rec = model.apply({"params": params}, latent_dist_sample(mean, logvar, key), method="decode")
     err = rec - x
-    l1 = object_weighted_mean(jnp.abs(err), batch["fg"], object_weight)
-    l2 = object_weighted_mean(err ** 2, batch["fg"], object_weight)
+    l1 = weighted_mean(jnp.abs(err), batch["fg"], object_weight)
+    l2 = weighted_mean(err ** 2, batch["fg"], object_weight)
     kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
     return l1 + l2 + kl_weight * kl, {"l1": jnp.mean(jnp.abs(err)), "kl": kl}
 
