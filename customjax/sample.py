@@ -32,7 +32,7 @@ from tqdm import tqdm
 from customjax.images import grid, mask_strip, overlay, resize_reference, save_png
 from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter, sampler_params, sampling_side
 from customjax.parallel import data_mesh, replicate
-from customjax.sampling.batch import Job, sample_batches
+from customjax.sampling.batch import Job, mask_hw, sample_batches
 from customjax.sampling.cases import CaseError, check_cases, read_cases, resize_masks
 from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import unet_evaluations
@@ -88,9 +88,9 @@ def main(argv) -> None:
         imgs = np.stack([resize_reference(i, ss.ref_size) for i in c["images"]])
         c["tokens"] = np.asarray(ss.tokens(built.image_side, built.params["image"], jnp.asarray(imgs)))
 
-    f = pipe.vae_scale * gcfg.mask.mask_factor
-    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c, mask=None if c["masks"] is None else
-                resize_masks(c["masks"], (cfg.sample.height // f, cfg.sample.width // f)))
+    hw = mask_hw(pipe, gcfg, (cfg.sample.height, cfg.sample.width))
+    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c,
+                mask=None if c["masks"] is None else resize_masks(c["masks"], hw))
             for c in cases for s in c["seeds"]]
     # attention-mask cases with the config's guidance; layout cases with their masks fixed (no guidance branch)
     runs = [(g, [j for j in jobs if (j.mask is not None) == layout])

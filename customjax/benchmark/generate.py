@@ -64,14 +64,14 @@ def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float,
     the initial masks are ``init_mask`` everywhere, or with ``layout`` each subject's named place
     (:func:`~customjax.benchmark.cases.place_masks`)."""
     from customjax.images import to_uint8
-    from customjax.sampling.batch import Job, sample_batches
+    from customjax.sampling.batch import Job, mask_hw, sample_batches
     from customjax.sampling.common import cached_sampler
 
     cfg, pipe = model.cfg, model.built.pipe
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
-    hw = size // pipe.vae_scale // gcfg.mask.mask_factor
+    hw = mask_hw(pipe, gcfg, (size, size))
     work = [Job(c.described_prompt if described else c.prompt, c.words, reference_tokens(model, c, size), seed,
-                mask=place_masks(c, hw, hw) if layout else None) for c, seed in jobs]
+                mask=place_masks(c, *hw) if layout else None) for c, seed in jobs]
     if len({(len(j.words), j.tokens.shape) for j in work}) > 1:
         raise ValueError("generate: every job needs the same number of subjects and reference tokens")
     images, masks = [], []

@@ -105,7 +105,7 @@ def _layout(report: dict, width: int, height: int, x: str = "controllability") -
     L, R, T, B = 70, width - 230, 62, height - 60
     (x0, x1), (y0, y1) = span(xs), span(ys)
     return dict(frame=(L, R, T, B), x=(x0, x1), y=(y0, y1), X=lambda v: L + (v - x0) / (x1 - x0) * (R - L),
-                Y=lambda v: B - (v - y0) / (y1 - y0) * (B - T), points=points, frontier=len(front), key=x)
+                Y=lambda v: B - (v - y0) / (y1 - y0) * (B - T), points=points, frontier=len(front))
 
 
 def plot_points(report: dict, width: int = 900, height: int = 640,

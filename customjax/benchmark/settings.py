@@ -53,9 +53,10 @@ class Setting:
     layout: bool = False         # each subject's mask fixed to its named place (cases.place_masks)
 
     @property
-    def guided(self) -> bool:
-        """Whether the guidance branch makes the masks (every setting but the constant-mask ones)."""
-        return dict(self.guidance).get("t_stop") != 0
+    def own_masks(self) -> bool:
+        """Whether the final masks are the setting's own (made by the guidance branch, or a layout), not
+        a constant: the settings that :func:`~customjax.benchmark.scoring.mask_scores` applies to."""
+        return self.layout or dict(self.guidance).get("t_stop") != 0
 
 
 GROUPS = {

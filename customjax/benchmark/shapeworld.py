@@ -144,7 +144,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
                                        described=s.described, layout=s.layout)
             seconds = time.time() - t0
             recs = [dict(setting=s.name, case=case.name, seed=int(seed), **score(im, case), mask_mean=float(mk.mean()),
-                         **(mask_scores(mk, case) if s.guided or s.layout else {}))
+                         **(mask_scores(mk, case) if s.own_masks else {}))
                     for (case, seed), im, mk in zip(jobs, imgs, masks)]
             if scorer is not None:
                 ct, ci = clip_scores(scorer, imgs, [case.prompt for case, _ in jobs],

@@ -48,6 +48,12 @@ def negative_ids(pipe, batch: int) -> tuple[np.ndarray, ...]:
     return tuple(np.repeat(tokenize(t, [""]), batch, axis=0) for t in pipe.tokenizers)
 
 
+def mask_hw(pipe, gcfg, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of the sampler's masks for images of ``image_hw``: the latent grid / ``mask_factor``."""
+    f = pipe.vae_scale * gcfg.mask.mask_factor
+    return image_hw[0] // f, image_hw[1] // f
+
+
 def batch_inputs(pipe, gcfg, prompts: Sequence[str], words: Sequence[Sequence[str]], seeds: Sequence[int],
                  image_hw: tuple[int, int], *, init_mask: float = 0.0, neg: tuple | None = None
                  ) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def batch_inputs(pipe, gcfg, prompts: Sequence[str], words: Sequence[Sequence[st
     H, W = image_hw
     f, B = pipe.vae_scale, len(prompts)
     wm = word_masks(pipe.tokenizers[0], prompts, words)
-    hw_mask = (H // f // gcfg.mask.mask_factor, W // f // gcfg.mask.mask_factor)
+    hw_mask = mask_hw(pipe, gcfg, image_hw)
     return dict(ids=tuple(tokenize(t, list(prompts)) for t in pipe.tokenizers),
                 neg=negative_ids(pipe, B) if neg is None else neg, wm=wm,
                 lat=seed_latents(list(seeds), (H // f, W // f, pipe.unet.config.in_channels)),
