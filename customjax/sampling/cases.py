@@ -45,27 +45,27 @@ def read_cases(path: str | os.PathLike) -> list[dict]:
     return cases
 
 
-def load_image(path: str, where: str) -> np.ndarray:
-    """A reference image as float32 RGB (H, W, 3) in [0, 1], or a :class:`CaseError` naming ``where``."""
+def _read(path: str, where: str, kind: str, mode: str) -> np.ndarray:
+    """The image at ``path`` in PIL ``mode`` as float32 in [0, 1], or a :class:`CaseError` naming
+    ``where`` and the ``kind`` of image (missing or unreadable)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+            return np.asarray(im.convert(mode), np.float32) / 255.0
     except FileNotFoundError:
-        raise CaseError(f"{where}: reference image {path} does not exist") from None
+        raise CaseError(f"{where}: {kind} image {path} does not exist") from None
     except Exception as e:  # PIL raises several types for unreadable files
-        raise CaseError(f"{where}: reference image {path} cannot be read ({type(e).__name__}: {e})") from None
+        raise CaseError(f"{where}: {kind} image {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_image(path: str, where: str) -> np.ndarray:
+    """A reference image as float32 RGB (H, W, 3) in [0, 1], or a :class:`CaseError` naming ``where``."""
+    return _read(path, where, "reference", "RGB")
 
 
 def load_mask(path: str, where: str) -> np.ndarray:
     """A layout mask as float32 (H, W) in [0, 1] (its grey level), or a :class:`CaseError` naming
     ``where``: missing, unreadable or all black."""
-    try:
-        with Image.open(path) as im:
-            m = np.asarray(im.convert("L"), np.float32) / 255.0
-    except FileNotFoundError:
-        raise CaseError(f"{where}: mask image {path} does not exist") from None
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise CaseError(f"{where}: mask image {path} cannot be read ({type(e).__name__}: {e})") from None
+    m = _read(path, where, "mask", "L")
     if not m.any():
         raise CaseError(f"{where}: mask image {path} is all black (an empty mask)")
     return m
