@@ -72,6 +72,6 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         c.unet.update(dict(block_out_channels=(16, 32), heads=(2, 2), norm_num_groups=8,
                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), object_weight=1.0, train_text=True,
-                           steps=4, batch=4))
+                           ground_weight=1.0, steps=4, batch=4))
         c.eval.update(dict(prompts=4, steps=2, batch=4, grid=4))
     return c

@@ -54,6 +54,17 @@ def _word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(pattern, prompt, re.IGNORECASE)]
 
 
+def span_token_positions(tokenizer: CLIPTokenizerFast, prompt: str, spans: Sequence[tuple[int, int]]
+                         ) -> list[list[int]]:
+    """For each character span of ``prompt``, the indices in ``tokenize(tokenizer, prompt)[0]`` (BOS
+    at 0) of the tokens it overlaps; ``[]`` for a span that truncation cuts (even partly)."""
+    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    kept_end = max(end for _, end in offsets)  # special tokens have empty (0, 0) offsets
+    return [[k for k, (ts, te) in enumerate(offsets) if te > ts and ts < e and s < te] if e <= kept_end else []
+            for s, e in spans]
+
+
 def word_token_positions(tokenizer: CLIPTokenizerFast, prompt: str, word: str) -> list[int]:
     """Indices in ``tokenize(tokenizer, prompt)[0]`` (BOS at 0) of the tokens of every whole-word
     occurrence of ``word`` in ``prompt``, ascending.
@@ -64,18 +75,13 @@ def word_token_positions(tokenizer: CLIPTokenizerFast, prompt: str, word: str) -
     spans = _word_spans(prompt, word)
     if not spans:
         raise ValueError(f"word {word!r} does not occur as a whole word in prompt {prompt!r}")
-    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    kept_end = max(end for _, end in offsets)  # special tokens have empty (0, 0) offsets
-    spans = [(s, e) for s, e in spans if e <= kept_end]
-    if not spans:
+    kept = sorted({k for ks in span_token_positions(tokenizer, prompt, spans) for k in ks})
+    if not kept:
         raise ValueError(
             f"word {word!r} occurs in prompt {prompt!r} only past the tokenizer's "
             f"{tokenizer.model_max_length}-token limit, where the prompt is truncated"
         )
-    return [
-        k for k, (ts, te) in enumerate(offsets) if te > ts and any(ts < e and s < te for s, e in spans)
-    ]
+    return kept
 
 
 def word_token_mask(tokenizer: CLIPTokenizerFast, prompts: Sequence[str], words: str | Sequence[str]) -> np.ndarray:

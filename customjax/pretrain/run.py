@@ -37,7 +37,7 @@ from customjax.pretrain.evaluate import evaluate, headline
 from customjax.pretrain.folder import write_folder
 from customjax.pretrain.loop import StageConfig
 from customjax.pretrain.tokenizer import train_tokenizer
-from customjax.pretrain.unet import train_unet
+from customjax.pretrain.unet import object_word_masks, train_unet
 from customjax.pretrain.vae import encode, train_vae, with_latent_scale
 from customjax.sampling.common import SAMPLERS
 from customjax.schedulers import ScheduleConfig, noise_schedule
@@ -116,18 +116,21 @@ def scheduler_config(c) -> dict:
 
 
 def training_pool(seed: int, n: int, size: int, indices=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(uint8 images, object masks (N, H, W) bool, captions) of training scenes ``indices`` (default
-    ``range(n)``); scene ``i`` is a pure function of ``(seed, i)``, so any part of the pool can be
-    regenerated alone."""
-    images, fg, captions = [], [], []
+    """(uint8 images, object maps (N, H, W) uint8: 0 background, j + 1 where object j is drawn,
+    captions) of training scenes ``indices`` (default ``range(n)``); scene ``i`` is a pure function
+    of ``(seed, i)``, so any part of the pool can be regenerated alone."""
+    images, labels, captions = [], [], []
     for i in tqdm(range(n) if indices is None else indices, desc="render", unit="scene", mininterval=5):
         ex_rng = np.random.default_rng([seed, 2, int(i)])
         scene = sw.sample_scene(ex_rng, size)
         captions.append(sw.caption(scene, ex_rng))
         image, masks = sw.render(scene, size)
         images.append(image)
-        fg.append(masks.any(0))
-    return np.stack(images), np.stack(fg), captions
+        lab = np.zeros((size, size), np.uint8)
+        for j, m in enumerate(masks):
+            lab[m] = j + 1
+        labels.append(lab)
+    return np.stack(images), np.stack(labels), captions
 
 
 def negative_captions(seed: int, n: int, size: int, indices=None) -> list[str]:
@@ -164,7 +167,7 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     t0 = time.time()
     logging.info("rendering %d training scenes", c.pool)
-    images, fg, captions = training_pool(c.seed, c.pool, c.size)
+    images, labels, captions = training_pool(c.seed, c.pool, c.size)
     crng = np.random.default_rng([c.seed, 1])   # more captions (no rendering) so that rare words get merges
     corpus = captions + [sw.caption(sw.sample_scene(crng, c.size), crng) for _ in range(c.tokenizer.captions)]
     tok_dir = train_tokenizer(corpus, workdir / "tokenizer", max_merges=c.tokenizer.max_merges,
@@ -174,8 +177,8 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
 
     vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda k: train_vae(
-        vae_cfg, images, fg, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight,
-        seed=c.seed, resume_key=k))
+        vae_cfg, images, labels > 0, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight,
+        object_weight=c.vae.object_weight, seed=c.seed, resume_key=k))
     moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
     vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
     neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
@@ -188,10 +191,13 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     text = CLIPTextModel(text_cfg)
     empty = tokenize(tok, [""])
     train_text = c.unet.get("train_text", False)
+    ground = c.unet.get("ground_weight", 0.0)
+    words = object_word_masks(tok, captions) if ground else None
     unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
-        fg=fg, object_weight=c.unet.get("object_weight", 0.0), train_text=train_text, resume_key=k))
+        labels=labels, object_weight=c.unet.get("object_weight", 0.0), train_text=train_text, words=words,
+        ground_weight=ground, resume_key=k))
     text_p = None
     if train_text:      # the text tower trained with the UNet: the pipeline's text encoder
         unet_p, text_p = unet_p["unet"], unet_p["text"]
@@ -262,8 +268,8 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, folder / "tokenizer")
     images = LazyRows(c.pool, lambda idx: pool(idx)[0])
     ids = LazyRows(c.pool, lambda idx: tokenize(tok, pool(idx)[2]))
-    fg = LazyRows(c.pool, lambda idx: pool(idx)[1])
-    out = {"vae": train_vae(vae_cfg, images, fg, _stage(c.vae), workdir,
+    labels = LazyRows(c.pool, lambda idx: pool(idx)[1])
+    out = {"vae": train_vae(vae_cfg, images, LazyRows(c.pool, lambda idx: labels[idx] > 0), _stage(c.vae), workdir,
                             kl_weight=c.vae.kl_weight, object_weight=c.vae.object_weight, seed=c.seed,
                             max_steps=steps)[1]}
     neg_ids = (LazyRows(c.pool, lambda idx: tokenize(tok, negative_captions(c.seed, c.pool, c.size, idx)))
@@ -281,6 +287,8 @@ def fingerprint(c, folder, workdir, steps: int = 3) -> dict:
     out["unet"] = train_unet(unet_cfg, text, text_p, noise_schedule(pipe.schedule),
                              pipe.vae.config.scaling_factor, moments, ids, tokenize(tok, [""]), _stage(c.unet),
                              workdir, p_uncond=c.unet.p_uncond, prediction_type=pipe.schedule.prediction_type,
-                             seed=c.seed, fg=fg, object_weight=c.unet.get("object_weight", 0.0),
-                             train_text=train_text, max_steps=steps)[1]
+                             seed=c.seed, labels=labels, object_weight=c.unet.get("object_weight", 0.0),
+                             train_text=train_text, ground_weight=c.unet.get("ground_weight", 0.0),
+                             words=LazyRows(c.pool, lambda idx: object_word_masks(tok, pool(idx)[2])),
+                             max_steps=steps)[1]
     return {k: [(m["step"], m["loss"]) for m in h] for k, h in out.items()}
