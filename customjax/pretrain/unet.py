@@ -13,7 +13,6 @@ is added: each object's category word attends to its own object (the world knows
 from __future__ import annotations
 
 import functools
-
 import re
 
 import jax
@@ -31,6 +30,7 @@ from customjax.losses import attention_grounding, coverage, weighted_mean
 from customjax.pretrain.loop import StageConfig, fit, sample_indices
 from customjax.schedulers import NoiseSchedule, add_noise, target
 from customjax.tokenizer import span_token_positions
+from customjax.weights.loaders import init_params
 
 MAX_OBJECTS = 3     # objects per ShapeWorld scene (sw.sample_scene's max_objects)
 _CATEGORY = re.compile(r"\b(" + "|".join(sw.CATEGORIES) + r")\b")
@@ -48,7 +48,6 @@ def object_word_masks(tokenizer, captions, k: int = MAX_OBJECTS) -> np.ndarray:
         for j, toks in enumerate(span_token_positions(tokenizer, text, spans)):
             out[i, j, toks] = True
     return out
-from customjax.weights.loaders import init_params
 
 
 def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: CLIPTextModel,
@@ -68,6 +67,7 @@ def unet_loss(params, frozen, batch, key, *, unet: UNet2DConditionModel, text: C
     t = jax.random.randint(kt, (B,), 0, sched.alphas_cumprod.shape[0])
     xt = add_noise(sched, z0, noise, t)
     if ground_weight:
+        # every cross-attention layer's map, whatever its resolution (factor 1, 2, 4 or 8 of the latent)
         grounded = unet.clone(control=ControlConfig(capture=Capture(cross_probs=(1, 2, 4, 8))))
         pred, state = grounded.apply({"params": unet_p}, xt, t, ctx, mutable=["attention"])
         words = jnp.where(drop[:, :, None], False, batch["words"])      # a dropped caption names nothing
