@@ -112,10 +112,10 @@ def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSc
             if object_weight:
                 batch["fg"] = coverage(lab > 0, grid)
             if ground_weight:
-                k = words.shape[1]
+                batch["words"] = np.asarray(words[idx])
+                k = batch["words"].shape[1]
                 objs = lab[:, None] == np.arange(1, k + 1)[None, :, None, None]            # (B, K, H, W)
                 batch["regions"] = coverage(objs.reshape(-1, *lab.shape[1:]), grid).reshape(len(idx), k, *grid)
-                batch["words"] = np.asarray(words[idx])
         return batch
 
     if train_text:
