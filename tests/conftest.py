@@ -35,6 +35,25 @@ def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def assert_reruns_record(folder, tmp_path, steps: int = 3) -> None:
+    """The first ``steps`` steps of every stage of a pretrained ShapeWorld folder, rerun from its record
+    (``shapeworld.json``: command config and loss curves), give the recorded losses: the VAE and CLIP
+    stages to 1e-4, the UNet's to 2e-2 (its frozen VAE and text tower come from the float16-stored folder)."""
+    import json
+
+    import ml_collections
+
+    from customjax.pretrain.run import fingerprint
+
+    info = json.loads((folder / "shapeworld.json").read_text())
+    got = fingerprint(ml_collections.ConfigDict(info["config"]), folder, tmp_path, steps=steps)
+    for stage, tol in (("vae", 1e-4), ("clip", 1e-4), ("unet", 2e-2)):
+        want = dict((s, l) for s, l in info["loss_curves"][stage])
+        assert [s for s, _ in got[stage]] == list(range(1, steps + 1)), stage
+        for step, loss in got[stage]:
+            assert loss == pytest.approx(want[step], rel=tol), (stage, step, loss, want[step])
+
+
 @pytest.fixture
 def report():
     """Prints a parity figure so that `pytest -s` and the CI log show it."""

@@ -424,17 +424,7 @@ def test_unet_grounding_loss_is_logged_and_trains_the_word_attention(micro_run):
 
 def test_fingerprint_reruns_the_micro_run_with_every_option(micro_run, tmp_path):
     """The fingerprint rerun (what test_shipped_base checks on the shipped record) on the test preset,
-    whose UNet stage has object_weight, train_text and ground_weight on: the first steps' losses of
-    every stage come back (the UNet's from float16-stored frozen weights, hence the tolerance)."""
-    import ml_collections
+    whose UNet stage has object_weight, train_text and ground_weight on."""
+    from conftest import assert_reruns_record
 
-    from customjax.pretrain.run import fingerprint
-
-    folder, _ = micro_run
-    info = json.loads((folder / "shapeworld.json").read_text())
-    got = fingerprint(ml_collections.ConfigDict(info["config"]), folder, tmp_path, steps=FINGERPRINT_STEPS)
-    for stage, tol in (("vae", 1e-4), ("clip", 1e-4), ("unet", 2e-2)):
-        want = dict((s, l) for s, l in info["loss_curves"][stage])
-        assert [s for s, _ in got[stage]] == list(range(1, FINGERPRINT_STEPS + 1)), stage
-        for step, loss in got[stage]:
-            assert loss == pytest.approx(want[step], rel=tol), (stage, step, loss, want[step])
+    assert_reruns_record(micro_run[0], tmp_path, steps=FINGERPRINT_STEPS)

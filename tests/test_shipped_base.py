@@ -5,7 +5,6 @@ agrees with the recorded quality figures (which the README states)."""
 
 import json
 
-import ml_collections
 import pytest
 
 from customjax.assets import SHAPEWORLD_BASE
@@ -33,17 +32,12 @@ def test_shipped_base_loads_small_and_records_its_command(info):
         assert steps[-1] == info["config"][stage]["steps"], stage      # every stage ran to the end
 
 
-def test_shipped_base_reruns_the_recorded_start_of_its_command(info, tmp_path):
+def test_shipped_base_reruns_the_recorded_start_of_its_command(tmp_path):
     """Bitwise regeneration of the whole CPU run is not promised (float reduction order varies by
     machine, the weights are stored in float16); the first steps of every stage are."""
-    from customjax.pretrain.run import fingerprint
+    from conftest import assert_reruns_record
 
-    got = fingerprint(ml_collections.ConfigDict(info["config"]), SHAPEWORLD_BASE, tmp_path, steps=FINGERPRINT_STEPS)
-    for stage, tol in (("vae", 1e-4), ("clip", 1e-4), ("unet", 2e-2)):
-        want = dict((s, l) for s, l in info["loss_curves"][stage])
-        assert [s for s, _ in got[stage]] == list(range(1, FINGERPRINT_STEPS + 1)), stage
-        for step, loss in got[stage]:
-            assert loss == pytest.approx(want[step], rel=tol), (stage, step, loss, want[step])
+    assert_reruns_record(SHAPEWORLD_BASE, tmp_path, steps=FINGERPRINT_STEPS)
 
 
 def test_shipped_base_quality_on_fresh_held_out_prompts(info):
