@@ -4,6 +4,7 @@ Variants: ``cpu`` (completes on a 2-core CPU), ``gpu`` (the same architecture, l
 one GPU), ``test`` (micro models and a few steps of every stage, for the tests).
 
     python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base
+    python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --config.init=runs/base/model ...  # train on
 """
 
 import ml_collections
@@ -17,6 +18,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     c.size = 64
+    # init: a model folder written by this command (e.g. customjax/assets/shapeworld_base) to continue from:
+    # its tokenizer, VAE and CLIP are kept, its UNet trains on for unet.steps more steps (customjax/pretrain/lineage.py).
+    c.init = ""
     c.pool = 60_000 if gpu else 40_000   # training scenes rendered once
     c.tokenizer = dict(captions=20_000, max_merges=2000, model_max_length=32)
     c.vae = ml_collections.ConfigDict(dict(
@@ -61,7 +65,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # 600 steps: shapeworld_base_experiments.json, gpu_preset_learning_rate).
         p_uncond=0.1, object_weight=0.0, steps=30_000 if gpu else 12_000, batch=96 if gpu else 24,
         lr=1e-3 if gpu else 5e-4,
-        warmup=200, ema=0.999))
+        warmup=200, ema=0.999,
+        decay=0.1))     # the learning rate falls (cosine) to decay x lr by the last step; 1.0 keeps it constant
     c.eval = ml_collections.ConfigDict(dict(prompts=200, steps=25, guidance=5.0, sampler="ddim", batch=50, grid=16))
     if variant == "test":
         c.size, c.pool = 32, 64

@@ -33,11 +33,13 @@ class StageConfig:
     save_every: int = 500     # resumable snapshot of params, optimizer state and step (0 = none)
     ema: float = 0.0          # decay of an exponential moving average of the parameters (0 = none);
                               # when set, the average is what the stage returns
+    decay: float = 0.1        # the final learning rate as a fraction of lr (cosine after the warm-up;
+                              # 1.0 keeps lr constant)
 
 
 def optimizer(c: StageConfig) -> optax.GradientTransformation:
     warmup = min(c.warmup, c.steps // 2)
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(c.steps, warmup + 1), c.lr * 0.1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(c.steps, warmup + 1), c.lr * c.decay)
     return optax.chain(optax.clip_by_global_norm(c.clip_norm), optax.adamw(sched, weight_decay=c.weight_decay))
 
 

@@ -35,6 +35,7 @@ from customjax.models.vit import CLIPVisionConfig
 from customjax.pretrain.clip import train_clip
 from customjax.pretrain.evaluate import evaluate, headline
 from customjax.pretrain.folder import write_folder
+from customjax.pretrain import lineage
 from customjax.pretrain.loop import StageConfig
 from customjax.pretrain.tokenizer import train_tokenizer
 from customjax.pretrain.unet import object_word_masks, train_unet
@@ -55,7 +56,8 @@ def define_flags() -> None:
 
 
 def _stage(c) -> StageConfig:
-    return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup, ema=c.get("ema", 0.0))
+    return StageConfig(steps=c.steps, batch=c.batch, lr=c.lr, warmup=c.warmup, ema=c.get("ema", 0.0),
+                       decay=c.get("decay", 0.1))
 
 
 def _key(c, *sections: str) -> str:
@@ -165,27 +167,36 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    parent = lineage.load_parent(c) if c.get("init") else None      # before rendering, not after
     t0 = time.time()
     logging.info("rendering %d training scenes", c.pool)
     images, labels, captions = training_pool(c.seed, c.pool, c.size)
-    crng = np.random.default_rng([c.seed, 1])   # more captions (no rendering) so that rare words get merges
-    corpus = captions + [sw.caption(sw.sample_scene(crng, c.size), crng) for _ in range(c.tokenizer.captions)]
-    tok_dir = train_tokenizer(corpus, workdir / "tokenizer", max_merges=c.tokenizer.max_merges,
-                              model_max_length=c.tokenizer.model_max_length)
+    if parent:
+        tok_dir = lineage.copy_tokenizer(parent, workdir / "tokenizer")
+    else:
+        crng = np.random.default_rng([c.seed, 1])   # more captions (no rendering) so that rare words get merges
+        corpus = captions + [sw.caption(sw.sample_scene(crng, c.size), crng) for _ in range(c.tokenizer.captions)]
+        tok_dir = train_tokenizer(corpus, workdir / "tokenizer", max_merges=c.tokenizer.max_merges,
+                                  model_max_length=c.tokenizer.model_max_length)
     tok = load_tokenizer(tok_dir)
     ids = tokenize(tok, captions)
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
 
-    vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda k: train_vae(
-        vae_cfg, images, labels > 0, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight,
-        object_weight=c.vae.object_weight, seed=c.seed, resume_key=k))
-    moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
-    vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
-    neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
-               else None)
-    clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda k: train_clip(
-        text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, neg_ids=neg_ids,
-        token_weight=c.clip.get("token_weight", 0.0), resume_key=k))
+    if parent:      # the parent's VAE and CLIP, kept as they are
+        vae_cfg, vae_p, clip_p = parent.vae_cfg, parent.vae_p, parent.clip_p
+        vae_h, clip_h = lineage.inherited_history(parent, "vae"), lineage.inherited_history(parent, "clip")
+        moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
+    else:
+        vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda k: train_vae(
+            vae_cfg, images, labels > 0, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight,
+            object_weight=c.vae.object_weight, seed=c.seed, resume_key=k))
+        moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
+        vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
+        neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
+                   else None)
+        clip_p, clip_h = _cached(workdir, "clip", _key(c, "tokenizer", "clip"), lambda k: train_clip(
+            text_cfg, vision_cfg, images, ids, _stage(c.clip), workdir, seed=c.seed, neg_ids=neg_ids,
+            token_weight=c.clip.get("token_weight", 0.0), resume_key=k))
     scheduler = scheduler_config(c)
     sched = noise_schedule(ScheduleConfig.from_dict(scheduler))
     text = CLIPTextModel(text_cfg)
@@ -193,11 +204,14 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     train_text = c.unet.get("train_text", False)
     ground = c.unet.get("ground_weight", 0.0)
     words = object_word_masks(tok, captions) if ground else None
-    unet_p, unet_h = _cached(workdir, "unet", _key(c, "tokenizer", "vae", "clip", "unet"), lambda k: train_unet(
+    unet_key = _key(c, "tokenizer", "vae", "clip", "unet")
+    if parent:      # the same settings from other starting weights are another run
+        unet_key = json.dumps([unet_key, parent.unet_sha256])
+    unet_p, unet_h = _cached(workdir, "unet", unet_key, lambda k: train_unet(
         unet_cfg, text, clip_p["text"], sched, vae_cfg.scaling_factor, moments, ids, empty, _stage(c.unet),
         workdir, p_uncond=c.unet.p_uncond, prediction_type=c.unet.prediction_type, seed=c.seed,
         labels=labels, object_weight=c.unet.get("object_weight", 0.0), train_text=train_text, words=words,
-        ground_weight=ground, resume_key=k))
+        ground_weight=ground, init=parent.unet_p if parent else None, resume_key=k))
     text_p = None
     if train_text:      # the text tower trained with the UNet: the pipeline's text encoder
         unet_p, text_p = unet_p["unet"], unet_p["text"]
@@ -210,6 +224,9 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
                 stage_seconds={k: h[-1]["seconds"] for k, h in hist.items()},
                 final_loss={k: h[-1]["loss"] for k, h in hist.items()},
                 loss_curves={k: [(m["step"], m["loss"]) for m in h] for k, h in hist.items()})
+    if parent:      # vae and clip above are the parent's; its record says how it was made
+        info.update(kept_stages=["tokenizer", "vae", "clip"], unet_init_sha256=parent.unet_sha256,
+                    parent=parent.record)
     folder = write_folder(workdir / "model", scheduler=scheduler, tokenizer_dir=tok_dir, unet_cfg=unet_cfg, unet_p=unet_p, vae_cfg=vae_cfg,
                           vae_p=vae_p, text_cfg=text_cfg, vision_cfg=vision_cfg, clip_p=clip_p, info=info,
                           text_p=text_p)

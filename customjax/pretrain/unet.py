@@ -86,19 +86,20 @@ def train_unet(cfg: UNetConfig, text: CLIPTextModel, text_params, sched: NoiseSc
                moments: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray, stage: StageConfig,
                workdir, *, p_uncond: float = 0.1, prediction_type: str = "epsilon", seed: int = 0,
                labels: np.ndarray | None = None, object_weight: float = 0.0, train_text: bool = False,
-               words: np.ndarray | None = None, ground_weight: float = 0.0, **fit_kw):
+               words: np.ndarray | None = None, ground_weight: float = 0.0, init=None, **fit_kw):
     """(params, history), params {"unet", "text"} with ``train_text`` (``text_params`` the starting
     point), else the UNet's (``text_params`` frozen): ``moments`` are the VAE posteriors [mean, logvar] of the training images
     (:func:`customjax.pretrain.vae.encode`), ``ids`` their captions' token ids and ``empty_ids``
     (1, L) the empty prompt's; ``labels`` (N, H, W) the images' object maps (0 background, j + 1 object
     j; :func:`customjax.pretrain.run.training_pool`), needed with ``object_weight`` and ``ground_weight``;
-    ``words`` (N, K, L) each object's word tokens (:func:`object_word_masks`), needed with ``ground_weight``."""
+    ``words`` (N, K, L) each object's word tokens (:func:`object_word_masks`), needed with ``ground_weight``;
+    ``init``: UNet parameters to start from (a continuation) instead of a fresh initialisation."""
     if (object_weight or ground_weight) and labels is None:
         raise ValueError("object_weight and ground_weight need the object maps (labels) of the training images")
     if ground_weight and words is None:
         raise ValueError("ground_weight needs each object's word tokens (words, object_word_masks)")
     unet = UNet2DConditionModel(cfg)
-    params = init_params(UNET, cfg, jax.random.key(seed + 2))
+    params = init_params(UNET, cfg, jax.random.key(seed + 2)) if init is None else init
     loss = functools.partial(unet_loss, unet=unet, text=text, sched=sched, scaling_factor=scaling_factor,
                              p_uncond=p_uncond, prediction_type=prediction_type, empty_ids=np.asarray(empty_ids),
                              object_weight=object_weight, train_text=train_text, ground_weight=ground_weight)
