@@ -38,14 +38,18 @@ def max_abs(a, b) -> float:
 def assert_reruns_record(folder, tmp_path, steps: int = 3) -> None:
     """The first ``steps`` steps of every stage of a pretrained ShapeWorld folder, rerun from its record
     (``shapeworld.json``: command config and loss curves), give the recorded losses: the VAE and CLIP
-    stages to 1e-4, the UNet's to 2e-2 (its frozen VAE and text tower come from the float16-stored folder)."""
+    stages to 1e-4, the UNet's to 2e-2 (its frozen VAE and text tower come from the float16-stored folder).
+    A continued base (``config.init``) is checked against the first link of its chain, the run made from
+    nothing, whose VAE, CLIP and tokenizer it kept; the continuation's own first steps would need its
+    parent's UNet weights, which the folder does not hold (their SHA-256 is recorded)."""
     import json
 
     import ml_collections
 
+    from customjax.pretrain.lineage import root_record
     from customjax.pretrain.run import fingerprint
 
-    info = json.loads((folder / "shapeworld.json").read_text())
+    info = root_record(json.loads((folder / "shapeworld.json").read_text()))
     got = fingerprint(ml_collections.ConfigDict(info["config"]), folder, tmp_path, steps=steps)
     for stage, tol in (("vae", 1e-4), ("clip", 1e-4), ("unet", 2e-2)):
         want = dict((s, l) for s, l in info["loss_curves"][stage])

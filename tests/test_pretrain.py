@@ -428,3 +428,58 @@ def test_fingerprint_reruns_the_micro_run_with_every_option(micro_run, tmp_path)
     from conftest import assert_reruns_record
 
     assert_reruns_record(micro_run[0], tmp_path, steps=FINGERPRINT_STEPS)
+
+
+def test_pretrain_continues_a_base_keeping_its_stages_and_recording_its_lineage(tmp_path):
+    """config.init: the parent's tokenizer, VAE and CLIP are kept byte for byte, its UNet trains on from
+    its weights, and the record names the parent (its whole record and its UNet's SHA-256)."""
+    import filecmp
+    import hashlib
+    import sys
+
+    import ml_collections
+    from conftest import assert_reruns_record
+
+    sys.path.insert(0, str(REPO / "configs"))
+    import shapeworld_base
+
+    from customjax.pipeline import load_stable_diffusion
+    from customjax.pretrain.lineage import root_record
+    from customjax.pretrain.run import pretrain
+
+    def config(**unet):
+        c = shapeworld_base.get_config("test")
+        c.unet.update(dict(train_text=False, ground_weight=0.0, **unet))
+        return c
+
+    parent = pretrain(config(), tmp_path / "parent")
+    c = config(steps=3, decay=1.0)
+    c.init = str(parent)
+    child = pretrain(c, tmp_path / "child")
+    for part in ("tokenizer", "vae", "clip", "text_encoder", "image_encoder"):
+        names = sorted(p.name for p in (parent / part).iterdir())
+        assert names == sorted(p.name for p in (child / part).iterdir())
+        assert all(filecmp.cmp(parent / part / n, child / part / n, shallow=False) for n in names), part
+    before, after = (load_stable_diffusion(f)[1]["unet"] for f in (parent, child))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert 0 < moved < 0.02, moved     # three small steps from the parent's weights, not a fresh start
+    rec, prec = (json.loads((f / "shapeworld.json").read_text()) for f in (child, parent))
+    assert rec["parent"] == prec and root_record(rec) == prec
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert rec["unet_init_sha256"] == hashlib.sha256((parent / weights).read_bytes()).hexdigest()
+    assert [s for s, _ in rec["loss_curves"]["unet"]] == [1, 2, 3]
+    assert rec["loss_curves"]["vae"] == prec["loss_curves"]["vae"] and rec["eval"]["summary"]
+    assert_reruns_record(child, tmp_path / "rerun", steps=FINGERPRINT_STEPS)   # the chain's first link
+
+    for key, value, match in (("vae", dict(latent_channels=2), "config.vae.latent_channels"),
+                              ("unet", dict(train_text=True), "train_text"),
+                              ("unet", dict(heads=(1, 2)), "config.unet.heads")):
+        bad = ml_collections.ConfigDict(c.to_dict())
+        bad[key].update(value)
+        with pytest.raises(ValueError, match=match):
+            pretrain(bad, tmp_path / "bad")
+    bad = ml_collections.ConfigDict(c.to_dict())
+    bad.init = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="shapeworld.json"):
+        pretrain(bad, tmp_path / "bad")
