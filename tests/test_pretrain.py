@@ -97,6 +97,8 @@ def test_pretrain_writes_a_stable_diffusion_folder(micro_run):
     info = json.loads((folder / "shapeworld.json").read_text())
     assert {"command", "config", "seed", "loss_curves", "eval", "train_seconds", "stage_seconds"} <= set(info)
     assert info["eval"]["summary"]["background_correct"]["n"] == 4
+    by_category = info["eval"]["summary"]["category_correct_by_category"]
+    assert set(by_category) <= set(sw.CATEGORIES) and sum(v["n"] for v in by_category.values()) == 4
     assert (work / "samples.png").is_file()
     for stage in ("vae", "clip", "unet"):
         assert [s for s, _ in info["loss_curves"][stage]] == [1, 2, 3, 4]

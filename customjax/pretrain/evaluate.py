@@ -40,7 +40,8 @@ def generate(pipe, params, prompts: list[str], *, steps: int, guidance: float, b
 
 def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: float, batch: int, seed: int = 0,
              sampler: str = "ddim", grid_out: str | os.PathLike | None = None, grid_count: int = 16) -> dict:
-    """{"summary": {metric: {mean, lo, hi, n}}, "settings": ...}; writes a sample grid if asked."""
+    """{"summary": {metric: {mean, lo, hi, n}, "category_correct_by_category": {category: {mean, lo, hi,
+    n}}}, "settings": ...}; writes a sample grid if asked."""
     folder = Path(folder)
     pipe, params = load_stable_diffusion(folder)
     size = pipe.unet.config.sample_size * pipe.vae_scale
@@ -54,6 +55,11 @@ def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: f
     gt = np.stack([sw.render(s, size)[0] for s in scenes])
     summary = summarise(results)
     summary["clip_t_ground_truth"] = summarise([{"v": float(v)} for v in scorer.clip_t(gt, texts)])["v"]
+    by_category = {}    # category correct by the prompt's category (each evaluation scene has one object)
+    for sc, r in zip(scenes, results):
+        by_category.setdefault(sc.objects[0].category, []).append(r)
+    summary["category_correct_by_category"] = {k: summarise(v)["category_correct"]
+                                               for k, v in sorted(by_category.items())}
     if grid_out is not None:
         save_png(grid(images[:grid_count] / 255.0, cols=8), grid_out)
     return {"summary": summary, "prompts": texts[:grid_count],
