@@ -99,7 +99,12 @@ def test_pretrain_writes_a_stable_diffusion_folder(micro_run):
     assert info["eval"]["summary"]["background_correct"]["n"] == 4
     by_category = info["eval"]["summary"]["category_correct_by_category"]
     assert set(by_category) <= set(sw.CATEGORIES) and sum(v["n"] for v in by_category.values()) == 4
-    assert (work / "samples.png").is_file()
+    # the sample grid: the held-out prompts rendered exactly (first row) above the samples (second)
+    from PIL import Image
+    tiles = np.asarray(Image.open(work / "samples.png").convert("RGB"))
+    assert tiles.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
+    truth = sw.render(sw.eval_scenes(4, 0, 32)[0], 32)[0]
+    assert np.abs(tiles[2:34, 2:34].astype(int) - truth).max() <= 1
     for stage in ("vae", "clip", "unet"):
         assert [s for s, _ in info["loss_curves"][stage]] == [1, 2, 3, 4]
     # the test variant weights object latents in the UNet loss (unet.object_weight): the weighted

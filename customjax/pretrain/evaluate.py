@@ -60,8 +60,11 @@ def evaluate(folder: str | os.PathLike, *, prompts: int, steps: int, guidance: f
         by_category.setdefault(sc.objects[0].category, []).append(r)
     summary["category_correct_by_category"] = {k: summarise(v)["category_correct"]
                                                for k, v in sorted(by_category.items())}
-    if grid_out is not None:
-        save_png(grid(images[:grid_count] / 255.0, cols=8), grid_out)
+    if grid_out is not None:    # rows of the prompts rendered exactly, each above the model's samples for them
+        cols = min(8, grid_count, len(images))
+        n = min(grid_count, len(images)) // cols * cols
+        rows = [part[i:i + cols] for i in range(0, n, cols) for part in (gt, images)]
+        save_png(grid(np.concatenate(rows) / 255.0, cols=cols), grid_out)
     return {"summary": summary, "prompts": texts[:grid_count],
             "settings": dict(prompts=prompts, steps=steps, guidance=guidance, seed=seed, sampler=sampler)}
 
