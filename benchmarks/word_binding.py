@@ -10,7 +10,6 @@ binding to its own object (0.5 = none), the words' attention mass and densities.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from customjax.benchmark.cases import make_cases
+from customjax.benchmark.provenance import git_state
 from customjax.control.capture import collect
 from customjax.control.spec import Capture, ControlConfig
 from customjax.data import shapeworld as sw
@@ -48,8 +48,9 @@ def measure(model: str, pairs: int, ts, draws: int) -> dict:
     size = pipe.unet.config.sample_size * pipe.vae_scale
     _, cases = make_cases(2, 0, size, pairs=pairs)
     tok = pipe.tokenizers[0]
-    images = np.stack([sw.render(c.scene, size)[0] for c in cases])
-    masks = np.stack([np.stack(sw.render(c.scene, size)[1][:2]) for c in cases]).astype(np.float32)   # (B, 2, H, W)
+    rendered = [sw.render(c.scene, size) for c in cases]
+    images = np.stack([im for im, _ in rendered])
+    masks = np.stack([m[:2] for _, m in rendered]).astype(np.float32)       # (B, 2, H, W): the two subjects
     ids = tokenize(tok, [c.prompt for c in cases])
     words = np.zeros((len(cases), 2, ids.shape[1]), bool)
     for i, c in enumerate(cases):
@@ -62,9 +63,16 @@ def measure(model: str, pairs: int, ts, draws: int) -> dict:
     unet = pipe.unet.clone(control=ControlConfig(capture=Capture(cross_probs=(1, 2, 4, 8))))
 
     @jax.jit
-    def maps(z, t):
-        _, state = unet.apply({"params": params["unet"]}, z, t, ctx, mutable=["attention"])
+    def maps(unet_p, z, t, ctx):
+        _, state = unet.apply({"params": unet_p}, z, t, ctx, mutable=["attention"])
         return [p for _, p in collect(state, "cross_probs")]
+
+    pooled = {}     # each subject's object coverage on a layer's grid, by grid size
+
+    def regions(h):
+        if h not in pooled:
+            pooled[h] = coverage(masks.reshape(-1, size, size), (h, h)).reshape(len(cases), 2, h, h)
+        return pooled[h]
 
     out = {}
     for t in ts:
@@ -72,10 +80,10 @@ def measure(model: str, pairs: int, ts, draws: int) -> dict:
         for d in range(draws):
             noise = jax.random.normal(jax.random.key(1000 * d + t), z0.shape)
             tt = jnp.full((len(cases),), t)
-            for k, probs in enumerate(maps(add_noise(sched, z0, noise, tt), tt)):
+            layers = jax.device_get(maps(params["unet"], add_noise(sched, z0, noise, tt), tt, ctx))
+            for k, probs in enumerate(layers):
                 h = int(round(probs.shape[1] ** 0.5))
-                regions = coverage(masks.reshape(-1, size, size), (h, h)).reshape(len(cases), 2, h, h)
-                for name, v in word_binding(np.asarray(probs), words, regions).items():
+                for name, v in word_binding(probs, words, regions(h)).items():
                     acc.setdefault(f"{k}:{h}x{h}", {}).setdefault(name, []).append(v)
         out[str(t)] = {layer: {name: _mean_se(v) for name, v in stats.items()} for layer, stats in acc.items()}
     return out
@@ -85,13 +93,9 @@ def main(argv) -> None:
     del argv
     t0 = time.time()
     res = measure(FLAGS.model, FLAGS.pairs, [int(t) for t in FLAGS.t], FLAGS.draws)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     record = dict(what=__doc__.split("\n\n")[0], model=FLAGS.model, pairs=FLAGS.pairs, draws=FLAGS.draws,
                   layers="index:grid in call order (down, mid, up)", device=str(jax.devices()[0].device_kind),
-                  commit=commit, seconds=round(time.time() - t0, 1), by_t=res)
+                  **git_state(), seconds=round(time.time() - t0, 1), by_t=res)
     with open(FLAGS.out, "w") as f:
         json.dump(record, f, indent=1)
     for t, layers in res.items():

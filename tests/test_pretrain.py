@@ -451,7 +451,7 @@ def test_pretrain_continues_a_base_keeping_its_stages_and_recording_its_lineage(
     import shapeworld_base
 
     from customjax.pipeline import load_stable_diffusion
-    from customjax.pretrain.lineage import root_record
+    from customjax.pretrain.lineage import UNET_WEIGHTS, root_record
     from customjax.pretrain.run import pretrain
 
     def config(**unet):
@@ -473,8 +473,7 @@ def test_pretrain_continues_a_base_keeping_its_stages_and_recording_its_lineage(
     assert 0 < moved < 0.02, moved     # three small steps from the parent's weights, not a fresh start
     rec, prec = (json.loads((f / "shapeworld.json").read_text()) for f in (child, parent))
     assert rec["parent"] == prec and root_record(rec) == prec
-    weights = "unet/diffusion_pytorch_model.safetensors"
-    assert rec["unet_init_sha256"] == hashlib.sha256((parent / weights).read_bytes()).hexdigest()
+    assert rec["unet_init_sha256"] == hashlib.sha256((parent / UNET_WEIGHTS).read_bytes()).hexdigest()
     assert [s for s, _ in rec["loss_curves"]["unet"]] == [1, 2, 3]
     assert rec["loss_curves"]["vae"] == prec["loss_curves"]["vae"] and rec["eval"]["summary"]
     assert_reruns_record(child, tmp_path / "rerun", steps=FINGERPRINT_STEPS)   # the chain's first link

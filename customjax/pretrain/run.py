@@ -182,15 +182,15 @@ def pretrain(c, workdir, grid_out=None, command: str | None = None) -> Path:
     ids = tokenize(tok, captions)
     text_cfg, vision_cfg, vae_cfg, unet_cfg = configs(c, tok_dir)
 
-    if parent:      # the parent's VAE and CLIP, kept as they are
+    if parent:      # the parent's VAE (with its latent scale) and CLIP, kept as they are
         vae_cfg, vae_p, clip_p = parent.vae_cfg, parent.vae_p, parent.clip_p
         vae_h, clip_h = lineage.inherited_history(parent, "vae"), lineage.inherited_history(parent, "clip")
-        moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
     else:
         vae_p, vae_h = _cached(workdir, "vae", _key(c, "vae"), lambda k: train_vae(
             vae_cfg, images, labels > 0, _stage(c.vae), workdir, kl_weight=c.vae.kl_weight,
             object_weight=c.vae.object_weight, seed=c.seed, resume_key=k))
-        moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
+    moments = encode(AutoencoderKL(vae_cfg), vae_p, images)
+    if not parent:
         vae_cfg = with_latent_scale(vae_cfg, moments[:1024])
         neg_ids = (tokenize(tok, negative_captions(c.seed, c.pool, c.size)) if c.clip.get("hard_negatives", False)
                    else None)
