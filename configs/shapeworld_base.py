@@ -60,8 +60,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         train_text=False,
         # Outlines are learnt late: a class-only probe (README ShapeWorld > Status, training_budget_probe) drew
         # categories at chance up to ~200k training samples and 0.505 at 960k, still rising. The cpu preset's
-        # 288k samples are below that onset (category 0.14); the shipped base is this run continued with
-        # init=its folder, unet.steps=20000, unet.decay=1.0 (768k samples: category 0.645, README ShapeWorld > Status).
+        # 288k samples are below that onset (category 0.14); the shipped base is this run continued twice with
+        # init=the previous folder, unet.decay=1.0, unet.steps=20000 then 22000 (768k samples: category 0.645;
+        # 1296k: 0.86; README ShapeWorld > Status).
         # The gpu preset trains on 2.9M (batch 96), its learning rate scaled
         # with the square root of the batch (the probe's 2e-3 trained this UNet at batch 96 without trouble for
         # 600 steps: shapeworld_base_experiments.json, gpu_preset_learning_rate).

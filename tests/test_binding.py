@@ -48,13 +48,13 @@ def test_binding_is_one_when_each_word_attends_its_own_object_and_half_when_both
 
 def test_word_binding_benchmark_regenerates_the_committed_figures_of_the_shipped_base():
     """benchmarks/word_binding.py at t = 500 (all 30 pairs, both noise draws) gives the figures committed in
-    benchmarks/results/word_binding_shapeworld_base768k_cpu.json (README: ShapeWorld > Status) to 0.005."""
+    benchmarks/results/word_binding_shapeworld_base1296k_cpu.json (README: ShapeWorld > Status) to 0.005."""
     import json
 
     spec = importlib.util.spec_from_file_location("word_binding", ROOT / "benchmarks" / "word_binding.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rec = json.loads((ROOT / "benchmarks/results/word_binding_shapeworld_base768k_cpu.json").read_text())
+    rec = json.loads((ROOT / "benchmarks/results/word_binding_shapeworld_base1296k_cpu.json").read_text())
     got = mod.measure(str(ROOT / "customjax/assets/shapeworld_base"), pairs=rec["pairs"], ts=[500],
                       draws=rec["draws"])["500"]
     want = rec["by_t"]["500"]
