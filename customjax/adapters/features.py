@@ -8,8 +8,12 @@ along the channels (c0 = 1152 + 1024 = 2176 for SigLIP-so400m-patch14-384 and DI
   high    (B, 4n, c0)    the image at scale * image_size px, split into scale^2 views of
                          image_size px, each encoded (deep features), concatenated along the tokens
 
-At 384 px with patch 14 both encoders give a 27 x 27 grid (n = 729); DINOv2's CLS and register
-tokens are dropped (SigLIP has none), so the two token sequences line up position by position.
+At 384 px with patch 14 both encoders give a 27 x 27 grid (n = 729: the patch embedding is a VALID
+strided convolution, so the grid is floor(384 / 14) and the last 6 pixel rows and columns are not
+seen, as in transformers and timm); DINOv2's CLS and register tokens are dropped (SigLIP has none),
+so the two token sequences line up position by position. Position embeddings are resized when the
+view's grid differs from the model's own (DINOv2-L's 37 x 37 at 518 px -> 27 x 27; see
+:mod:`customjax.models.vit`).
 
 Layers are numbered by transformer block, from 0: "block j" is the output of block j, i.e.
 ``hidden_states[j + 1]`` (timm's ``get_intermediate_layers`` numbering, as the public code), taken
@@ -42,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from customjax.models.vit import SiglipVisionModel
+from customjax.models.vit import CLIPVisionModel, SiglipVisionModel
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,18 +191,26 @@ def reference_views(images: jax.Array, config: FeatureConfig = FeatureConfig()) 
 
 def _layers(what: str, model: nn.Module, params: Any, pixels: jax.Array, blocks: tuple[int, ...],
             deep: int | None) -> tuple[list[jax.Array], jax.Array]:
-    """Patch tokens (prefix tokens dropped) of the given blocks and of the deep layer."""
+    """Patch tokens (prefix tokens dropped) of the given blocks and of the deep layer.
+
+    The patch grid of an S px view is (S // patch)^2 (VALID convolution: 384 px at patch 14 is
+    27 x 27, the last 6 pixels unseen). CLIP and SigLIP get ``interpolate_pos_encoding`` only when
+    that grid differs from the model's own (image_size // patch); DINOv2 resizes by itself."""
     cfg = model.config
-    size = pixels.shape[1]
-    if size % cfg.patch_size:
-        raise ValueError(f"{what}: view of {size}px is not a multiple of the patch size {cfg.patch_size}")
+    h, w = pixels.shape[1:3]
+    if h != w:
+        raise ValueError(f"{what}: views must be square, got {h}x{w}px")
     n_layers = cfg.num_hidden_layers
     for j in (*blocks, *(() if deep is None else (deep,))):
         if not 0 <= j < n_layers:
             raise ValueError(f"{what}: block {j} does not exist (the model has blocks 0..{n_layers - 1})")
-    kw = {"interpolate_pos_encoding": size != cfg.image_size} if isinstance(model, SiglipVisionModel) else {}
+    side = h // cfg.patch_size
+    if side < 1:
+        raise ValueError(f"{what}: a view of {h}px is smaller than the patch size {cfg.patch_size}")
+    kw = ({"interpolate_pos_encoding": side != cfg.image_size // cfg.patch_size}
+          if isinstance(model, (SiglipVisionModel, CLIPVisionModel)) else {})
     out = model.apply({"params": params}, pixels, **kw)
-    grid = (size // cfg.patch_size) ** 2
+    grid = side ** 2
     prefix = out.last_hidden_state.shape[1] - grid
     if prefix < 0:
         raise ValueError(f"{what}: {out.last_hidden_state.shape[1]} tokens for a {grid}-patch grid")

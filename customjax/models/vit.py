@@ -127,11 +127,19 @@ def _check_image(what: str, pixel_values: jax.Array, channels: int) -> None:
 def _pos_for(what: str, table: jax.Array, height: int, width: int, patch: int, image_size: int,
              interpolate: bool, **kw) -> jax.Array:
     """The (tokens, D) patch position embeddings for an input of height x width pixels, resized
-    unless it has the pretraining token count and is square (transformers' test)."""
-    if not interpolate and (height, width) != (image_size, image_size):
-        raise ValueError(f"{what}: input size {height}x{width} differs from the model's "
-                         f"{image_size}x{image_size}; pass interpolate_pos_encoding=True")
+    unless it has the pretraining token count and is square (transformers' test).
+
+    The grid is (height // patch, width // patch): the patch embedding is a VALID strided
+    convolution, so trailing pixels that do not fill a patch are dropped (384 px at patch 14: 27,
+    the last 6 pixels unseen), as in transformers and timm. Without ``interpolate`` the grid must be
+    the model's own, (image_size // patch)^2 (transformers fails on any other token count)."""
     grid = (height // patch, width // patch)
+    own = image_size // patch
+    if min(grid) < 1:
+        raise ValueError(f"{what}: input size {height}x{width} is smaller than the patch size {patch}")
+    if not interpolate and grid != (own, own):
+        raise ValueError(f"{what}: input size {height}x{width} gives a {grid[0]}x{grid[1]} patch grid, the model's "
+                         f"{image_size}px gives {own}x{own}; pass interpolate_pos_encoding=True")
     if grid[0] * grid[1] == table.shape[0] and height == width:
         return table
     return interpolate_pos_embed(table, grid, **kw)
@@ -557,7 +565,8 @@ class Dinov2Encoder(nn.Module):
 
 class Dinov2Model(nn.Module):
     """DINOv2 (with registers when ``config.num_register_tokens``); ``pixel_values`` NHWC of any
-    size (multiples of the patch size; position embeddings are resized as transformers does).
+    size (floor(size / patch) patches per side; position embeddings are resized as transformers
+    does: DINOv2-L/14 reg4 at 384 px resizes its 37 x 37 grid to 27 x 27, bicubic, antialiased).
 
     ``bool_masked_pos`` (B, num_patches) replaces those patches by ``mask_token``. Token order:
     CLS, registers, patches; ``pooler_output`` is the normed CLS token.
