@@ -1,4 +1,5 @@
-"""Parity of customjax.models.vae with diffusers' AutoencoderKL on tiny random models."""
+"""Parity of customjax.models.vae with diffusers' AutoencoderKL on tiny random models, at image sides
+that are and are not multiples of the downsampling factor; the clear error for NCHW inputs."""
 
 import json
 import logging
@@ -82,6 +83,40 @@ def test_encode_decode_parity(pair, report):
     report(f"vae[{name}] encode std", max_abs(latent_dist_std(logvar), _nhwc(dist.std)), TOL)
     report(f"vae[{name}] decode", max_abs(out, _nhwc(image)), TOL)
     assert out.shape == (2, 32, 32, config.out_channels)
+
+
+def test_any_image_size_parity(pair, report):
+    """Sides that are not multiples of f = 2**(blocks - 1): diffusers' encoder floors (pad right /
+    bottom by one, stride 2), so 37 x 50 gives (37 // f) x (50 // f); decode doubles any latent size."""
+    name, vae, module, params, config, fn = pair
+    f = 2 ** (len(config.block_out_channels) - 1)
+    x = np.random.default_rng(5).standard_normal((2, config.in_channels, 37, 50)).astype(np.float32)
+    z = np.random.default_rng(6).standard_normal((2, config.latent_channels, 9, 13)).astype(np.float32)
+    with torch.no_grad():
+        dist = vae.encode(torch.from_numpy(x)).latent_dist
+        image = vae.decode(torch.from_numpy(z)).sample
+    mean, logvar = fn["encode"](params, x.transpose(0, 2, 3, 1))
+    out = fn["decode"](params, z.transpose(0, 2, 3, 1))
+    assert mean.shape == (2, 37 // f, 50 // f, config.latent_channels)
+    assert out.shape == (2, 9 * f, 13 * f, config.out_channels)
+    report(f"vae[{name}] encode mean 37x50", max_abs(mean, _nhwc(dist.mean)), TOL)
+    report(f"vae[{name}] encode logvar 37x50", max_abs(logvar, _nhwc(dist.logvar)), TOL)
+    report(f"vae[{name}] decode 9x13", max_abs(out, _nhwc(image)), TOL)
+
+
+def test_nchw_errors(pair):
+    _, _, module, params, config, fn = pair
+    c, lc = config.in_channels, config.latent_channels
+    with pytest.raises(ValueError, match=rf"images has shape \(2, {c}, 32, 32\), which looks NCHW.*NHWC "
+                                         r"\(B, H, W, C\).*x\.transpose\(0, 2, 3, 1\)"):
+        fn["encode"](params, np.zeros((2, c, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=rf"latents has shape \(2, {lc}, 9, 9\), which looks NCHW.*"
+                                         rf"latent_channels = {lc}.*transpose"):
+        fn["decode"](params, np.zeros((2, lc, 9, 9), np.float32))
+    with pytest.raises(ValueError, match=rf"images has shape \(2, 32, 32, {c + 1}\); .*in_channels = {c}"):
+        fn["encode"](params, np.zeros((2, 32, 32, c + 1), np.float32))
+    with pytest.raises(ValueError, match=r"images has shape \(32, 32, "):
+        fn["encode"](params, np.zeros((32, 32, c), np.float32))
 
 
 def test_sample_and_clamp(pair):

@@ -3,6 +3,21 @@
     image --encode--> (mean, logvar) --latent_dist_sample--> z --scale_latents--> diffusion latents
     diffusion latents --unscale_latents--> z --decode--> image
 
+Calling convention (diffusers' in brackets; see ``docs/calling_conventions.md``)::
+
+    mean, logvar = vae.apply({"params": p}, images, method="encode")   # [vae.encode(x).latent_dist]
+    z = latent_dist_sample(mean, logvar, key)     # [.latent_dist.sample()]; ``mean`` is [.mode()]
+    latents = scale_latents(z, config)            # [(z - shift_factor) * scaling_factor]
+    images = vae.apply({"params": p}, unscale_latents(latents, config), method="decode")  # [.sample]
+
+Images are NHWC (B, H, W, in_channels) in [-1, 1], latents NHWC (B, h, w, latent_channels) [NCHW
+(B, C, H, W): convert with ``x.transpose(0, 2, 3, 1)``; NCHW inputs raise a ``ValueError`` saying
+so]. ``encode`` returns the tuple (mean, logvar), not a distribution; ``decode`` the image array
+itself, not an output with ``.sample``. With f = 2**(blocks - 1) (8 for SD), ``encode`` gives
+h = H // f as diffusers does (its down-samplers pad right/bottom by one, then floor), so a side
+that is not a multiple of f loses its last H % f pixels: decode(encode(x)) is (H // f * f) pixels
+high. Resize or crop images to multiples of f first, as diffusers' ``VaeImageProcessor`` does.
+
 Submodules carry the diffusers names, so a diffusers ``vae`` folder loads with
 ``load_pretrained(folder, VAE)``. GroupNorms use the two-pass variance (``use_fast_variance=False``)
 and eps 1e-6 as diffusers does, for parity with ``torch.nn.GroupNorm``.
@@ -21,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from customjax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from customjax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, check_nhwc, conv, group_norm
 from customjax.models.layers import multihead_attention, split_heads
 from customjax.weights.loaders import ModelSpec
 
@@ -211,8 +226,10 @@ class AutoencoderKL(nn.Module):
             self.post_quant_conv = conv(cfg.latent_channels, 1, None, dtype=self.dtype)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Image (B, H, W, C) in [-1, 1] -> (mean, logvar) of the latent Gaussian, NHWC;
-        logvar clamped to [-30, 20] as diffusers does."""
+        """Image (B, H, W, C) in [-1, 1] -> (mean, logvar) of the latent Gaussian, each
+        (B, H // f, W // f, latent_channels); logvar clamped to [-30, 20] as diffusers does.
+        diffusers' ``latent_dist.mean`` / ``.logvar``; sample with :func:`latent_dist_sample`."""
+        check_nhwc(x, self.config.in_channels, "images")
         moments = self.encoder(x)
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -220,8 +237,10 @@ class AutoencoderKL(nn.Module):
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
     def decode(self, z: jax.Array) -> jax.Array:
-        """Latents (B, h, w, latent_channels), unscaled (see :func:`unscale_latents`) -> image (B, H, W, C)."""
-        z = z.astype(self.dtype)
+        """Latents (B, h, w, latent_channels), unscaled (see :func:`unscale_latents`) -> image
+        (B, h * f, w * f, out_channels), the array itself (diffusers' ``decode(z).sample``)."""
+        check_nhwc(z, self.config.latent_channels, "latents", "latent_channels")
+        z = jnp.asarray(z).astype(self.dtype)
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z)
