@@ -53,9 +53,19 @@ class StableDiffusion:
 
 
 def load_stable_diffusion(root: str | os.PathLike, *, dtype: Any = jnp.float32,
-                          variant: str | None = None) -> tuple[StableDiffusion, dict]:
+                          variant: str | None = None, abstract: bool = False) -> tuple[StableDiffusion, dict]:
     """(pipeline, params) from a diffusers Stable Diffusion folder; every component is loaded
-    strictly (see :func:`customjax.weights.convert.convert`)."""
+    strictly (see :func:`customjax.weights.convert.convert`).
+
+    ``abstract=True`` needs only the folder's configs (``model_index.json``, ``unet/``, ``vae/``,
+    ``text_encoder[_2]/`` ``config.json``, ``scheduler/scheduler_config.json``): every parameter
+    is a float32 ``jax.ShapeDtypeStruct`` (see :func:`load_pretrained`), nothing is allocated and
+    no weight file is read. A ``tokenizer[_2]/`` folder is loaded when present; when it is absent,
+    the character-level CLIP tokenizer of :func:`customjax.zoo.write_char_tokenizer`
+    (``model_max_length`` 77; ``tokenizer_2`` pads with ``!`` as SDXL's does) stands in, so a folder
+    of published configs alone (``tests/real_configs/sd15``) gives a pipeline at the real sizes.
+    Its ids (< 514) fit any CLIP vocabulary, but they are not the real tokenizer's ids.
+    """
     root = Path(root)
     index_file = root / "model_index.json"
     if not index_file.is_file():
@@ -63,18 +73,33 @@ def load_stable_diffusion(root: str | os.PathLike, *, dtype: Any = jnp.float32,
                                 "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     index = json.loads(index_file.read_text())
     names = ["text_encoder"] + (["text_encoder_2"] if index.get("text_encoder_2", [None])[0] else [])
-    unet, unet_p, _ = load_pretrained(root / "unet", UNET, dtype=dtype, variant=variant)
-    vae, vae_p, _ = load_pretrained(root / "vae", VAE, dtype=dtype, variant=variant)
+    kw = dict(dtype=dtype, variant=variant, abstract=abstract)
+    unet, unet_p, _ = load_pretrained(root / "unet", UNET, **kw)
+    vae, vae_p, _ = load_pretrained(root / "vae", VAE, **kw)
     encoders, enc_p = [], []
     for n in names:
-        m, p, _ = load_pretrained(root / n, clip_text_spec(with_projection=n == "text_encoder_2" or None),
-                                  dtype=dtype, variant=variant)
+        m, p, _ = load_pretrained(root / n, clip_text_spec(with_projection=n == "text_encoder_2" or None), **kw)
         encoders.append(m)
         enc_p.append(p)
-    tokenizers = tuple(load_tokenizer(root / n.replace("text_encoder", "tokenizer")) for n in names)
+    tokenizers = tuple(_tokenizer(root / n.replace("text_encoder", "tokenizer"), second=i == 1,
+                                  stand_in=abstract) for i, n in enumerate(names))
     pipe = StableDiffusion(unet, vae, tuple(encoders), tokenizers,
                            ScheduleConfig.from_folder(root / "scheduler"))
     return pipe, {"unet": unet_p, "vae": vae_p, "text_encoders": tuple(enc_p)}
+
+
+def _tokenizer(folder: Path, *, second: bool, stand_in: bool):
+    """The tokenizer in ``folder``; with ``stand_in``, a missing folder gives the character-level
+    CLIP tokenizer of :mod:`customjax.zoo` (written to a temporary folder and read back)."""
+    if folder.is_dir() or not stand_in:
+        return load_tokenizer(folder)
+    import tempfile
+
+    from customjax.zoo import write_char_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="customjax-char-tok-") as tmp:
+        write_char_tokenizer(tmp, pad="!" if second else "<|endoftext|>")
+        return load_tokenizer(tmp)
 
 
 def encode_text(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array, ...]

@@ -7,6 +7,10 @@ and load it through the same loader as a real SD-1.5 / SDXL folder:
 
 The tokenizer is a character-level CLIP BPE (byte alphabet, no merges): real tokenizer files that
 the normal tokenizer path reads.
+
+:func:`write_random_pipeline_from_configs` and :func:`write_random_model` write such folders from
+any config dicts, the published ones included (``benchmarks/real_size_folders.py``), drawing the
+weights tensor by tensor into the safetensors file.
 """
 
 from __future__ import annotations
@@ -227,3 +231,154 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-weight folders of any size, from config dicts (published architectures included)
+#
+# The weights are drawn tensor by tensor straight into the safetensors file, under the PyTorch
+# names and layouts that :func:`to_torch_state` gives (the same naming rule, applied to shapes),
+# so a multi-GB folder never needs more memory than its largest tensor.
+
+
+def init_kind(path: tuple[str, ...]) -> str:
+    """How a random folder fills one parameter (our Flax path): biases "zeros", norm scales and
+    DINOv2 layer scales "ones", everything else (kernels, embeddings, tokens) "normal"."""
+    leaf = path[-1]
+    if leaf == "bias" or leaf.endswith("_bias"):
+        return "zeros"
+    if leaf in ("scale", "lambda1"):
+        return "ones"
+    return "normal"
+
+
+def torch_entries(shapes, rename=None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{PyTorch key: (PyTorch shape, init kind)}`` of a parameter tree of our model (arrays or
+    ``jax.ShapeDtypeStruct`` leaves); ``rename`` maps our derived key to the checkpoint's name (as
+    in :func:`to_torch_state`)."""
+    from flax import traverse_util
+
+    from customjax.weights.convert import _torch_shape, torch_key
+
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(shapes).items():
+        key = torch_key("/".join(path))
+        key = rename(key) if rename else key
+        if key in out:
+            raise ValueError(f"two parameters export to the same key {key!r}")
+        out[key] = (tuple(_torch_shape(tuple(leaf.shape), path[-1])), init_kind(path))
+    return out
+
+
+def write_random_safetensors(path: str | os.PathLike, entries, *, dtype=np.float32, std: float = 0.02,
+                             seed: int = 0, fixed=None) -> int:
+    """Writes a safetensors file of random tensors, one tensor at a time; returns its size in bytes.
+
+    ``entries``: ``{name: (shape, kind)}`` with kind "normal" (N(0, std^2)), "zeros" or "ones";
+    ``fixed``: ``{name: array}`` stored as given (cast to ``dtype``). The layout is
+    :func:`customjax.weights.safetensors_io.save_file`'s (sorted names, 8-byte aligned data).
+    """
+    import struct
+
+    from customjax.weights.safetensors_io import _NAMES
+
+    dt = np.dtype(dtype)
+    fixed = {k: np.asarray(v, dt) for k, v in (fixed or {}).items()}
+    clash = set(fixed) & set(entries)
+    if clash:
+        raise ValueError(f"tensors given both as random and fixed: {sorted(clash)}")
+    shapes = {k: tuple(s) for k, (s, _) in entries.items()} | {k: v.shape for k, v in fixed.items()}
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name], dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": _NAMES[dt], "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(shapes):
+            if name in fixed:
+                a = fixed[name]
+            else:
+                shape, kind = entries[name]
+                if kind == "normal":
+                    a = rng.standard_normal(shape, dtype=np.float32)
+                    a *= std
+                    a = a.astype(dt, copy=False)
+                elif kind in ("zeros", "ones"):
+                    a = (np.zeros if kind == "zeros" else np.ones)(shape, dt)
+                else:
+                    raise ValueError(f"{name}: unknown init kind {kind!r}")
+            f.write(np.ascontiguousarray(a).data)
+    return 8 + len(blob) + offset
+
+
+def write_random_model(folder: str | os.PathLike, config: dict, specs, *, weights: str = "model.safetensors",
+                       dtype=np.float32, std: float = 0.02, seed: int = 0, fixed=None) -> Path:
+    """A model folder (``config.json`` + random weights) from a ``config.json`` dict.
+
+    ``specs``: one :class:`customjax.weights.loaders.ModelSpec` or a sequence of
+    ``(spec, rename)`` pairs whose parameters share the file (e.g. both towers of a CLIPModel);
+    ``rename`` maps our derived PyTorch key to the checkpoint's name. ``config`` is written as
+    given (indent 2), so a published config stays field for field what it was.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not isinstance(specs, (list, tuple)):
+        specs = [(specs, None)]
+    entries: dict = {}
+    for spec, rename in specs:
+        part = torch_entries(param_shapes(spec, spec.config_from_dict(config)), rename)
+        dup = entries.keys() & part.keys()
+        if dup:
+            raise ValueError(f"{folder}: specs share tensors {sorted(dup)[:5]}")
+        entries.update(part)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_random_safetensors(folder / weights, entries, dtype=dtype, std=std, seed=seed, fixed=fixed)
+    return folder
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def write_random_pipeline_from_configs(out: str | os.PathLike, configs: dict, *, dtype=np.float32,
+                                       std: float = 0.02, seed: int = 0) -> Path:
+    """A diffusers Stable Diffusion folder with random weights from config dicts.
+
+    ``configs``: ``model_index``, ``unet``, ``vae``, ``text_encoder``, optionally
+    ``text_encoder_2`` (SDXL; written with projection) and ``scheduler``, each the dict its file
+    holds (e.g. the published ones of ``tests/real_configs/sd15``). Weights go to
+    ``unet|vae/diffusion_pytorch_model.safetensors`` and ``text_encoder[_2]/model.safetensors``;
+    ``tokenizer[_2]/`` are the character-level tokenizer of :func:`write_char_tokenizer`
+    (``model_max_length`` 77); components of ``model_index`` that are not written (safety checker,
+    feature extractor) become ``[null, null]`` so diffusers loads the folder as it is.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in configs else [])
+    write_random_model(out / "unet", configs["unet"], UNET, weights="diffusion_pytorch_model.safetensors",
+                       dtype=dtype, std=std, seed=seed)
+    write_random_model(out / "vae", configs["vae"], VAE, weights="diffusion_pytorch_model.safetensors",
+                       dtype=dtype, std=std, seed=seed + 1)
+    for i, n in enumerate(names):
+        write_random_model(out / n, configs[n], clip_text_spec(with_projection=n == "text_encoder_2" or None),
+                           dtype=dtype, std=std, seed=seed + 2 + i)
+        write_char_tokenizer(out / n.replace("text_encoder", "tokenizer"), pad="!" if i == 1 else "<|endoftext|>")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs.get("scheduler", SCHEDULER), indent=2) + "\n")
+    index = dict(configs["model_index"])
+    for k, v in index.items():
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and k not in PIPELINE_PARTS:
+            index[k] = [None, None]
+    if "requires_safety_checker" in index:
+        index["requires_safety_checker"] = False
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -7,6 +7,7 @@ folder's ``config.json``, what inputs initialise it, and which checkpoint names 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable
 
@@ -47,15 +48,28 @@ def init_params(spec: ModelSpec, config: Any, key: jax.Array, dtype: Any = jnp.f
     return jax.jit(lambda k: module.init(k, *spec.dummy_inputs(config)))(key)["params"]
 
 
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
 def load_pretrained(folder: str | os.PathLike, spec: ModelSpec, *, dtype: Any = jnp.float32,
-                    variant: str | None = None) -> tuple[Any, Any, Any]:
+                    variant: str | None = None, abstract: bool = False) -> tuple[Any, Any, Any]:
     """(module, params, config) from a model folder; strict, see :func:`convert`.
 
     ``dtype`` is the compute dtype; parameters are always float32.
+
+    ``abstract=True`` reads the folder's ``config.json`` alone: ``params`` is the parameter tree
+    as float32 ``jax.ShapeDtypeStruct`` leaves (from ``jax.eval_shape`` of the init), nothing is
+    allocated and no weight file is looked for or read. For shapes-only work at the real sizes
+    (parameter counts, memory plans, ``jax.jit(...).lower``) from a folder of configs.
     """
     config = spec.config_from_dict(read_config(folder))
     module = spec.build(config, dtype)
+    # Weights are found (and memory-mapped) before the init is traced: a folder without them fails fast.
+    state = None if abstract else load_state_dict(folder, variant)
     shapes = param_shapes(spec, config, dtype)
-    params = convert(load_state_dict(folder, variant), shapes, name=str(folder),
-                     rename=spec.rename, skip=spec.skip)
+    if abstract:
+        return module, shapes, config
+    params = convert(state, shapes, name=str(folder), rename=spec.rename, skip=spec.skip)
     return module, jax.tree_util.tree_map(jnp.asarray, params), config
