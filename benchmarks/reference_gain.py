@@ -26,8 +26,8 @@ from ml_collections import config_flags
 from customjax import trainer
 from customjax.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
 from customjax.benchmark.provenance import git_state
-from customjax.data.loader import make_train_loader
-from customjax.methods.build import build, load_adapter
+from customjax.data.training import make_train_loader
+from customjax.methods.build import build, load_adapter, reference_size
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
@@ -57,7 +57,7 @@ def main(argv) -> None:
     if c is None:
         raise app.UsageError("--config is required")
     c.train.steps = FLAGS.curriculum
-    it = iter(make_train_loader(c))
+    it = iter(make_train_loader(c, reference_size(c)))
     batches = [next(it) for _ in range(FLAGS.curriculum)][FLAGS.skip:]
     example_captions = [str(x) for x in batches[-1]["caption"][:4]]
     base = build(c)

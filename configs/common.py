@@ -54,10 +54,15 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     c.guidance = ml_collections.ConfigDict(dict(
         gamma_scope=0.2, norm="max", cross_factors=m["cross"], self_factors=m["self_"],
         mask_factor=m["mask_factor"], multi="algorithm1", t_stop=ml_collections.config_dict.placeholder(int),
-        cfg=method, w=m["w"], w_t=7.5, w_i=12.5, visual_scale=1.0, references="many2many"))
+        # cfg: the guidance formula, "one_scale" (RealCustom++ Eq. 15) or "two_scale" (RealCustom Eq. 13);
+        # uncond_image: the unconditional branch's image, "none" (visual scale 0) or "zero" (the method's
+        # null tokens, masked as the generation branch: the released RealCustom++ code, IP-Adapter);
+        # init_mask: the constant mask before the first guidance mask (1.0 with t_stop=0: no mask).
+        cfg="one_scale", w=m["w"], w_t=7.5, w_i=12.5, visual_scale=1.0, references="many2many",
+        uncond_image="none", init_mask=0.0))
     c.guidance.t_stop = m["t_stop"]      # None (no early stop) allowed
     c.sample = ml_collections.ConfigDict(dict(
-        sampler="ddim", steps=m["steps"], height=m["size"], width=m["size"], batch=4, seeds=(0,),
+        sampler="ddim", steps=m["steps"], height=m["size"], width=m["size"], batch=4, seeds=(0,), negative_prompt="",
         record_masks=True, prompts="examples/shapeworld/cases.jsonl" if variant == "shapeworld" else "",
         out="out/sample"))
     return c
@@ -90,17 +95,26 @@ ABLATIONS = {
 }
 
 
-def apply_variant(c: ml_collections.ConfigDict, extras: list[str]) -> ml_collections.ConfigDict:
+def apply_variant(c: ml_collections.ConfigDict, extras: list[str], presets: dict | None = None
+                  ) -> ml_collections.ConfigDict:
+    """Applies the named presets after the variant: the shared guidance ABLATIONS, or a config
+    file's own ``presets`` (name -> function editing the whole config)."""
+    presets = presets or {}
     for name in extras:
-        if name == "public":  # the released RealCustom++ projector and feature extraction
-            c.ccp.update(dict(cross_layer=False, deep_proj="linear"))
-            c.encoders.public = True
-            continue
-        if name not in ABLATIONS:
-            raise ValueError(f"unknown ablation {name!r}; known: {sorted(ABLATIONS)}")
-        c.guidance.update(ABLATIONS[name][1](c))
+        if name in presets:
+            presets[name](c)
+        elif name in ABLATIONS:
+            c.guidance.update(ABLATIONS[name][1](c))
+        else:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted({**ABLATIONS, **presets})}")
     c.ablations = ",".join(extras)
     return c
+
+
+def split_arg(arg: str, default: str = "tiny") -> tuple[str, list[str]]:
+    """``"variant,preset,..."`` -> (variant, [presets])."""
+    variant, *extras = (arg or default).split(",")
+    return variant, extras
 
 
 def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -124,17 +138,15 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.total_steps = c.train.get_ref("steps")
     c.objective = ml_collections.ConfigDict(dict(p_drop_text=0.05, p_drop_image=0.05, p_drop_both=0.05,
                                                  gamma_low=0.3, gamma_high=1.0, subject_weight=0.0))
-    if sw and c.method == "realcustompp":   # multiview masks; the subject's appearance is ~3% of the plain
-        c.objective.subject_weight = 9.0     # loss here (benchmarks/appearance_signal.py)
-    # recipe: customjax.data.curriculum presets ("realcustompp" = Table X No.6, "table10_no1".."no6",
-    # "realcustom" = text-image reconstruction only, the conference version).
+    # recipe: customjax.data.curriculum presets ("curriculum" = Table X No.6, "table10_no1".."no6",
+    # "text_image" = text-image reconstruction only, the conference version); set by each method's config.
     # hflip / random_crop: augmentation of the target. latents: a folder of
     # `python -m customjax.data.precompute` (VAE posteriors of centre crops) read instead of
     # text_image / multiview; the target is then neither cropped at random nor flipped.
     c.data = ml_collections.ConfigDict(dict(
         text_image="", multiview="", synthetic=tiny, synthetic_examples=64, shapeworld_examples=4000 if sw else 0,
         workers=0,
-        recipe="realcustompp" if c.method == "realcustompp" else "realcustom",
+        recipe="curriculum",
         hflip=not sw, random_crop=False,   # no flips in ShapeWorld: its captions name left and right
         # multiview references cut to the subject's mask (object-centric, neutral fill), as users' references are:
         subject_reference=sw,

@@ -2,9 +2,11 @@
 
     python -m customjax.export --workdir runs/x [--step N] [--ema] [--public] --out adapter.safetensors
 
-Ours: keys ``unet.<torch key>`` and ``<ccp|scoring>.<torch key>`` (what ``--checkpoint`` of the
-sample CLI reads). ``--public``: the public RealCustom++ key names (``...attn2.to_k_vision.weight``,
-``encoder_hidden_states_vision_projection.*``), for a projector of the released structure.
+Ours: the method's export names (RealCustom / RealCustom++: ``unet.<torch key>`` and
+``<adapter>.<torch key>``; IP-Adapter: the released IP-Adapter names), with the method's name in the
+file's metadata (what ``--checkpoint`` of the sample CLI reads). ``--public``: the released code's
+format where the method has one (RealCustom++: ``...attn2.to_k_vision.weight``,
+``encoder_hidden_states_vision_projection.*``, for a projector of the released structure).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ def define_flags() -> None:
 
 def export(workdir: str, out: str, step: int | None = None, ema: bool = False, public: bool = False) -> Path:
     from customjax.methods.build import build
-    from customjax.weights.convert import to_torch_state
     from customjax.weights.safetensors_io import save_file
 
     config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
@@ -52,11 +53,8 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False, p
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if public:
-        if built.method != "realcustompp":
-            raise ValueError("--public applies to RealCustom++ only")
-        from customjax.adapters.public_checkpoint import save_public
-        return save_public(out, params["unet"], params["ccp"])
-    save_file(to_torch_state(params), out, metadata={"method": built.method, "step": str(int(state.step))})
+        return built.method.save_released(out, params)
+    save_file(built.method.state_dict(params), out, metadata={"method": built.method.name, "step": str(int(state.step))})
     return out
 
 

@@ -61,7 +61,7 @@ def load_stable_diffusion(root: str | os.PathLike, *, dtype: Any = jnp.float32,
     ``text_encoder[_2]/`` ``config.json``, ``scheduler/scheduler_config.json``): every parameter
     is a float32 ``jax.ShapeDtypeStruct`` (see :func:`load_pretrained`), nothing is allocated and
     no weight file is read. A ``tokenizer[_2]/`` folder is loaded when present; when it is absent,
-    the character-level CLIP tokenizer of :func:`customjax.zoo.write_char_tokenizer`
+    the character-level CLIP tokenizer of :func:`customjax.tokenizer.write_char_tokenizer`
     (``model_max_length`` 77; ``tokenizer_2`` pads with ``!`` as SDXL's does) stands in, so a folder
     of published configs alone (``tests/real_configs/sd15``) gives a pipeline at the real sizes.
     Its ids (< 514) fit any CLIP vocabulary, but they are not the real tokenizer's ids.
@@ -95,7 +95,7 @@ def _tokenizer(folder: Path, *, second: bool, stand_in: bool):
         return load_tokenizer(folder)
     import tempfile
 
-    from customjax.zoo import write_char_tokenizer
+    from customjax.tokenizer import write_char_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="customjax-char-tok-") as tmp:
         write_char_tokenizer(tmp, pad="!" if second else "<|endoftext|>")

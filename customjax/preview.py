@@ -35,7 +35,7 @@ from customjax.checkpoint import run_path
 from customjax.control.params import merge
 from customjax.images import grid, overlay, resize_reference, save_png, to_uint8
 from customjax.methods.build import Built, guidance_config, reference_size, sampler_params, sampling_side
-from customjax.sampling.batch import batch_inputs, pad_to
+from customjax.sampling.batch import batch_inputs, negative_ids, pad_to
 from customjax.sampling.cases import CaseError, check_case, load_image, read_cases
 from customjax.sampling.common import cached_sampler
 from customjax.sampling.dual_branch import dual_branch_sample
@@ -82,7 +82,8 @@ class Cases:
     seeds: list[int]
 
 
-def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_size: int, seed: int = 0) -> Cases:
+def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_size: int, seed: int = 0,
+                    words_required: bool = True) -> Cases:
     """The first ``count`` cases of a sample-CLI JSONL file with as many words as the first one
     (one compiled shape); every case is read and checked as the sample CLI does
     (:mod:`customjax.sampling.cases`)."""
@@ -91,7 +92,7 @@ def cases_from_file(path: str, tokenizer, references_mode: str, count: int, ref_
         if len(prompts) == count:
             break
         where = c["_where"]
-        ws, rs = check_case(c, tokenizer, references_mode, where)
+        ws, rs = check_case(c, tokenizer, references_mode, where, words_required)
         if words and len(ws) != len(words[0]):
             logging.warning("preview: %s has %d words, the first case %d; skipped", where, len(ws), len(words[0]))
             continue
@@ -148,22 +149,27 @@ class Preview:
         n = len(cases.prompts)
         pad = n + (-n % parallel.batch_size_divisor(mesh))     # pad with the last case (one compiled shape)
         inputs = batch_inputs(pipe, gcfg, pad_to(cases.prompts, pad), pad_to(cases.words, pad),
-                              pad_to(cases.seeds, pad), (int(config.sample.height), int(config.sample.width)))
+                              pad_to(cases.seeds, pad), (int(config.sample.height), int(config.sample.width)),
+                              init_mask=float(config.guidance.get("init_mask", 0.0)),
+                              neg=negative_ids(pipe, pad, config.sample.get("negative_prompt", "")))
         inputs["refs"] = np.stack(pad_to(list(cases.references), pad))
         sh = jax.tree_util.tree_map(lambda a: NamedSharding(mesh, parallel.batch_spec(np.ndim(a))), inputs)
         self.inputs = trainer.place(inputs, sh)
-        side, ss = built.image_side, sampling_side(built, config)
         image_names = tuple(built.params["image"])
+        neg = config.sample.get("negative_prompt", "")
 
         def sample(trainable: dict, frozen: dict, x: dict) -> dict:
             image = {k: trainable[k] if k in trainable else frozen[k] for k in image_names}
+            ss = sampling_side(built, config, image)
             refs = x["refs"]
             B, R = refs.shape[:2]
-            feats = ss.tokens(side, image, refs.reshape(B * R, *refs.shape[2:]))
-            feats = feats.reshape(B, R, *feats.shape[1:])
+            flat = refs.reshape(B * R, *refs.shape[2:])
+            per_ref = lambda t: t.reshape(B, R, *t.shape[1:])
+            null = per_ref(ss.null_tokens(flat)) if gcfg.uncond_image == "zero" else None
             params = sampler_params(built, dict(frozen, unet=merge(frozen["unet"], trainable["unet"]), image=image))
             return dual_branch_sample(pipe, built.unet, smp, gcfg, ss.visual, params, x["ids"], x["neg"], x["wm"],
-                                      feats, x["lat"], x["m0"], zero_uncond=pipe.is_sdxl)
+                                      per_ref(ss.tokens(flat)), x["lat"], x["m0"],
+                                      zero_uncond=pipe.is_sdxl and not neg, null_feats=null)
 
         self._jit = jax.jit(sample, out_shardings=NamedSharding(mesh, P()))
         self._compiled = None
@@ -221,7 +227,7 @@ def make_preview(config, built: Built, mesh, batch: dict, workdir: Path, writer=
     tokenizer = built.pipe.tokenizers[0]
     if config.sample.get("prompts"):
         cases = cases_from_file(config.sample.prompts, tokenizer, config.guidance.references, count, ref_size,
-                                int(config.sample.seeds[0]))
+                                int(config.sample.seeds[0]), words_required=guidance_config(config).masked)
     else:
         cases = cases_from_batch(batch, tokenizer, count, ref_size, int(config.sample.seeds[0]))
         if cases is None:

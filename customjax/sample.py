@@ -1,4 +1,4 @@
-"""Batch sampling with RealCustom / RealCustom++ (one jitted dual-branch sampler).
+"""Batch sampling with any registered method (one jitted dual-branch sampler).
 
     python -m customjax.sample --config configs/realcustompp.py:sdxl --checkpoint CKPT \
         --prompts cases.jsonl --config.model.path /path/to/sdxl --config.encoders.siglip ... 
@@ -30,7 +30,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from customjax.images import grid, mask_strip, overlay, resize_reference, save_png
-from customjax.methods.build import build, first_tokenizer, guidance_config, load_adapter, sampler_params, sampling_side
+from customjax.base_model import first_tokenizer
+from customjax.methods.build import build, guidance_config, load_adapter, sampler_params, sampling_side
 from customjax.parallel import data_mesh, replicate
 from customjax.sampling.batch import Job, mask_hw, sample_batches
 from customjax.sampling.cases import CaseError, check_cases, read_cases, resize_masks
@@ -72,7 +73,7 @@ def main(argv) -> None:
     t0 = time.time()
     gcfg = guidance_config(cfg)
     cases = check_cases(flag_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds),
-                        seeds_override=FLAGS.seeds)
+                        seeds_override=FLAGS.seeds, words_required=gcfg.masked)
     built = build(cfg)
     pipe = built.pipe
     if FLAGS.checkpoint:
@@ -84,17 +85,20 @@ def main(argv) -> None:
 
     # reference tokens, once per reference image
     ss = sampling_side(built, cfg)
+    zero = gcfg.uncond_image == "zero"
     for c in cases:
-        imgs = np.stack([resize_reference(i, ss.ref_size) for i in c["images"]])
-        c["tokens"] = np.asarray(ss.tokens(built.image_side, built.params["image"], jnp.asarray(imgs)))
+        imgs = jnp.asarray(np.stack([resize_reference(i, ss.ref_size) for i in c["images"]]))
+        c["tokens"] = np.asarray(ss.tokens(imgs))
+        c["null_tokens"] = np.asarray(ss.null_tokens(imgs)) if zero else None
 
     hw = mask_hw(pipe, gcfg, (cfg.sample.height, cfg.sample.width))
-    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c,
+    jobs = [Job(c["prompt"], c["words"], c["tokens"], s, case=c, null_tokens=c["null_tokens"],
                 mask=None if c["masks"] is None else resize_masks(c["masks"], hw))
             for c in cases for s in c["seeds"]]
     # attention-mask cases with the config's guidance; layout cases with their masks fixed (no guidance branch)
     runs = [(g, [j for j in jobs if (j.mask is not None) == layout])
             for g, layout in ((gcfg, False), (dataclasses.replace(gcfg, t_stop=0), True))]
+    init_mask = float(cfg.guidance.get("init_mask", 0.0))
     mesh = data_mesh()
     bsz = max(cfg.sample.batch, mesh.shape["data"])
     bsz += -bsz % mesh.shape["data"]
@@ -106,13 +110,15 @@ def main(argv) -> None:
             if not part:
                 continue
             for done, res in sample_batches(pipe, built.unet, smp, g, ss.visual, params, part, bsz, mesh,
-                                            (cfg.sample.height, cfg.sample.width)):
+                                            (cfg.sample.height, cfg.sample.width), init_mask=init_mask,
+                                            negative_prompt=cfg.sample.get("negative_prompt", "")):
                 for i, job in enumerate(done):
                     c, s = job.case, job.seed
                     name = f"{len(records):04d}_seed{s}"
                     save_png(res["images"][i], out / f"{name}.png")
-                    save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
-                    if "mask_steps" in res:
+                    if gcfg.masked:
+                        save_png(overlay(res["images"][i], res["masks"][i]), out / f"{name}_mask.png")
+                    if "mask_steps" in res and gcfg.masked:
                         save_png(mask_strip(res["mask_steps"][:, i]), out / f"{name}_steps.png")
                     records.append(dict(file=f"{name}.png", prompt=c["prompt"], words=c["words"],
                                         references=c["references"], seed=s, case=c["where"],

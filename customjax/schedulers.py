@@ -382,3 +382,83 @@ def dpm_solver_step(
     d = x0 + half_inv_r * (x0 - state.prev_x0)
     prev = (dpm.sigmas[i + 1] / dpm.sigmas[i]) * sample - (dpm.alphas[i + 1] * jnp.expm1(-h)) * d
     return prev.astype(sample.dtype), DPMSolverState(x0, jnp.ones((), bool))
+
+
+# --------------------------------------------------------------------------------------------
+# DPM-Solver++(2S), singlestep (Lu et al. 2022, Algorithm 1 with the midpoint update)
+
+
+class DPMSingleSchedule(NamedTuple):
+    """Singlestep DPM-Solver++ tables: ``lambdas`` etc. at the ``n`` model timesteps plus the final
+    point; ``orders`` (n,) 1 or 2: an order-2 step finishes the pair that the order-1 step before it
+    began (both model outputs, from the sample at the pair's start); ``final_x0``: the last step
+    returns the model's x0 prediction instead of the sample at the final point."""
+
+    timesteps: jax.Array  # (n,) int32
+    alphas: jax.Array  # (n + 1,)
+    sigmas: jax.Array  # (n + 1,)
+    lambdas: jax.Array  # (n + 1,)
+    orders: jax.Array  # (n,) int32
+    final_x0: bool
+
+
+class DPMSingleState(NamedTuple):
+    start: jax.Array  # the sample at the start of the current pair
+    prev_x0: jax.Array  # the previous step's x0 prediction
+
+
+def dpm_single_orders(n: int, shifted: bool = False) -> np.ndarray:
+    """Per-step orders. ``shifted=False``: diffusers' ``DPMSolverSinglestepScheduler`` (order 2,
+    ``lower_order_final``): pairs (0, 1), (2, 3), ... and a last single step when ``n`` is odd.
+    ``shifted=True``: the released RealCustom++ code's list ``[1] + [(i % 2) + 1 for i in
+    range(n - 1)]``: step 0 alone, then pairs (1, 2), (3, 4), ..."""
+    if shifted:
+        return np.array([1] + [(i % 2) + 1 for i in range(n - 1)], np.int32)
+    return np.array([(i % 2) + 1 for i in range(n)][: n - 1] + [1 if n % 2 else 2], np.int32)[:n]
+
+
+def dpm_single_schedule(config: ScheduleConfig, num_inference_steps: int, *, shifted: bool = False,
+                        spacing: str = "trailing", final_x0: bool = False) -> DPMSingleSchedule:
+    """Tables of the singlestep solver over ``num_inference_steps`` model timesteps, ending at
+    t = 0 (abar_0, as the released code's last ``prev_timestep=0``). ``spacing``: ``"trailing"``
+    (``arange(T - 1, -1, -T / n).round()``: 999, 959, ..., 39 for 25 steps, the released code's) or
+    the config's DPM-Solver spacing (``"config"``)."""
+    _check_steps(config, num_inference_steps)
+    n, T = num_inference_steps, config.num_train_timesteps
+    if spacing == "trailing":
+        ts = np.arange(T - 1, -1, -T / n).round().astype(np.int64)[:n]
+    elif spacing == "config":
+        ts = dpm_solver_timesteps(config, n)
+    else:
+        raise ValueError(f"spacing={spacing!r}: use 'trailing' or 'config'")
+    abar = _alphas_cumprod(config).astype(np.float64)
+    pts = np.append(abar[ts], abar[0])
+    alphas, sigmas = np.sqrt(pts), np.sqrt(1.0 - pts)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return DPMSingleSchedule(jnp.asarray(ts, jnp.int32), f32(alphas), f32(sigmas), f32(np.log(alphas) - np.log(sigmas)),
+                             jnp.asarray(dpm_single_orders(n, shifted)), final_x0)
+
+
+def dpm_single_init(sample: jax.Array) -> DPMSingleState:
+    dtype = jnp.promote_types(sample.dtype, jnp.float32)
+    return DPMSingleState(sample.astype(dtype), jnp.zeros(sample.shape, dtype))
+
+
+def dpm_single_step(tab: DPMSingleSchedule, prediction_type: str, model_output: jax.Array, sample: jax.Array,
+                    state: DPMSingleState, i: jax.Array) -> tuple[jax.Array, DPMSingleState]:
+    """One step of singlestep DPM-Solver++ (diffusers' ``singlestep_dpm_solver_{first,second}_order_update``,
+    dpmsolver++ / midpoint): order 1 from the current sample, ``x = (sigma_t / sigma_s) x_s - alpha_t
+    (exp(-h) - 1) x0``; order 2 from the pair's start s1 with ``D = x0_prev + (x0 - x0_prev) / (2 r0)``,
+    ``r0 = (lambda_i - lambda_{i-1}) / h``."""
+    x0, _ = _x0_eps(prediction_type, model_output, sample, tab.alphas[i], tab.sigmas[i])
+    x0 = x0.astype(state.prev_x0.dtype)
+    two = tab.orders[i] == 2
+    s = jnp.where(two, i - 1, i)
+    start = jnp.where(two, state.start, sample.astype(state.start.dtype))
+    h = tab.lambdas[i + 1] - tab.lambdas[s]
+    r0 = jnp.where(two, (tab.lambdas[i] - tab.lambdas[s]) / h, 1.0)
+    d = jnp.where(two, state.prev_x0 + (x0 - state.prev_x0) / (2.0 * r0), x0)
+    prev = (tab.sigmas[i + 1] / tab.sigmas[s]) * start - (tab.alphas[i + 1] * jnp.expm1(-h)) * d
+    if tab.final_x0:
+        prev = jnp.where(i == len(tab.orders) - 1, x0, prev)
+    return prev.astype(sample.dtype), DPMSingleState(start, x0)

@@ -9,6 +9,8 @@ character offsets, never from searching ids, so they do not depend on the pad to
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import re
 from typing import Sequence
@@ -108,3 +110,39 @@ def word_masks(tokenizer: CLIPTokenizerFast, prompts: Sequence[str], words: Sequ
     if J == 0:
         return np.zeros((len(prompts), 0, tokenizer.model_max_length), bool)
     return np.stack([word_token_mask(tokenizer, prompts, [ws[j] for ws in words]) for j in range(J)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A character-level CLIP tokenizer (tests, random pipelines, folders of configs alone)
+
+VOCAB = 2 * 256 + 2   # bytes, bytes + "</w>", BOS, EOS
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's printable stand-in character for each byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_char_tokenizer(folder: str | os.PathLike, pad: str = "<|endoftext|>") -> None:
+    """A character-level CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": VOCAB - 2, "<|endoftext|>": VOCAB - 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="CLIPTokenizer", model_max_length=77, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
+    (folder / "special_tokens_map.json").write_text(json.dumps(dict(
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))

@@ -1,4 +1,4 @@
-"""Adapter training for RealCustom / RealCustom++: ``python -m customjax.train``.
+"""Adapter training for any registered method (``config.method``): ``python -m customjax.train``.
 
     python -m customjax.train --config configs/realcustompp.py:tiny --workdir runs/tiny
     python -m customjax.train --config configs/realcustompp.py:sdxl --workdir gs://bucket/run \
@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from customjax import parallel, trainer
 from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
-from customjax.data.loader import make_train_loader
+from customjax.data.training import make_train_loader
+from customjax.methods.build import reference_size
 from customjax.preview import make_preview
 from customjax.tokenizer import tokenize
 
@@ -166,7 +167,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
         from customjax.data.precompute import check_vae
         check_vae(config.data.latents, built.params["vae"])
 
-    loader = make_train_loader(config)
+    loader = make_train_loader(config, reference_size(config))
     first = loader.peek()
     jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers)))
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from customjax import parallel
 from customjax.methods.build import Built, build, trainable_tree
+from customjax.methods.common import abstract
 from customjax.methods.objective import ObjectiveConfig, loss_fn
 from customjax.tokenizer import tokenize
 
@@ -137,7 +138,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     """Builds the model (remat per ``config.train.remat``), the ``(data, fsdp)`` mesh
     (``config.train.fsdp``; ``config.train.batch`` must split over it), the frozen / trainable
     split, the optimizer and the initial state (``config.seed``; EMA when ``config.train.ema_decay``
-    > 0). ``config.train.fsdp_min_size`` (optional, default 2**18): the smallest parameter split
+    > 0); with ``config.model.abstract`` parameters and state are shapes (the real-size traces). ``config.train.fsdp_min_size`` (optional, default 2**18): the smallest parameter split
     over ``fsdp``."""
     built = build(config)
     if config.train.remat:
@@ -149,7 +150,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     frozen, trainable = split(built)
     schedule = make_optimizer_schedule(config.optim)
     tx = make_optimizer(config.optim, schedule)
-    state = init_state(trainable, tx, jax.random.key(config.seed), ema=config.train.ema_decay > 0)
+    make = lambda t: init_state(t, tx, jax.random.key(config.seed), ema=config.train.ema_decay > 0)  # noqa: E731
+    state = jax.eval_shape(make, trainable) if abstract(config) else make(trainable)
     step = make_train_step(built, tx, ObjectiveConfig(**config.objective), config.train.ema_decay)
     return Setup(config, built, mesh, frozen, state, tx, schedule, step,
                  int(config.train.get("fsdp_min_size", 2 ** 18)))

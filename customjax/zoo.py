@@ -30,9 +30,9 @@ from customjax.models.unet_config import UNetConfig
 from customjax.models.vae import VAE, VAEConfig
 from customjax.weights.convert import to_torch_state
 from customjax.weights.loaders import param_shapes
+from customjax.tokenizer import VOCAB, write_char_tokenizer  # noqa: F401  (re-exported: the tiny pipelines write it)
 from customjax.weights.safetensors_io import save_file
 
-VOCAB = 2 * 256 + 2   # bytes, bytes + "</w>", BOS, EOS
 
 TINY_VAE = VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8,
                      latent_channels=4)
@@ -111,36 +111,6 @@ def clip_text_config_dict(c: CLIPTextConfig) -> dict:
     proj = d.pop("with_projection")
     return dict(d, model_type="clip_text_model", bos_token_id=c.eos_token_id - 1, pad_token_id=c.eos_token_id,
                 architectures=["CLIPTextModelWithProjection" if proj else "CLIPTextModel"])
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's printable stand-in character for each byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def write_char_tokenizer(folder: str | os.PathLike, pad: str = "<|endoftext|>") -> None:
-    """A character-level CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": VOCAB - 2, "<|endoftext|>": VOCAB - 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="CLIPTokenizer", model_max_length=77, bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
-    (folder / "special_tokens_map.json").write_text(json.dumps(dict(
-        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
 
 
 def _random(shapes, key: jax.Array | int, std: float) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customjax.data import convert, curriculum, images, loader, mixture, records, sources, synthetic, transforms
+from customjax.data import convert, curriculum, images, loader, mixture, records, sources, synthetic, training, transforms
 from customjax.data.loader import SkipCounter, make_loader
 
 GOOD_SYNTH = 16
@@ -352,7 +352,7 @@ def test_curriculum_schedules():
     for name, (ps, crop) in expect.items():
         r = curriculum.recipe(name)
         assert tuple(r.p_multiview(s, S) for s in (0, S // 2, S)) == ps and r.crop == crop, name
-    assert curriculum.recipe("realcustompp") == curriculum.TABLE_X["table10_no6"]
+    assert curriculum.recipe("curriculum") == curriculum.TABLE_X["table10_no6"]
     assert curriculum.recipe("table10_no1").needs == ("text_image",)
     with pytest.raises(ValueError, match="unknown recipe"):
         curriculum.recipe("table10_no7")
@@ -366,22 +366,28 @@ def test_permute_is_a_bijection():
 
 
 def test_mixture_follows_eq10():
+    """Eq. 10 decides the data kind per training step (the batch of step S_cur is a multiview batch
+    with probability S_cur / S_total): every element of one step has the same kind, and the fraction
+    of multiview steps follows the schedule."""
     srcs = {"text_image": [b"t"] * 50, "multiview": [b"m"] * 30}
-    G, S = 100, 10
+    G, S = 4, 2000
     mix = mixture.Mixture(srcs, curriculum.recipe("table10_no6"), total_steps=S, global_batch_size=G, seed=3)
-    for step in (0, 5, 10):
-        kinds = [mix[step * G + j]["kind"] for j in range(G)]
+    step_kind = []
+    for step in range(S + 1):
+        kinds = {mix[step * G + j]["kind"] for j in range(G)}
         assert all(mix[step * G + j]["step"] == step for j in range(G))
-        frac = kinds.count("multiview") / G
-        assert abs(frac - step / S) <= 0.15, (step, frac)
-    assert {mix[j]["kind"] for j in range(G)} == {"text_image"}  # step 0: P = 0
-    assert {mix[S * G + j]["kind"] for j in range(G)} == {"multiview"}  # step S: P = 1
+        assert len(kinds) == 1, (step, kinds)                      # one kind per step, never mixed
+        step_kind.append(kinds.pop() == "multiview")
+    assert not step_kind[0] and step_kind[S]                       # P = 0 at step 0, 1 at step S
+    for lo, hi in ((0, 400), (800, 1200), (1600, 2000)):           # mean of P over the window, +- 5 sigma
+        frac, want = np.mean(step_kind[lo:hi]), (lo + hi - 1) / 2 / S
+        assert abs(frac - want) < 5 * np.sqrt(want * (1 - want) / (hi - lo)) + 0.01, (lo, frac, want)
     # Within one window of n indices a kind's records are distinct (sampling without replacement).
     only = mixture.Mixture({"text_image": list(range(50))}, curriculum.recipe("table10_no1"), S, G, seed=1)
     assert sorted(only[i]["record"] for i in range(50)) == list(range(50))
     assert [only[i]["record"] for i in range(50)] != [only[50 + i]["record"] for i in range(50)]  # reshuffled
     fixed = mixture.Mixture(srcs, curriculum.recipe("table10_no3"), S, G, seed=0)
-    assert abs([fixed[i]["kind"] for i in range(2000)].count("multiview") / 2000 - 0.5) < 0.05
+    assert abs([fixed[i * G]["kind"] for i in range(2000)].count("multiview") / 2000 - 0.5) < 0.05
     with pytest.raises(ValueError, match="reads multiview data"):
         mixture.Mixture({"text_image": [b"t"]}, curriculum.recipe("table10_no4"), S, G)
 
@@ -460,7 +466,7 @@ def _train_config(**data):
         method="realcustompp", seed=0, encoders=dict(image_size=28, scale=2),
         train=dict(batch=4, image_size=32, steps=2),
         data=dict(text_image="", multiview="", synthetic=True, synthetic_examples=12, shapeworld_examples=0,
-                  workers=0, recipe="realcustompp", hflip=True, random_crop=False, latents="", **data)))
+                  workers=0, recipe="curriculum", hflip=True, random_crop=False, latents="", **data)))
 
 
 def test_train_loader_from_config(tmp_path, monkeypatch):
@@ -470,7 +476,7 @@ def test_train_loader_from_config(tmp_path, monkeypatch):
     assert {k: len(sources.as_source(v)) for k, v in srcs.items()} == {"text_image": 12, "multiview": 3}
     assert all(pathlib.Path(v).is_relative_to(tmp_path / "cache") for v in srcs.values())
     assert loader.train_sources(c) == srcs and len(list((tmp_path / "cache" / "data").iterdir())) == 1
-    tl = loader.make_train_loader(c, process_index=0, process_count=1)
+    tl = training.make_train_loader(c, 56, process_index=0, process_count=1)
     start = tl.get_state()
     first = tl.peek()
     assert first["reference"].shape == (4, 56, 56, 3) and first["image"].shape == (4, 32, 32, 3)
@@ -484,10 +490,12 @@ def test_train_loader_from_config(tmp_path, monkeypatch):
     tl.set_state(start)
     np.testing.assert_array_equal(next(tl)["index"], b0["index"])
     assert tl.skips.records == 0
-    # The recipe: Eq. 10 reaches multiview only at step train.steps = 2 (realcustompp); realcustom never.
-    assert [b["is_multiview"].all() for b in (b0, b1, b2)] == [False, False, True] and not b0["is_multiview"].any()
-    c.data.recipe = "realcustom"
-    tl = loader.make_train_loader(c, process_index=0, process_count=1)
+    # The recipe: Eq. 10 per step (P = 0, 0.5, 1 at steps 0, 1, 2 of train.steps = 2), one kind a batch;
+    # text_image never.
+    assert all(b["is_multiview"].all() or not b["is_multiview"].any() for b in (b0, b1, b2))
+    assert not b0["is_multiview"].any() and b2["is_multiview"].all()
+    c.data.recipe = "text_image"
+    tl = training.make_train_loader(c, 56, process_index=0, process_count=1)
     assert not any(next(tl)["is_multiview"].any() for _ in range(4))
     # config.data.subject_reference reaches the transform; objective.subject_weight > 0 asks for the mask
     made, real = [], transforms.Augment
@@ -496,12 +504,12 @@ def test_train_loader_from_config(tmp_path, monkeypatch):
         with c.unlocked():
             c.data.subject_reference = flag
             c.objective = dict(subject_weight=4.0 * flag)
-        tl = loader.make_train_loader(c, process_index=0, process_count=1)
+        tl = training.make_train_loader(c, 56, process_index=0, process_count=1)
         assert made[-1]["subject_reference"] is flag and made[-1]["with_mask"] is flag
         assert ("mask" in tl.peek()) is flag
     c.data.synthetic = False
     with pytest.raises(ValueError, match="synthetic is off"):
-        loader.make_train_loader(c, process_index=0, process_count=1)
+        training.make_train_loader(c, 56, process_index=0, process_count=1)
 
 
 def test_generated_sources_race(tmp_path, monkeypatch):
@@ -588,7 +596,7 @@ def test_precompute_matches_image_targets_on_large_jpegs(tmp_path):
     c = ml_collections.ConfigDict(dict(
         seed=0, model=dict(path="", random="sd15", random_scale="tiny", dtype="float32"),
         train=dict(image_size=32), data=dict(text_image=str(tmp_path / "ti"), multiview=str(tmp_path / "mv"),
-                                             recipe="realcustompp")))
+                                             recipe="curriculum")))
     manifest = precompute.precompute(c, tmp_path / "lat", batch=4, dtype="float32")
     assert {k: v["records"] for k, v in manifest["kinds"].items()} == {"text_image": 6, "multiview": 2}
     lat_srcs = precompute.latent_sources(tmp_path / "lat", image_size=(32, 32))
@@ -609,7 +617,7 @@ def test_bad_images_are_skipped_and_counted_exactly(data):
     injected = list(synthetic.BAD_IMAGES)
     assert data["stats"]["written"] == GOOD_SYNTH + len(injected)
     counter = SkipCounter()
-    ds = make_loader({"text_image": data["bad"]}, **kw(recipe="realcustom", num_epochs=1, shuffle=False,
+    ds = make_loader({"text_image": data["bad"]}, **kw(recipe="text_image", num_epochs=1, shuffle=False,
                                                         drop_remainder=False))
     batches = list(ds)
     for b in batches:
@@ -647,7 +655,7 @@ def test_multiworker_loading(data):
     finally:
         it.close()
     counter = SkipCounter()
-    it = iter(make_loader({"text_image": data["bad"]}, **kw(recipe="realcustom", num_epochs=1, shuffle=False,
+    it = iter(make_loader({"text_image": data["bad"]}, **kw(recipe="text_image", num_epochs=1, shuffle=False,
                                                              drop_remainder=False, num_workers=2)))
     try:
         n = 0
@@ -722,6 +730,6 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
     batches = take(make_loader({"text_image": src, "multiview": mv}, **kw(recipe="table10_no3", with_mask=True)), 2)
     assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["caption"][0].startswith("a")
     assert any(b["is_multiview"].any() for b in batches)
-    out = take(make_loader({"text_image": pix}, **kw(recipe="realcustom")), 1)[0]
+    out = take(make_loader({"text_image": pix}, **kw(recipe="text_image")), 1)[0]
     assert out["original_size"].tolist() == [[20, 30]] * 4
     assert "tensorflow" not in sys.modules

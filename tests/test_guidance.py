@@ -223,7 +223,7 @@ def test_two_subjects_disjoint_masks_and_realcustom_cfg(tiny_sd15):
     smp = cached_sampler(pipe.schedule, "dpm++2m", 3)
     feats = jax.random.normal(jax.random.key(3), (2, 2, 5, 16))
     for multi in ("algorithm1", "overlap"):
-        cfg = DualBranchConfig(mask=_mask_cfg(kind, gamma_scope=(0.3, 0.2), multi=multi), cfg="realcustom")
+        cfg = DualBranchConfig(mask=_mask_cfg(kind, gamma_scope=(0.3, 0.2), multi=multi), cfg="two_scale")
         mhw = (16 // cfg.mask.mask_factor,) * 2
         out = dual_branch_sample(pipe, unet, smp, cfg, _visual, params, ids, neg, wm, feats, latents,
                                  jnp.zeros((2, 2, *mhw)))
@@ -232,3 +232,30 @@ def test_two_subjects_disjoint_masks_and_realcustom_cfg(tiny_sd15):
         assert tuple(kept[0].reshape(2, -1).sum(-1)) == (keep_count(0.3, n), keep_count(0.2, n))
         if multi == "algorithm1":
             assert np.all(kept.sum(axis=1) <= 1)
+
+
+def test_masks_at_a_latent_size_that_is_not_a_power_of_two(tiny_sd15):
+    """A 360 px image (45 x 45 latents: attention at 45, 23, ...) samples with adaptive masks: the
+    layers' grids follow the UNet's ceil halving, and a coarser self-attention layer's product is
+    resized back to the mask (was: 'does not tile the latent')."""
+    from customjax.guidance.mask import _grid
+
+    assert [_grid(n, (45, 45)) for n in (2025, 529, 144)] == [(45, 45), (23, 23), (12, 12)]
+    assert _grid(23 * 19, (45, 37)) == (23, 19)
+    with pytest.raises(ValueError, match="does not tile"):
+        _grid(500, (45, 45))
+    kind, pipe, params, unet = tiny_sd15
+    ids, neg, wm, _ = _inputs(pipe)
+    latents = jax.random.normal(jax.random.key(7), (2, 45, 37, 4))
+    smp = cached_sampler(pipe.schedule, "ddim", 2)
+    for self_factors in ((1,), (2,)):
+        cfg = DualBranchConfig(mask=MaskConfig(cross_factors=(1, 2), self_factors=self_factors, mask_factor=1),
+                               t_stop=1)
+        out = dual_branch_sample(pipe, unet, smp, cfg, _visual, params, ids, neg, wm,
+                                 jax.random.normal(jax.random.key(3), (2, 1, 5, 16)), latents,
+                                 jnp.zeros((2, 1, 45, 37)))
+        f = pipe.vae_scale
+        assert out["images"].shape == (2, 45 * f, 37 * f, 3) and out["masks"].shape == (2, 1, 45, 37)
+        assert np.all(np.isfinite(np.asarray(out["images"])))
+        assert int((np.asarray(out["masks"]) > 0).reshape(2, -1).sum(-1)[0]) == keep_count(0.2, 45 * 37)
+

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import train_probe
-from customjax.methods.build import first_tokenizer
+from customjax.base_model import first_tokenizer
 from customjax.preview import cases_from_batch, cases_from_file, subject_word
 
 ROOT = Path(__file__).resolve().parents[1]

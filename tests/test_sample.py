@@ -74,7 +74,7 @@ def test_cli_end_to_end_tiny(tmp_path):
     ({"prompt": "a toy", "references": ["examples/toy.png"]}, "missing 'words'"),
 ])
 def test_bad_cases_are_named(tmp_path, case, needle):
-    from customjax.methods.build import first_tokenizer
+    from customjax.base_model import first_tokenizer
     from customjax.sampling.cases import CaseError, check_cases
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -89,7 +89,7 @@ def test_bad_cases_are_named(tmp_path, case, needle):
 def test_layout_masks_checked_and_resized(tmp_path):
     from PIL import Image
 
-    from customjax.methods.build import first_tokenizer
+    from customjax.base_model import first_tokenizer
     from customjax.sampling.cases import CaseError, check_cases, resize_masks
     tok = first_tokenizer(config("realcustompp.py", "tiny"))
     m = np.zeros((8, 8), np.uint8)
@@ -213,7 +213,7 @@ def test_realcustom_scoring_inside_the_sampler():
     pipe, side = built.pipe, built.image_side
     prompts = ["a toy on the beach", "a red toy"]
     imgs = jax.random.uniform(jax.random.key(0), (2, 28, 28, 3))
-    feats = realcustom.reference_tokens(side, built.params["image"], imgs)[:, None]
+    feats = realcustom.METHOD.reference_tokens(side, built.params["image"], imgs)[:, None]
     ids = tuple(jnp.asarray(tokenize(t, prompts)) for t in pipe.tokenizers)
     neg = tuple(jnp.asarray(tokenize(t, [""] * 2)) for t in pipe.tokenizers)
     wm = jnp.asarray(word_token_mask(pipe.tokenizers[0], prompts, "toy"))[:, None]

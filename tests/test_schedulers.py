@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from conftest import max_abs
 from customjax import schedulers as S
@@ -265,6 +265,35 @@ def test_dpm_solver_gradient_is_finite():
         return jnp.sum(x**2)
 
     assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(jnp.asarray(X_T)))))
+
+
+@pytest.mark.parametrize("n,shifted", [(25, True), (25, False), (6, False), (7, True)])
+def test_dpm_singlestep_matches_diffusers(report, n, shifted):
+    """Singlestep DPM-Solver++(2) (midpoint) against diffusers' DPMSolverSinglestepScheduler given the
+    same timesteps (trailing, ending at abar_0: final_sigmas_type="sigma_min") and the same order list
+    (diffusers' own, or the released RealCustom++ code's shifted pairing); ``final_x0`` returns the last
+    step's x0 prediction."""
+    tab = S.dpm_single_schedule(S.ScheduleConfig.from_dict(SD), n, shifted=shifted, final_x0=shifted)
+    ts = np.asarray(tab.timesteps)
+    assert ts[0] == 999 and np.all(np.diff(ts) < 0)
+    if n == 25:
+        assert list(ts[:3]) == [999, 959, 919] and ts[-1] == 39          # the released code's 25 steps
+    sched = DPMSolverSinglestepScheduler.from_config({**SD, "final_sigmas_type": "sigma_min", "solver_order": 2,
+                                                      "algorithm_type": "dpmsolver++", "solver_type": "midpoint"})
+    sched.set_timesteps(timesteps=[int(t) for t in ts])
+    if not shifted:
+        assert list(sched.order_list) == list(np.asarray(tab.orders))   # ours is diffusers' pairing
+    sched.order_list = [int(o) for o in np.asarray(tab.orders)]
+    x_t, x = torch.from_numpy(X_T), jnp.asarray(X_T)
+    state = S.dpm_single_init(x)
+    for i, t in enumerate(sched.timesteps):
+        out = fake_model_torch(x_t, t)
+        last_x0 = (x_t - (1 - sched.alphas_cumprod[t]) ** 0.5 * out) / sched.alphas_cumprod[t] ** 0.5
+        x_t = sched.step(out, t, x_t).prev_sample
+        x, state = S.dpm_single_step(tab, "epsilon", fake_model_jax(x, tab.timesteps[i]), x, state, i)
+    want = last_x0 if shifted else x_t
+    report(f"DPM-Solver++ 2S {n} steps shifted={shifted}", max_abs(x, want.numpy()), 1e-4)
+    assert list(S.dpm_single_orders(5, shifted=True)) == [1, 1, 2, 1, 2]
 
 
 def test_bfloat16_sample_keeps_its_dtype():

@@ -146,7 +146,7 @@ def test_settings_map_to_the_sampler():
     assert g["two_overlap"].mask.multi == "overlap" and by["two_overlap"].subjects == 2
     assert g["two_overlap"].references == g["two_algorithm1"].references == "many2many"
     rc = config("realcustom.py", "tiny")
-    assert guidance_config(setting_config(rc, by["realcustom"], apply_variant)).cfg == "realcustom"
+    assert guidance_config(setting_config(rc, by["realcustom"], apply_variant)).cfg == "two_scale"
     # a config that already carries an ablation would put it into every setting (amg would not be AMG)
     with pytest.raises(ValueError, match="already applies"):
         setting_config(config("realcustompp.py", "tiny,binary"), by["amg"], apply_variant)

@@ -19,10 +19,8 @@ class Model:
     cfg: Any
     built: Any
     params: Any
-    tok_fn: Callable
-    visual: Callable
-    ref_size: int
-    tokens: dict = dataclasses.field(default_factory=dict)   # case name -> (R, N, D)
+    side: Any                    # the method's SamplingSide (tokens, null_tokens, visual, ref_size)
+    tokens: dict = dataclasses.field(default_factory=dict)   # (case name, null) -> (R, N, D)
 
 
 def load_model(cfg, checkpoint: str | None, mesh) -> Model:
@@ -38,21 +36,20 @@ def load_model(cfg, checkpoint: str | None, mesh) -> Model:
         built = load_adapter(built, checkpoint)
     else:
         logging.warning("%s: no checkpoint, the adapter is randomly initialised (plumbing only)", cfg.method)
-    ss = sampling_side(built, cfg)
-    return Model(cfg, built, replicate(sampler_params(built), mesh), ss.tokens, ss.visual, ss.ref_size)
+    return Model(cfg, built, replicate(sampler_params(built), mesh), sampling_side(built, cfg))
 
 
-def reference_tokens(model: Model, case: Case, size: int) -> np.ndarray:
-    """The case's reference tokens (R, N, D), computed once per case and model."""
+def reference_tokens(model: Model, case: Case, size: int, null: bool = False) -> np.ndarray:
+    """The case's reference tokens (R, N, D) (``null``: the unconditional branch's), computed once
+    per case and model."""
     import jax.numpy as jnp
 
     from customjax.images import resize_reference
 
-    if case.name not in model.tokens:
-        imgs = np.stack([resize_reference(r, model.ref_size) for r in case.reference_images(size)])
-        model.tokens[case.name] = np.asarray(model.tok_fn(model.built.image_side, model.built.params["image"],
-                                                          jnp.asarray(imgs)))
-    return model.tokens[case.name]
+    if (case.name, null) not in model.tokens:
+        imgs = jnp.asarray(np.stack([resize_reference(r, model.side.ref_size) for r in case.reference_images(size)]))
+        model.tokens[case.name, null] = np.asarray((model.side.null_tokens if null else model.side.tokens)(imgs))
+    return model.tokens[case.name, null]
 
 
 def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float, batch: int, mesh, size: int,
@@ -70,13 +67,16 @@ def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float,
     cfg, pipe = model.cfg, model.built.pipe
     smp = cached_sampler(pipe.schedule, cfg.sample.sampler, cfg.sample.steps)
     hw = mask_hw(pipe, gcfg, (size, size))
+    zero = gcfg.uncond_image == "zero"
     work = [Job(c.described_prompt if described else c.prompt, c.words, reference_tokens(model, c, size), seed,
-                mask=place_masks(c, *hw) if layout else None) for c, seed in jobs]
+                mask=place_masks(c, *hw) if layout else None,
+                null_tokens=reference_tokens(model, c, size, null=True) if zero else None) for c, seed in jobs]
     if len({(len(j.words), j.tokens.shape) for j in work}) > 1:
         raise ValueError("generate: every job needs the same number of subjects and reference tokens")
     images, masks = [], []
-    for done, res in sample_batches(pipe, model.built.unet, smp, gcfg, model.visual, model.params, work, batch,
-                                    mesh, (size, size), init_mask=init_mask):
+    for done, res in sample_batches(pipe, model.built.unet, smp, gcfg, model.side.visual, model.params, work, batch,
+                                    mesh, (size, size), init_mask=init_mask,
+                                    negative_prompt=cfg.sample.get("negative_prompt", "")):
         images.append(to_uint8(res["images"]))
         masks.append(res["masks"])
         on_batch(len(done))

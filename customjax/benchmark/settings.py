@@ -130,17 +130,11 @@ def with_steps(cfg, steps: int | None):
 
 
 def config_apply_variant(config_file: str | Path) -> Callable:
-    """``apply_variant`` of the ``common.py`` beside a config file (``configs/common.py``): the module
-    the config itself imported (``import common``), not a second copy."""
+    """``apply_variant(config, presets)`` of a config file (``configs/<method>.py``): the shared
+    ``configs.common.apply_variant`` with that file's own ``PRESETS``."""
     import importlib
-    import sys
 
-    folder = Path(str(config_file).split(":")[0]).resolve().parent
-    path = folder / "common.py"
-    mod = sys.modules.get("common")
-    if mod is None:
-        sys.path.insert(0, str(folder))       # as the config file does
-        mod = importlib.import_module("common")
-    if Path(getattr(mod, "__file__", "") or "").resolve() != path:
-        raise ImportError(f"`import common` gives {getattr(mod, '__file__', mod)}, not {path}")
-    return mod.apply_variant
+    stem = Path(str(config_file).split(":")[0]).stem
+    module = importlib.import_module(f"configs.{stem}")
+    common = importlib.import_module("configs.common")
+    return lambda c, extras: common.apply_variant(c, extras, getattr(module, "PRESETS", {}))

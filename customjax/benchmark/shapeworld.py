@@ -59,16 +59,19 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     import jax
     from tqdm import tqdm
 
-    from customjax.methods.build import first_tokenizer, guidance_config
+    from customjax.base_model import first_tokenizer
+    from customjax.methods.build import guidance_config
     from customjax.parallel import data_mesh
     from customjax.sampling.cases import check_case
     from customjax.sampling.dual_branch import unet_evaluations
 
     t_start = time.time()
-    if cfg.method != "realcustompp":
-        raise ValueError(f"--config must be a RealCustom++ config (method {cfg.method!r})")
-    if rc_cfg is not None and rc_cfg.method != "realcustom":
-        raise ValueError(f"--realcustom_config must be a RealCustom config (method {rc_cfg.method!r})")
+    # each setting samples one method: the main config's, or the second config's (--realcustom_config)
+    configs = {cfg.method: cfg}
+    if rc_cfg is not None:
+        if rc_cfg.method in configs:
+            raise ValueError(f"--realcustom_config builds {rc_cfg.method!r}, as --config does; give another method")
+        configs[rc_cfg.method] = rc_cfg
     size = cfg.sample.height
     if cfg.sample.width != size:
         raise ValueError("the benchmark needs square images (sample.height == sample.width)")
@@ -76,10 +79,8 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {list(SETTING_NAMES)}")
     chosen = [s for s in SETTINGS if s.name in settings]
-    notes = []
-    if rc_cfg is None and any(s.method == "realcustom" for s in chosen):
-        notes.append("realcustom: skipped (no --realcustom_config)")
-        chosen = [s for s in chosen if s.method != "realcustom"]
+    notes = [f"{s.name}: skipped (no config of method {s.method!r})" for s in chosen if s.method not in configs]
+    chosen = [s for s in chosen if s.method in configs]
     if rc_cfg is not None and (rc_cfg.sample.height, rc_cfg.model.path) != (size, cfg.model.path):
         raise ValueError("--realcustom_config must use the same base model and image size as --config")
     two_subject = [s.name for s in chosen if s.subjects == 2]
@@ -92,7 +93,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     # Resolve every setting; identical (method, sampler config, mask, subjects) are sampled once.
     plan, first = [], {}
     for s in chosen:
-        c = setting_config(cfg if s.method == "realcustompp" else rc_cfg, s, apply_variant)
+        c = setting_config(configs[s.method], s, apply_variant)
         gcfg = guidance_config(c)
         key = (s.method, gcfg, float(s.init_mask), s.subjects, s.described, s.layout)
         plan.append((s, c, gcfg, first.setdefault(key, s.name)))
@@ -112,9 +113,8 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     ground_truth = {str(k): summarise([truth(c) for c in pool], UNIT) for k, pool in ((1, single), (2, two)) if pool}
     mesh = data_mesh()
     ndev = mesh.shape["data"]
-    models = {"realcustompp": load_model(cfg, checkpoint, mesh)}
-    if any(s.method == "realcustom" for s in chosen):
-        models["realcustom"] = load_model(rc_cfg, rc_checkpoint, mesh)
+    checkpoints = {cfg.method: checkpoint, **({} if rc_cfg is None else {rc_cfg.method: rc_checkpoint})}
+    models = {m: load_model(configs[m], checkpoints[m], mesh) for m in dict.fromkeys(s.method for s, *_ in plan)}
     scorer, clip_note = clip_scorer(cfg)
     notes.append(clip_note)
     ref_embeds = {} if scorer is None else {c.name: reference_embeddings(scorer, c, size) for c in single + two}

@@ -4,7 +4,7 @@
 numpy arrays, leading dimension ``global_batch_size // process_count``), and ``it.get_state()`` /
 ``it.set_state(state)`` (a JSON-able dict; or orbax with ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore``) resume it with the same subsequent batches. Close iterators of pipelines
-with workers (``it.close()``) to release their processes. :func:`make_train_loader` builds the
+with workers (``it.close()``) to release their processes. :func:`customjax.data.training.make_train_loader` builds the
 pipeline from a method config and wraps it in a :class:`TrainLoader` (``peek``, skip totals).
 
 Determinism and sharding. Global element ``g`` is a pure function of ``(seed, g)`` (record choice
@@ -93,7 +93,7 @@ def make_loader(
     image_size: int | Sequence[int],
     reference_size: int | None = None,
     total_steps: int,
-    recipe: str | curriculum.Recipe = "realcustompp",
+    recipe: str | curriculum.Recipe = "curriculum",
     seed: int = 0,
     num_workers: int = 0,
     process_index: int | None = None,
@@ -119,7 +119,7 @@ def make_loader(
       image_size: target size ``H`` or ``(H, W)``; ``reference_size`` the reference side (default ``H``).
       total_steps: ``S_total`` of Eqs. 10-11; ``step_offset`` is added to the step derived from the index.
       recipe: a :class:`~customjax.data.curriculum.Recipe` or preset name (``table10_no1`` ..
-        ``table10_no6``, ``realcustompp``, ``realcustom``).
+        ``table10_no6``, ``curriculum``, ``text_image``).
       num_epochs: ``None`` for an endless stream; else a finite pass over the (single) source kind,
         ``num_epochs`` times, not step-aligned (evaluation, auditing).
       min_size: images whose short side is smaller are skipped (``too_small``); the pipeline raises when
@@ -315,38 +315,3 @@ def train_sources(config) -> dict:
         raise ValueError("config.data.text_image / config.data.multiview are empty "
                          "and config.data.synthetic is off")
     return generated_sources("synthetic", int(d.get("synthetic_examples", 64)), 64, int(config.seed))
-
-
-def make_train_loader(config, *, process_index: int | None = None,
-                      process_count: int | None = None) -> TrainLoader:
-    """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
-
-    Reads ``config.data`` (the sources of :func:`train_sources`, or ``latents``: a folder written by
-    ``python -m customjax.data.precompute`` read instead of them (see ``make_loader(latents=True)``);
-    ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
-    ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``, ``subject_reference``), ``config.train`` (``batch`` global,
-    ``image_size``, ``steps``) and ``config.seed``. The reference side defaults to the method's
-    (:func:`customjax.methods.build.reference_size`).
-    """
-    d = config.data
-    latents = bool(d.get("latents", ""))
-    if latents:
-        from customjax.data import precompute
-
-        sources = precompute.latent_sources(d.latents, image_size=_pair(config.train.image_size))
-    else:
-        sources = train_sources(config)
-    rec = curriculum.recipe(d.get("recipe", "realcustompp"))
-    reference_size = d.get("reference_size", None)
-    if not reference_size:
-        from customjax.methods.build import reference_size as method_reference_size
-        reference_size = method_reference_size(config)
-    ds = make_loader(
-        {k: v for k, v in sources.items() if k in rec.needs}, global_batch_size=int(config.train.batch),
-        image_size=config.train.image_size, reference_size=int(reference_size), total_steps=int(config.train.steps),
-        recipe=rec, seed=int(config.seed), num_workers=int(d.get("workers", 0)), process_index=process_index,
-        process_count=process_count, shuffle=bool(d.get("shuffle", True)), min_size=int(d.get("min_size", 0)),
-        random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)), latents=latents,
-        subject_reference=bool(d.get("subject_reference", False)),
-        with_mask=float(config.get("objective", {}).get("subject_weight", 0.0)) > 0)
-    return TrainLoader(ds)

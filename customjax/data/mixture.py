@@ -1,7 +1,9 @@
 """The curriculum data mixture (Eq. 10) as a stateless map from global element index to record.
 
-Element ``g`` belongs to training step ``step_offset + g // global_batch_size``. Its kind is
-multiview when ``u(seed, g) < P_multiview(step)`` (Eq. 10, or the recipe's ablation rule), and its
+Element ``g`` belongs to training step ``step_offset + g // global_batch_size``. The kind is decided
+per training step, as the paper's Eq. 10 (the probability that the batch of step S_cur is a
+multiview batch): every element of step ``s`` is multiview when ``u(seed, s) < P_multiview(s)``
+(or the recipe's ablation rule), so a batch holds one kind of data; an element's
 record within that kind is ``perm_epoch(g mod n)`` with ``epoch = g // n`` and ``perm_epoch`` a
 seeded bijection of ``[0, n)`` (a Feistel network with cycle walking: O(1) memory for any ``n``).
 Within each window of ``n`` consecutive indices the elements that pick a kind read distinct records
@@ -90,8 +92,9 @@ class Mixture(grain.sources.RandomAccessDataSource):
     def kind(self, index: int) -> str:
         if self._only is not None:
             return self._only
-        p = self.recipe.p_multiview(self.step(index), self.total_steps)
-        return "multiview" if uniform(self.seed, _KIND_SALT, index) < p else "text_image"
+        step = self.step(index)
+        p = self.recipe.p_multiview(step, self.total_steps)
+        return "multiview" if uniform(self.seed, _KIND_SALT, step) < p else "text_image"
 
     def record_index(self, kind: str, index: int) -> int:
         n = len(self.sources[kind])

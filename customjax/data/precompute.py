@@ -116,8 +116,8 @@ def check_vae(folder: str | os.PathLike, vae_params) -> None:
 
 
 def load_vae(config):
-    """(VAE module, parameters) of the base model training uses (:func:`customjax.methods.build.base_pipeline`)."""
-    from customjax.methods.build import base_pipeline
+    """(VAE module, parameters) of the base model training uses (:func:`customjax.base_model.base_pipeline`)."""
+    from customjax.base_model import base_pipeline
 
     pipe, params = base_pipeline(config)
     return pipe.vae, params["vae"]
@@ -182,7 +182,7 @@ def precompute(config, out: str | os.PathLike, *, batch: int = 16, dtype: str = 
                         in_shardings=(NamedSharding(mesh, P()), batch_sharding),
                         out_shardings=(batch_sharding, batch_sharding))  # fetched shard by shard
     vae_params = parallel.replicate(vae_params, mesh)
-    needs = curriculum.recipe(config.data.get("recipe", "realcustompp")).needs
+    needs = curriculum.recipe(config.data.get("recipe", "curriculum")).needs
     counts: dict = {}
     for kind, data in train_sources(config).items():
         if kind not in needs:

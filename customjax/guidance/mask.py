@@ -10,7 +10,6 @@ or binary.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from customjax.control.capture import collect, self_attention_times
 from customjax.control.masks import resize_mask
 from customjax.guidance.topk import keep_count, multi_subject_top_k, normalize, top_k_indicator
+from customjax.models.blocks import nearest_resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +50,11 @@ class MaskConfig:
 
 
 def _grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a flattened attention map of ``hw`` positions over a latent of ``latent_hw``."""
-    f = math.isqrt(latent_hw[0] * latent_hw[1] // hw)
-    h, w = latent_hw[0] // f, latent_hw[1] // f
+    """The (h, w) of a flattened attention map of ``hw`` positions over a latent of ``latent_hw``:
+    the UNet's stride-2 downsamplers give ceil(side / 2) per level (45 -> 23 -> 12 -> 6)."""
+    h, w = latent_hw
+    while h * w > hw:
+        h, w = -(-h // 2), -(-w // 2)
     if h * w != hw:
         raise ValueError(f"attention map of {hw} positions does not tile the latent {latent_hw}")
     return h, w
@@ -94,7 +96,7 @@ def self_augment(state: dict, m_cross: jax.Array, latent_hw: tuple[int, int]) ->
         v = resize_mask(m_cross, (h, w)).reshape(B, J, h * w).transpose(0, 2, 1)
         out = self_attention_times(q.astype(jnp.float32), k.astype(jnp.float32), v)
         out = out.transpose(0, 2, 1).reshape(B, J, h, w)
-        acc = acc + jnp.repeat(jnp.repeat(out, H // h, axis=2), W // w, axis=3)
+        acc = acc + nearest_resize(out.transpose(0, 2, 3, 1), (H, W)).transpose(0, 3, 1, 2)
     return acc / len(qks)
 
 

@@ -1,1 +1,3 @@
-"""One module per paper: its trainable tree, its loss, its sampling settings."""
+"""Customization methods: the protocol (:mod:`~customjax.methods.protocol`), one module per method,
+the registry (:mod:`~customjax.methods.registry`), and what the trainer and sampler build from a
+method config (:mod:`~customjax.methods.build`, :mod:`~customjax.methods.objective`)."""

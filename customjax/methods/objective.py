@@ -1,11 +1,8 @@
-"""The adapter training objective shared by RealCustom and RealCustom++: the latent-diffusion loss
-with the visual condition in every cross-attention layer (RealCustom Eq. 4 / RealCustom++ Eq. 4),
-no mask (training learns the alignment with every word; the mask is an inference device).
-
-RealCustom: the adaptive scoring module keeps the top gamma_num of the CLIP image tokens with
-gamma_num ~ U[0.3, 1.0] per example (Eq. 10) and sees z_t and sqrt(abar_t) (Eqs. 6-8).
-RealCustom++: the projector's tokens from SigLIP + DINOv2 features of the reference (a different
-view of the subject for multiview examples, Sec. III-C2).
+"""The one training objective: the latent-diffusion loss with the method's visual condition in
+every cross-attention layer (RealCustom Eq. 4, RealCustom++ Eq. 4, IP-Adapter's decoupled
+cross-attention), no mask (training learns the alignment with every word; the mask is an inference
+device), plus the method's auxiliary loss terms (:meth:`~customjax.methods.protocol.Method.condition`),
+each logged as ``loss/<name>``; ``loss`` is their sum with the diffusion loss (``loss/diffusion``).
 
 Condition dropout for classifier-free guidance: text only, image only, or both, each with its own
 probability; dropped text is the empty prompt, a dropped image is a visual scale of 0.
@@ -25,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from customjax import schedulers as S
-from customjax.adapters.scoring import sample_gamma
 from customjax.control.params import merge
 from customjax.control.spec import Control, ExtraTokens
 from customjax.losses import coverage, weighted_mean
-from customjax.methods import realcustom, realcustompp
+from customjax.methods.protocol import TrainInputs
 from customjax.models.vae import latent_dist_sample, scale_latents
 from customjax.pipeline import encode_text, sdxl_time_ids
 
@@ -53,21 +49,6 @@ def condition_dropout(key: jax.Array, batch: int, cfg: ObjectiveConfig) -> tuple
         raise ValueError("condition dropout probabilities sum to more than 1")
     text_only, image_only, both = u < a, (u >= a) & (u < a + b), (u >= a + b) & (u < a + b + c)
     return text_only | both, image_only | both
-
-
-def visual_tokens(built: Any, frozen: dict, trainable: dict, batch: dict, z_t: jax.Array, ctx: jax.Array,
-                  sqrt_abar: jax.Array, key: jax.Array, cfg: ObjectiveConfig) -> tuple[jax.Array, jax.Array | None]:
-    """(tokens (B, 1, N, D), token_mask (B, 1, N) | None) of each example's reference."""
-    side = built.image_side
-    ref = batch["reference"]
-    if built.method == "realcustompp":
-        f = jax.lax.stop_gradient(realcustompp.projector_inputs(side, frozen, ref))
-        tokens = side.ccp.apply({"params": trainable["ccp"]}, f.deep, f.shallow, f.high).tokens
-        return tokens[:, None], None
-    feats = jax.lax.stop_gradient(realcustom.reference_tokens(side, {"clip": frozen["clip"]}, ref))
-    gamma = sample_gamma(key, ref.shape[0], cfg.gamma_low, cfg.gamma_high)
-    out = side.scoring.apply({"params": trainable["scoring"]}, feats, ctx, z_t, sqrt_abar, gamma)
-    return out.features[:, None], out.keep[:, None]
 
 
 def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built: Any,
@@ -100,8 +81,11 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
     z_t = S.add_noise(sched, z0, noise, t)
     sqrt_abar = jnp.sqrt(sched.alphas_cumprod[t])
-    tokens, tmask = visual_tokens(built, frozen, trainable, batch, z_t, ctx, sqrt_abar, k_vis, cfg)
-    control = Control({"vision": ExtraTokens(tokens, None, jnp.where(drop_image, 0.0, 1.0), tmask)})
+    method = built.method
+    cond = method.condition(built.image_side, frozen, trainable, batch, TrainInputs(z_t, ctx, sqrt_abar, t, drop_image),
+                            k_vis, cfg)
+    scale = jnp.where(drop_image, 0.0, 1.0) if cond.scale is None else cond.scale
+    control = Control({method.kv_name: ExtraTokens(cond.tokens, None, scale, cond.token_mask)})
     extra = {}
     if pipe.is_sdxl:
         extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(H, W, B))
@@ -116,4 +100,6 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
         loss = weighted_mean(err, coverage(batch["mask"], err.shape[1:3]), cfg.subject_weight, per_example=True)
     else:
         loss = jnp.mean((pred - tgt) ** 2)
-    return loss, {"loss": loss, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}
+    metrics = {"loss/diffusion": loss, **{f"loss/{k}": v for k, v in cond.losses.items()}}
+    total = loss + sum(cond.losses.values())
+    return total, {"loss": total, **metrics, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}

@@ -1,43 +1,47 @@
 """RealCustom (seed 003): CLIP image features of the reference, narrowed per step by the adaptive
 scoring module (Eqs. 5-10) that sees the text, z_t (times the guidance mask at inference,
-Sec. 3.3) and the timestep; the kept tokens feed the visual K/V of every cross-attention layer.
+Sec. 3.3) and the timestep; the kept tokens feed the visual K/V of every cross-attention layer
+(Eq. 4).
 
-Trainable: the scoring module and the visual K/V projections.
+Trainable: the scoring module (``scoring``) and the visual K/V projections. Data: a reference per
+example (the target image itself, Sec. 3.2). Sampling: ``guidance.cfg = "two_scale"`` (Eq. 13).
+``scoring.fusion = "none"`` is Table 3's "w/o adaptive scoring module" (ID-2): every image feature,
+unweighted, in training and inference (no scoring parameters).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from customjax.adapters.features import normalize, resize_images
-from customjax.adapters.scoring import GAMMA_INFERENCE, AdaptiveScoring
-from customjax.control.params import is_control_param
+from customjax.models.pixels import normalize, resize_images
+from customjax.adapters.scoring import GAMMA_INFERENCE, AdaptiveScoring, ScoringConfig, sample_gamma
+from customjax.control.spec import ExtraKV
+from customjax.methods.common import abstract, encoder, init
+from customjax.methods.protocol import Condition, ImageSide, Method, constant_visual, jit_method
 from customjax.models.vit import CLIP_MEAN, CLIP_STD
 
-KV_NAME = "vision"
+NO_SCORING = "none"
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageSide:
+class Modules:
     """The CLIP image encoder (``hidden_state``: which of its hidden states are the image features;
-    -1 = last) and the scoring module."""
+    -1 = last) and the scoring module (None: Table 3 ID-2, no scoring)."""
 
     clip: Any
-    scoring: AdaptiveScoring
+    scoring: AdaptiveScoring | None
     hidden_state: int = -1
 
 
-@functools.partial(jax.jit, static_argnames=("side",))
-def reference_tokens(side: ImageSide, params: dict, images: jax.Array) -> jax.Array:
-    """CLIP image features f_ci (B, n_i, c_i) of reference images (B, H, W, 3) in [0, 1]."""
-    px = normalize(resize_images(images, side.clip.config.image_size), CLIP_MEAN, CLIP_STD)
-    out = side.clip.apply({"params": params["clip"]}, px)
-    return out.hidden_states[side.hidden_state] if side.hidden_state != -1 else out.last_hidden_state
+def clip_features(modules: Modules, params: dict, images: jax.Array) -> jax.Array:
+    """CLIP image features f_ci (B, n_i, c_i) of images (B, H, W, 3) in [0, 1]."""
+    px = normalize(resize_images(images, modules.clip.config.image_size), CLIP_MEAN, CLIP_STD)
+    out = modules.clip.apply({"params": params["clip"]}, px)
+    return out.hidden_states[modules.hidden_state] if modules.hidden_state != -1 else out.last_hidden_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,43 @@ class ScoringVisual:
         return out.features.reshape(feats.shape), out.keep.reshape(B, R, -1)
 
 
-def is_trainable(path: tuple[str, ...]) -> bool:
-    """Scoring-module parameters (under ``scoring``) and the UNet's visual K/V projections."""
-    return path[0] == "scoring" or is_control_param(path, extra_kv=(KV_NAME,), lora=False)
+class RealCustom(Method):
+    name = "realcustom"
+    paper = "RealCustom (seed 003)"
+    adapter = "scoring"
+
+    def image_side(self, config, pipe, keys):
+        clip, cp = encoder(config, "clip", config.encoders.clip, keys[0])
+        params = {"clip": cp}
+        scoring = None
+        if config.scoring.fusion != NO_SCORING:
+            scoring = AdaptiveScoring(ScoringConfig(fusion=config.scoring.fusion), jnp.dtype(config.model.dtype))
+            n = (clip.config.image_size // clip.config.patch_size) ** 2 + 1
+            cross = pipe.unet.config.cross_attention_dim[0]
+            params["scoring"] = init(scoring, keys[2], jnp.zeros((1, n, clip.config.hidden_size)),
+                                     jnp.zeros((1, 2, cross)), jnp.zeros((1, 4, 4, pipe.unet.config.in_channels)),
+                                     jnp.ones((1,)), shapes_only=abstract(config))
+        return ImageSide(Modules(clip, scoring), params, ExtraKV(self.kv_name, clip.config.hidden_size))
+
+    def reference_size(self, config) -> int:
+        return int(config.encoders.image_size)
+
+    def condition(self, modules, frozen, trainable, batch, x, key, config):
+        feats = jax.lax.stop_gradient(clip_features(modules, frozen, batch["reference"]))
+        if modules.scoring is None:
+            return Condition(feats[:, None])
+        gamma = sample_gamma(key, feats.shape[0], config.gamma_low, config.gamma_high)       # Eq. 10
+        out = modules.scoring.apply({"params": trainable["scoring"]}, feats, x.ctx, x.z_t, x.sqrt_abar, gamma)
+        return Condition(out.features[:, None], out.keep[:, None])
+
+    @jit_method
+    def reference_tokens(self, modules, params, images):
+        return clip_features(modules, params, images)
+
+    def visual(self, modules, config):
+        if modules.scoring is None:
+            return constant_visual
+        return ScoringVisual(modules.scoring, float(config.scoring.gamma_num))
+
+
+METHOD = RealCustom()

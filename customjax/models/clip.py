@@ -11,7 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from customjax.adapters.features import normalize
+from customjax.models.pixels import normalize
 from customjax.models.clip_text import CLIPTextModel, CLIPTextOutput, clip_text_spec
 from customjax.models.vit import CLIP_MEAN, CLIP_STD, CLIPVisionModel, clip_vision_spec
 from customjax.weights.loaders import load_pretrained

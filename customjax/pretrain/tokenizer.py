@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from customjax.zoo import _bytes_to_unicode
+from customjax.tokenizer import _bytes_to_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

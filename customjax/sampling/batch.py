@@ -26,7 +26,8 @@ class Job:
     """One image to sample: ``words`` are the target words in ``prompt`` (J of them), ``tokens`` the
     reference tokens (R, N, D); ``mask``: this image's initial masks (J, h, w) at the mask resolution in
     place of the constant ``init_mask`` (with ``t_stop == 0``, the masks throughout: a given layout);
-    ``case``: the caller's own record, handed back with the results."""
+    ``case``: the caller's own record, handed back with the results; ``null_tokens`` (R, N, D): the
+    unconditional branch's tokens when the sampler's ``uncond_image`` is ``"zero"``."""
 
     prompt: str
     words: Sequence[str]
@@ -34,6 +35,7 @@ class Job:
     seed: int
     case: Any = None
     mask: np.ndarray | None = None
+    null_tokens: np.ndarray | None = None   # the unconditional branch's (guidance.uncond_image "zero")
 
 
 def pad_to(items: Sequence, size: int) -> list:
@@ -43,9 +45,9 @@ def pad_to(items: Sequence, size: int) -> list:
     return list(items) + [items[-1]] * (size - len(items))
 
 
-def negative_ids(pipe, batch: int) -> tuple[np.ndarray, ...]:
-    """Token ids of the empty negative prompt, (batch, 77) per tokenizer."""
-    return tuple(np.repeat(tokenize(t, [""]), batch, axis=0) for t in pipe.tokenizers)
+def negative_ids(pipe, batch: int, negative_prompt: str = "") -> tuple[np.ndarray, ...]:
+    """Token ids of the negative prompt (default empty), (batch, 77) per tokenizer."""
+    return tuple(np.repeat(tokenize(t, [negative_prompt]), batch, axis=0) for t in pipe.tokenizers)
 
 
 def mask_hw(pipe, gcfg, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -84,21 +86,23 @@ def job_masks(jobs: Sequence[Job], m0: np.ndarray) -> np.ndarray:
 
 
 def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job], batch_size: int, mesh,
-                   image_hw: tuple[int, int], *, init_mask: float = 0.0
+                   image_hw: tuple[int, int], *, init_mask: float = 0.0, negative_prompt: str = ""
                    ) -> Iterator[tuple[list[Job], dict[str, np.ndarray]]]:
     """Samples ``jobs`` in batches of ``batch_size`` (a multiple of the mesh's batch divisor), one
     compiled shape per (J, tokens shape) group, groups in order of first appearance.
 
     ``unet``, ``sampler``, ``gcfg``, ``visual``, ``params``: as for ``dual_branch_sample`` (params
     replicated over ``mesh``); ``image_hw``: the image size (H, W); ``init_mask``: the value of the
-    constant initial masks. Yields per batch (its jobs, without the padding; the sampler's outputs
+    constant initial masks; ``negative_prompt``: the unconditional branch's text (empty: for SDXL
+    zero embeddings, as diffusers). Yields per batch (its jobs, without the padding; the sampler's outputs
     as numpy arrays for those jobs: ``images`` (n, H, W, 3) in [0, 1], ``masks`` (n, J, h, w) and,
     when ``gcfg.record_masks``, ``mask_steps`` (steps, n, J, h, w)).
     """
     groups: dict = {}
     for j in jobs:
         groups.setdefault((len(j.words), np.shape(j.tokens)), []).append(j)
-    neg = negative_ids(pipe, batch_size)
+    neg = negative_ids(pipe, batch_size, negative_prompt)
+    zero = gcfg.uncond_image == "zero"
     for group in groups.values():
         for b in range(0, len(group), batch_size):
             real = group[b:b + batch_size]
@@ -106,9 +110,13 @@ def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job
             x = batch_inputs(pipe, gcfg, [j.prompt for j in chunk], [j.words for j in chunk],
                              [j.seed for j in chunk], image_hw, init_mask=init_mask, neg=neg)
             x["m0"] = job_masks(chunk, x["m0"])
-            data = shard_batch(dict(x, feats=np.stack([j.tokens for j in chunk])), mesh)
+            x["feats"] = np.stack([j.tokens for j in chunk])
+            if zero:
+                x["null"] = np.stack([j.null_tokens for j in chunk])
+            data = shard_batch(x, mesh)
             res = dual_branch_sample(pipe, unet, sampler, gcfg, visual, params, data["ids"], data["neg"],
-                                     data["wm"], data["feats"], data["lat"], data["m0"], zero_uncond=pipe.is_sdxl)
+                                     data["wm"], data["feats"], data["lat"], data["m0"],
+                                     zero_uncond=pipe.is_sdxl and not negative_prompt, null_feats=data.get("null"))
             res = jax.tree_util.tree_map(np.asarray, res)
             n = len(real)
             out = {k: v[:, :n] if k == "mask_steps" else v[:n] for k, v in res.items()}

@@ -77,21 +77,29 @@ def resize_masks(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray
     return np.clip(np.stack(out), 0.0, 1.0)
 
 
-def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[list[str], list[str]]:
+def check_case(c: dict, tokenizer, references_mode: str, where: str, words_required: bool = True
+               ) -> tuple[list[str], list[str]]:
     """(words, reference paths) of one case, or a :class:`CaseError` naming ``where``: keys
-    present, every target word in the prompt, one reference per word (one for One2Many)."""
-    for key in ("prompt", "words", "references"):
+    present, every target word in the prompt, one reference per word (one for One2Many). Without
+    ``words_required`` (a method without masks) the words may be absent and any number (>= 1) of
+    references is taken."""
+    for key in ("prompt", "references") + (("words",) if words_required else ()):
         if key not in c:
             raise CaseError(f"{where}: missing {key!r}")
-    words = [c["words"]] if isinstance(c["words"], str) else list(c["words"])
+    words = c.get("words") or []
+    words = [words] if isinstance(words, str) else list(words)
     refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
-    if not words:
+    if words_required and not words:
         raise CaseError(f"{where}: no target word given")
     for w in words:
         try:
             word_token_positions(tokenizer, c["prompt"], w)
         except ValueError as e:
             raise CaseError(f"{where}: {e}") from None
+    if not words_required:
+        if not refs:
+            raise CaseError(f"{where}: no reference image given")
+        return words, refs
     want = 1 if references_mode == "one2many" else len(words)
     if len(refs) != want:
         raise CaseError(f"{where}: {len(refs)} reference(s) for {len(words)} word(s); "
@@ -100,14 +108,14 @@ def check_case(c: dict, tokenizer, references_mode: str, where: str) -> tuple[li
 
 
 def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_seeds: Sequence[int],
-                seeds_override: Sequence[int] | None = None) -> list[dict]:
+                seeds_override: Sequence[int] | None = None, words_required: bool = True) -> list[dict]:
     """Checks every case (:func:`check_case`) and loads its images; returns records {prompt, words,
     references (paths), images (float [0, 1]), seeds, where, masks (layout masks (H, W) per word, or
     None)}. Seeds: ``seeds_override`` if given, else the case's own, else ``default_seeds``."""
     out = []
     for c in cases:
         where = c.get("_where", "?")
-        words, refs = check_case(c, tokenizer, references_mode, where)
+        words, refs = check_case(c, tokenizer, references_mode, where, words_required)
         images = [load_image(r, where) for r in refs]
         seeds = [int(s) for s in (seeds_override or c.get("seeds") or default_seeds)]
         masks = None

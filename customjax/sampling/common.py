@@ -23,7 +23,7 @@ class Sampler:
     step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
 
-SAMPLERS = ("ddim", "ancestral", "dpm++2m")
+SAMPLERS = ("ddim", "ancestral", "dpm++2m", "dpm++2s", "dpm++2s_shifted")
 
 
 def image_keys(x: jax.Array) -> jax.Array:
@@ -41,7 +41,9 @@ def _ancestral_step(table: S.DDIMSchedule, pt: str, out, x, keys, i):
 
 def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
     """``kind`` is ``"ddim"`` (eta 0), ``"ancestral"`` (DDIM with eta 1, DDPM-like: fresh noise at
-    every step, drawn per image from :func:`image_keys`) or ``"dpm++2m"``."""
+    every step, drawn per image from :func:`image_keys`), ``"dpm++2m"``, ``"dpm++2s"`` (singlestep,
+    trailing timesteps, diffusers' pairing) or ``"dpm++2s_shifted"`` (the released RealCustom++
+    sampler: singlestep with its shifted pairing, ending on the last step's x0 prediction)."""
     pt = config.prediction_type
     if kind == "ddim":
         table = S.ddim_schedule(config, steps)
@@ -54,6 +56,11 @@ def make_sampler(config: S.ScheduleConfig, kind: str, steps: int) -> Sampler:
         table = S.dpm_solver_schedule(config, steps)
         return Sampler(np.asarray(table.timesteps), S.dpm_solver_init,
                        lambda out, x, st, i: S.dpm_solver_step(table, pt, out, x, st, i))
+    if kind in ("dpm++2s", "dpm++2s_shifted"):
+        shifted = kind == "dpm++2s_shifted"
+        table = S.dpm_single_schedule(config, steps, shifted=shifted, final_x0=shifted)
+        return Sampler(np.asarray(table.timesteps), S.dpm_single_init,
+                       lambda out, x, st, i: S.dpm_single_step(table, pt, out, x, st, i))
     raise ValueError(f"unknown sampler {kind!r}; use one of {SAMPLERS}")
 
 

@@ -53,6 +53,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's ``__metadata__`` (string to string; empty when it has none)."""
+    return dict(read_header(path)[0].get("__metadata__") or {})
+
+
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every tensor of one safetensors file as a read-only numpy memory map."""
     header, start = read_header(path)

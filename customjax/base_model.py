@@ -1,0 +1,58 @@
+"""The base model a config names (``config.model``): a diffusers folder, or a random pipeline
+(tests, benchmarks), with real or abstract parameters; and its first tokenizer alone, to check
+prompts before anything loads. Shared by the methods, the data tools and the CLIs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+
+def base_pipeline(config) -> tuple[Any, dict]:
+    """(pipeline, params) of the base model: the diffusers folder ``config.model.path``, or a random
+    ``config.model.random`` pipeline of scale ``config.model.random_scale`` when the path is empty.
+    ``config.model.abstract``: parameters as ``jax.ShapeDtypeStruct`` from the folder's config files
+    alone (nothing allocated, no weights read). A missing folder raises FileNotFoundError with
+    ``config.model.missing_hint`` (how to make it)."""
+    from customjax.pipeline import load_stable_diffusion
+
+    m = config.model
+    dtype = jnp.dtype(m.dtype)
+    abstract = bool(m.get("abstract", False))
+    if m.path:
+        try:
+            if abstract:
+                return load_stable_diffusion(m.path, dtype=dtype, abstract=True)
+            return load_stable_diffusion(m.path, dtype=dtype)
+        except FileNotFoundError as e:
+            hint = m.get("missing_hint", "")
+            if not hint:
+                raise
+            raise FileNotFoundError(f"config.model.path: {e}; {hint}") from e
+    if abstract:
+        raise ValueError("config.model.abstract builds from config files: set config.model.path to a folder "
+                         "of them (tests/real_configs/sd15, for example)")
+    from customjax.zoo import random_pipeline
+
+    scale = m.get("random_scale", "tiny")
+    log.warning("config.model.path is empty: using a random %s %s pipeline", scale, m.random)
+    return random_pipeline(m.random, scale, seed=config.seed, std=0.1 if scale == "tiny" else 0.02, dtype=dtype)
+
+
+def first_tokenizer(config):
+    """The pipeline's (first) tokenizer alone, cheaply, to check prompts before anything loads."""
+    import tempfile
+
+    from customjax.tokenizer import load_tokenizer
+    from customjax.tokenizer import write_char_tokenizer
+
+    folder = Path(config.model.path) / "tokenizer" if config.model.path else None
+    if folder is None or (config.model.get("abstract", False) and not folder.is_dir()):   # a folder of configs
+        folder = Path(tempfile.mkdtemp(prefix="customjax-tok-"))
+        write_char_tokenizer(folder)
+    return load_tokenizer(folder)

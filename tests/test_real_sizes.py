@@ -1,0 +1,175 @@
+"""Every config a user can pick, traced at its real model sizes and resolutions with abstract
+parameters (``config.model.abstract``: the published ``config.json`` files of tests/real_configs,
+``jax.eval_shape``, nothing allocated): reference encoding, one training step at the paper's
+resolution, and the dual-branch sampler (one and two subjects, early stop).
+
+The configs are discovered: every ``configs/<method>.py`` with ``REAL_VARIANTS`` (and
+``REAL_ENCODERS``, its encoders' real configs) is traced, so a new method's config adds its own line.
+``PAPER`` holds the shapes the papers state, asserted where given.
+"""
+
+import importlib
+import pkgutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs
+from customjax import trainer
+from customjax.methods.build import build, guidance_config, sampler_params, sampling_side
+from customjax.sampling.common import make_sampler
+from customjax.sampling.dual_branch import dual_branch_sample, guided_steps
+from real_sizes import config_folder
+
+SIZE = {"sd15": 512, "sdxl": 1024}          # the papers' resolutions (RealCustom++ Sec. IV-A)
+CASES = [(m.name, v) for m in pkgutil.iter_modules(configs.__path__)
+         for v in getattr(importlib.import_module(f"configs.{m.name}"), "REAL_VARIANTS", ())]
+# (method config, variant) -> (reference tokens N, token width D): RealCustom++ Sec. III-C1 (729 deep
+# tokens, + 729 cross-layer tokens, the high-resolution path added element-wise; the released
+# projector: 729), RealCustom (CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, width 1024).
+PAPER = {("realcustompp", "sd15"): (1458, 768), ("realcustompp", "sdxl"): (1458, 2048),
+         ("realcustompp", "sdxl,public"): (729, 2048), ("realcustom", "sd15"): (257, 1024),
+         ("realcustom", "sdxl"): (257, 1024)}
+
+
+def real_config(name: str, arg: str):
+    mod = importlib.import_module(f"configs.{name}")
+    c = mod.get_config(arg)
+    c.model.update(dict(path=str(config_folder(arg.split(",")[0])), abstract=True))
+    for key, real in getattr(mod, "REAL_ENCODERS", {}).items():
+        c.encoders[key] = str(config_folder(real))
+    return c
+
+
+def shapes(tree):
+    return jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+
+
+def test_every_method_config_is_traced():
+    """Every registered method has a config file with real variants, so it is traced below."""
+    from customjax.methods.registry import METHODS
+
+    assert set(METHODS) <= {n for n, _ in CASES}
+    assert set(PAPER) <= set(CASES)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}:{v}" for n, v in CASES])
+def real(request):
+    name, arg = request.param
+    c = real_config(name, arg)
+    built = build(c)
+    leaves = jax.tree_util.tree_leaves(built.params)
+    assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)     # nothing allocated
+    return name, arg, c, built
+
+
+def test_reference_tokens(real):
+    name, arg, c, built = real
+    ss = sampling_side(built, c)
+    images = jax.ShapeDtypeStruct((2, ss.ref_size, ss.ref_size, 3), jnp.float32)
+    tokens = jax.eval_shape(ss.tokens, images)
+    assert tokens.shape[0] == 2 and tokens.shape[-1] == built.unet.control.extra_kv[0].dim
+    assert jax.eval_shape(ss.null_tokens, images).shape == tokens.shape
+    if (name, arg) in PAPER:
+        assert tokens.shape[1:] == PAPER[name, arg]
+
+
+def test_one_training_step(real):
+    name, arg, c, built = real
+    s = trainer.setup(c)
+    size = c.train.image_size
+    assert size == SIZE[arg.split(",")[0]]
+    ref = built.method.reference_size(c)
+    batch = {"image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+             "reference": jax.ShapeDtypeStruct((1, ref, ref, 3), jnp.float32),
+             "ids": tuple(jax.ShapeDtypeStruct((1, 77), jnp.int32) for _ in s.built.pipe.tokenizers)}
+    state, metrics = jax.eval_shape(s.step, s.state, s.frozen, batch)
+    assert shapes(state.params) == shapes(s.state.params)
+    assert metrics["loss"].shape == () and "loss/diffusion" in metrics
+    assert set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a.dtype == jnp.float32, state.params)))
+
+
+def _sample_shapes(built, c, gcfg, subjects: int):
+    pipe = built.pipe
+    size = c.sample.height
+    ss = sampling_side(built, c)
+    tokens = jax.eval_shape(ss.tokens, jax.ShapeDtypeStruct((1, ss.ref_size, ss.ref_size, 3), jnp.float32))
+    R = subjects if gcfg.masked and gcfg.references == "many2many" else 1
+    f = pipe.vae_scale
+    lat = size // f
+    h = lat // gcfg.mask.mask_factor
+    sds = jax.ShapeDtypeStruct
+    feats = sds((1, R, *tokens.shape[1:]), jnp.float32)
+    ids = tuple(sds((1, 77), jnp.int32) for _ in pipe.tokenizers)
+    smp = make_sampler(pipe.schedule, c.sample.sampler, c.sample.steps)
+    out = jax.eval_shape(
+        lambda p, i, n, w, x, z, m0, nf: dual_branch_sample(pipe, built.unet, smp, gcfg, ss.visual, p, i, n, w, x, z, m0,
+                                                            zero_uncond=pipe.is_sdxl, null_feats=nf),
+        sampler_params(built), ids, ids, sds((1, subjects, 77), jnp.bool_), feats,
+        sds((1, lat, lat, pipe.unet.config.in_channels), jnp.float32), sds((1, subjects, h, h), jnp.float32),
+        feats if gcfg.uncond_image == "zero" else None)
+    return out, h
+
+
+def test_dual_branch_sampler(real):
+    """One subject with the config's early stop (RealCustom++ T_stop: 25 of 50 steps for SD-1.5, 12
+    of 25 for SDXL); the masks at the largest cross-attention map (64 x 64 for both)."""
+    name, arg, c, built = real
+    gcfg = guidance_config(c)
+    steps = c.sample.steps
+    if gcfg.masked and name == "realcustompp" and arg in ("sd15", "sdxl"):
+        assert (steps, guided_steps(gcfg, steps)) == {"sd15": (50, 25), "sdxl": (25, 12)}[arg]
+    out, h = _sample_shapes(built, c, gcfg, 1)
+    size = c.sample.height
+    assert size == SIZE[arg.split(",")[0]] and out["images"].shape == (1, size, size, 3)
+    assert out["masks"].shape == (1, 1, h, h) and (h == 64 or not gcfg.masked)
+    assert out["mask_steps"].shape == (steps, 1, 1, h, h)
+
+
+@pytest.mark.parametrize("arg", ["sd15", "sdxl"])
+def test_two_subjects_algorithm1(arg):
+    """RealCustom++ multi-subject (Algorithm 1, Many2Many references) at the real sizes."""
+    c = real_config("realcustompp", arg)
+    built = build(c)
+    gcfg = guidance_config(c)
+    assert gcfg.mask.multi == "algorithm1" and gcfg.references == "many2many"
+    out, h = _sample_shapes(built, c, gcfg, 2)
+    assert out["masks"].shape == (1, 2, h, h) and out["images"].shape == (1, c.sample.height, c.sample.height, 3)
+
+
+def test_realcustompp_features_as_the_paper_states():
+    """RealCustom++ Sec. III-C1: SigLIP-so400m + DINOv2-L at 384 px give 729 tokens of 1152 + 1024 = 2176
+    channels; the shallow layers {7, 13, 19} / {4, 10, 16}; the 768 px view as four 384 px crops."""
+    from customjax.methods.realcustompp import projector_inputs
+
+    c = real_config("realcustompp", "sdxl")
+    built = build(c)
+    side = built.image_side
+    assert [(e.name, e.shallow, e.module.config.num_hidden_layers) for e in side.encoders] == [
+        ("siglip", (7, 13, 19), 27), ("dino", (4, 10, 16), 24)]
+    assert side.encoders[1].module.config.num_register_tokens == 4
+    images = jax.ShapeDtypeStruct((2, 768, 768, 3), jnp.float32)
+    f = jax.eval_shape(lambda p, x: projector_inputs(side, p, x), built.params["image"], images)
+    assert f.deep.shape == (2, 729, 2176)
+    assert f.shallow.shape == (2, 3 * 729, 2176)
+    assert f.high.shape == (2, 4 * 729, 2176)
+    assert side.features.split == "crops" and side.features.image_size * side.features.scale == 768
+
+
+def test_public_preset_reads_the_released_layers():
+    from customjax.methods.realcustompp import projector_inputs
+
+    c = real_config("realcustompp", "sdxl,public")
+    built = build(c)
+    side = built.image_side
+    assert [(e.name, e.deep) for e in side.encoders] == [("siglip", 25), ("dino", 22)]
+    assert not side.ccp.config.cross_layer and side.features.split == "polyphase"
+    f = jax.eval_shape(lambda p, x: projector_inputs(side, p, x), built.params["image"],
+                       jax.ShapeDtypeStruct((1, 768, 768, 3), jnp.float32))
+    assert f.shallow is None and f.high.shape == (1, 4 * 729, 2176)
+    g = guidance_config(c)
+    assert (g.uncond_image, g.mask.gamma_scope, g.w, g.t_stop, c.sample.sampler, c.sample.steps) == (
+        "zero", 0.25, 3.5, 12, "dpm++2s_shifted", 25)
+    assert np.array_equal(np.asarray(g.mask.cross_factors), [2, 4]) and g.mask.self_factors == ()
