@@ -1,14 +1,20 @@
 """The one registry of methods: ``config.method`` -> the :class:`~customjax.methods.protocol.Method`
 that the trainer, the sampler, export, previews and the benchmark dispatch through. Adding a method
-is one module under ``customjax/methods/`` plus its name in the tuple below
+is one module under ``customjax/methods/`` (holding ``METHOD``) plus its line below
 (docs/adding_a_method.md)."""
 
 from __future__ import annotations
 
-from customjax.methods import realcustom, realcustompp
+import importlib
+
 from customjax.methods.protocol import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (realcustom, realcustompp)}
+MODULES = (
+    "realcustom",        # RealCustom (seed 003)
+    "realcustompp",      # RealCustom++ (seed 004)
+)
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in
+                              (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)}
 
 
 def get(name: str) -> Method:
