@@ -12,6 +12,7 @@ from customjax.methods.protocol import Method
 MODULES = (
     "realcustom",        # RealCustom (seed 003)
     "realcustompp",      # RealCustom++ (seed 004)
+    "ip_adapter",        # IP-Adapter (Ye et al. 2023), the unmasked baseline
 )
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in
                               (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)}
