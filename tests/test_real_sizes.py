@@ -28,10 +28,11 @@ CASES = [(m.name, v) for m in pkgutil.iter_modules(configs.__path__)
          for v in getattr(importlib.import_module(f"configs.{m.name}"), "REAL_VARIANTS", ())]
 # (method config, variant) -> (reference tokens N, token width D): RealCustom++ Sec. III-C1 (729 deep
 # tokens, + 729 cross-layer tokens, the high-resolution path added element-wise; the released
-# projector: 729), RealCustom (CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, width 1024).
+# projector: 729), RealCustom (CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, width 1024), IP-Adapter
+# (4 tokens of the cross-attention width).
 PAPER = {("realcustompp", "sd15"): (1458, 768), ("realcustompp", "sdxl"): (1458, 2048),
          ("realcustompp", "sdxl,public"): (729, 2048), ("realcustom", "sd15"): (257, 1024),
-         ("realcustom", "sdxl"): (257, 1024)}
+         ("realcustom", "sdxl"): (257, 1024), ("ip_adapter", "sd15"): (4, 768)}
 
 
 def real_config(name: str, arg: str):
