@@ -219,3 +219,33 @@ def test_sdxl_input_errors(sdxl_pair):
     # The documented keywords, control included, still work as keywords.
     out = jax.eval_shape(lambda: call(sample=x, timesteps=t, encoder_hidden_states=ctx, control=Control(), **extra))
     assert out.shape == x.shape
+
+
+def test_chunked_attention_matches_the_fused_one(monkeypatch):
+    """Query-chunked attention (large maps: memory for one chunk's logits) equals the fused one, values
+    and gradients, with and without a key mask and with a ragged last chunk; an attention layer above
+    CHUNK_LOGITS takes it and its output does not move."""
+    from customjax.models.attention import Attention
+    from customjax.models import layers
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (37, 19, 19))
+    mask = jnp.asarray(rng.uniform(size=(2, 1, 1, 19)) > 0.3)
+    for m in (None, mask):
+        f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=m)                 # noqa: E731
+        g = lambda q, k, v: layers.chunked_attention(q, k, v, m, 10)                     # noqa: E731
+        np.testing.assert_allclose(g(q, k, v), f(q, k, v), atol=1e-6)
+        loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()                                  # noqa: E731
+        for a, b in zip(jax.grad(loss(g), (0, 1, 2))(q, k, v), jax.grad(loss(f), (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    layer = Attention(heads=3, dim_head=8, out_dim=24, is_cross=False)
+    x = jnp.asarray(rng.standard_normal((2, 37, 24)), jnp.float32)
+    p = layer.init(jax.random.key(0), x)
+    fused = layer.apply(p, x)
+    monkeypatch.setattr(layers, "CHUNK_LOGITS", 2 * 3 * 37 * 37 // 4)
+    np.testing.assert_allclose(layer.apply(p, x), fused, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(layers, "chunked_attention", lambda *a: calls.append(a[-1]) or jax.nn.dot_product_attention(*a[:4]))
+    monkeypatch.setattr(layers, "CHUNK_LOGITS", 2 * 3 * 37 * 19 - 1)
+    layers.multihead_attention(q, k, v)
+    assert calls == [max(1, (2 * 3 * 37 * 19 - 1) // (2 * 3 * 19))]

@@ -54,11 +54,35 @@ def attend(probs: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(*out.shape[:2], -1)
 
 
+# Above this many attention logits (B * H * Tq * Tk; 128 MiB of float32) attention runs over query
+# chunks, each rematerialised in the backward pass: the full (Tq, Tk) map of a 64 x 64 feature map
+# (SD-1.5 at 512 px, 8 heads: 512 MiB, a few such maps per layer in the backward pass) is never formed.
+CHUNK_LOGITS = 2 ** 25
+
+
 def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                         is_causal: bool = False) -> jax.Array:
     """Fused attention (flash / cuDNN where the backend has it); q, k, v (B, T, H, D) -> (B, Tq, H*D).
 
-    ``mask`` broadcasts to (B, H, Tq, Tk), True = attend.
+    ``mask`` broadcasts to (B, H, Tq, Tk), True = attend. Large maps (more than :data:`CHUNK_LOGITS`
+    logits, a mask without a query axis) run in query chunks (:func:`chunked_attention`).
     """
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    B, Tq, H, _ = q.shape
+    if not is_causal and B * H * Tq * k.shape[1] > CHUNK_LOGITS and (mask is None or mask.shape[-2] == 1):
+        out = chunked_attention(q, k, v, mask, max(1, CHUNK_LOGITS // (B * H * k.shape[1])))
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     return out.reshape(*out.shape[:2], -1)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int) -> jax.Array:
+    """``jax.nn.dot_product_attention`` over query chunks of at most ``chunk`` rows, one after the
+    other (``lax.map``), each recomputed in the backward pass (``jax.checkpoint``): memory for one
+    chunk's (chunk, Tk) logits instead of the whole map. (B, Tq, H, D) -> (B, Tq, H, D)."""
+    B, Tq, H, D = q.shape
+    n = -(-Tq // chunk)
+    size = -(-Tq // n)
+    qp = jnp.pad(q, ((0, 0), (0, n * size - Tq), (0, 0), (0, 0))).reshape(B, n, size, H, D).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, mask=mask))
+    out = jax.lax.map(one, qp)                                          # (n, B, size, H, D)
+    return out.swapaxes(0, 1).reshape(B, n * size, H, D)[:, :Tq]
