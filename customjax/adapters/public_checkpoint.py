@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from customjax.weights.convert import WeightMismatchError, convert, to_torch_state, torch_key
+from customjax.weights.convert import KeyedMismatchError, convert, to_torch_state, torch_key
 from customjax.weights.safetensors_io import load_file, save_file
 
 PROJECTOR_PREFIX = "encoder_hidden_states_vision_projection."
@@ -50,23 +50,11 @@ _SEQUENTIAL = re.compile(r"^(projector2?|projector_base)_(\d+)(?=\.)")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class PublicCheckpointError(WeightMismatchError):
+class PublicCheckpointError(KeyedMismatchError):
     """A checkpoint whose keys or shapes do not match the public layout our trees expect; every
-    problem is listed by its public key. ``missing``, ``unexpected``: key names; ``mismatched``:
-    (key, parameter path, expected PyTorch shape, found shape)."""
+    problem is listed by its public key."""
 
-    def __init__(self, name: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, str, tuple, tuple]], hint: str = ""):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"{name}: checkpoint does not match the RealCustom++ layout "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape)"]
-        lines += [f"  wrong shape: {k!r} -> parameter {p}: expected {w}, found {g} (PyTorch layout)"
-                  for k, p, w, g in mismatched[:20]]
-        lines += [f"  missing: {k!r} is not in the checkpoint" for k in missing[:20]]
-        lines += [f"  unexpected: {k!r} has no parameter in the model" for k in unexpected[:20]]
-        if hint:
-            lines.append(hint)
-        ValueError.__init__(self, "\n".join(lines))
+    layout = "the RealCustom++ layout"
 
 
 # ----------------------------------------------------------------------------------------------

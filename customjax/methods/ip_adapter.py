@@ -37,7 +37,7 @@ from customjax.control.spec import ExtraKV
 from customjax.methods.common import TINY_CLIP, abstract, encoder, init
 from customjax.methods.protocol import Condition, ImageSide, Method, jit_method
 from customjax.models.vit import CLIP_MEAN, CLIP_STD
-from customjax.weights.convert import WeightMismatchError
+from customjax.weights.convert import KeyedMismatchError
 
 TOKENS = 4
 KV = "ip"
@@ -89,6 +89,12 @@ def public_names(unet_params: Any) -> dict[str, tuple[str, ...]]:
         for kv in ("k", "v"):
             out[f"ip_adapter.{2 * i + 1}.to_{kv}_{KV}.weight"] = ("unet", *p, f"to_{kv}_{KV}", "kernel")
     return out
+
+
+class IPAdapterCheckpointError(KeyedMismatchError):
+    """An IP-Adapter file that does not fit the model, listed by its released key."""
+
+    layout = "the IP-Adapter layout"
 
 
 _PROJ = {"image_proj.proj.weight": ("image_proj", "proj", "kernel"), "image_proj.proj.bias": ("image_proj", "proj", "bias"),
@@ -181,10 +187,10 @@ class IPAdapter(Method):
                 mismatched.append((k, "/".join(p), want[::-1] if p[-1] == "kernel" else want, tuple(np.shape(state[k]))))
             else:
                 out[p] = a
-        missing = sorted("/".join(p) for k, p in names.items() if k not in state)
+        missing = sorted(k for k in names if k not in state)
         unexpected = sorted(set(state) - set(names))
         if missing or unexpected or mismatched:
-            raise WeightMismatchError(f"{name} (IP-Adapter names)", missing, unexpected, mismatched)
+            raise IPAdapterCheckpointError(name, missing, unexpected, mismatched)
         return traverse_util.unflatten_dict(out)
 
     def load_checkpoint(self, built, path, target):

@@ -48,6 +48,27 @@ class WeightMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class KeyedMismatchError(WeightMismatchError):
+    """A checkpoint in another layout (a released file, timm) that does not fit the model; every
+    problem is listed by its checkpoint key. ``mismatched``: (key, parameter path, expected PyTorch
+    shape, found shape); ``layout`` names the layout in the message; ``hint`` is appended."""
+
+    layout = "the model"
+
+    def __init__(self, name: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, str, tuple, tuple]], hint: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"{name}: checkpoint does not match {self.layout} "
+                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape)"]
+        lines += [f"  wrong shape: {k!r}{'' if p == k else f' -> parameter {p}'}: expected {w}, found {g} "
+                  "(PyTorch layout)" for k, p, w, g in mismatched[:20]]
+        lines += [f"  missing: {k!r} is not in the checkpoint" for k in missing[:20]]
+        lines += [f"  unexpected: {k!r} has no parameter in the model" for k in unexpected[:20]]
+        if hint:
+            lines.append(hint)
+        ValueError.__init__(self, "\n".join(lines))
+
+
 def flax_path(torch_key: str) -> tuple[str, ...]:
     """``down_blocks.0.resnets.1.conv1.weight`` -> (``down_blocks_0``, ``resnets_1``, ``conv1``, ``weight``)."""
     return tuple(_INDEX.sub(r"_\1", torch_key).split("."))

@@ -51,7 +51,7 @@ import numpy as np
 
 from customjax.models.vit import (CLIP_VISION, DINOV2, SIGLIP_VISION, Dinov2Config, SiglipVisionConfig)
 from customjax.weights import safetensors_io
-from customjax.weights.convert import WeightMismatchError, convert
+from customjax.weights.convert import KeyedMismatchError, convert
 from customjax.weights.folder import load_state_dict, read_config
 from customjax.weights.loaders import load_pretrained, param_shapes
 
@@ -77,20 +77,10 @@ SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 OPEN_CLIP_PREFIX = "visual.trunk."
 
 
-class TimmWeightMismatchError(WeightMismatchError):
-    """A timm checkpoint whose keys or shapes do not fit the model; as :class:`WeightMismatchError`,
-    with every name a timm checkpoint key (``mismatched``: (key, key, expected, found))."""
+class TimmWeightMismatchError(KeyedMismatchError):
+    """A timm checkpoint whose keys or shapes do not fit the model, listed by timm key."""
 
-    def __init__(self, name: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, str, tuple, tuple]]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"{name}: timm checkpoint does not match the model "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape)"]
-        lines += [f"  wrong shape: checkpoint key {k!r}: expected {want}, found {got}"
-                  for k, _, want, got in mismatched[:20]]
-        lines += [f"  missing: checkpoint key {k!r} is not in the file" for k in missing[:20]]
-        lines += [f"  unexpected: checkpoint key {k!r} has no parameter in the model" for k in unexpected[:20]]
-        ValueError.__init__(self, "\n".join(lines))
+    layout = "the timm layout of the model"
 
 
 # ----------------------------------------------------------------------------------------------
