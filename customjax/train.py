@@ -122,11 +122,17 @@ def _metrics_writer(workdir: epath.Path):
     return SummaryWriter(str(workdir / "tb"))
 
 
-def host_batch(batch: dict, tokenizers) -> dict:
-    """A loader batch (image or precomputed latent_mean / latent_logvar, reference, caption) ->
-    numpy arrays with token ids per tokenizer (this process's part of the global batch)."""
+def host_batch(batch: dict, tokenizers, needs: tuple[str, ...] = ("reference",)) -> dict:
+    """A loader batch (image or precomputed latent_mean / latent_logvar, caption, and what the
+    method ``needs``: its reference, ...) -> numpy arrays with token ids per tokenizer (this process's
+    part of the global batch); a need the batch lacks is named."""
+    missing = [k for k in needs if k not in batch]
+    if missing:
+        raise ValueError(f"the method reads {missing} from every training batch, but the loader's batches hold "
+                         f"{sorted(k for k in batch if not k.startswith('_'))} (check config.data)")
     ids = tuple(tokenize(t, [str(c) for c in batch["caption"]]) for t in tokenizers)
-    arrays = {"reference": np.asarray(batch["reference"], np.float32), "ids": ids}
+    arrays = {k: np.asarray(batch[k], np.float32) for k in needs}
+    arrays["ids"] = ids
     if "mask" in batch:   # the target's subject mask (objective.subject_weight)
         arrays["mask"] = np.asarray(batch["mask"], np.float32)
     if "latent_mean" in batch:  # stored dtype (float16 halves the transfer); loss_fn casts
@@ -136,10 +142,10 @@ def host_batch(batch: dict, tokenizers) -> dict:
     return arrays
 
 
-def to_device_batch(batch: dict, tokenizers, mesh) -> dict:
+def to_device_batch(batch: dict, tokenizers, mesh, needs: tuple[str, ...] = ("reference",)) -> dict:
     """A loader batch -> global arrays split over the mesh's batch axes; each process passes its
     consecutive part of the global batch (the loader's layout)."""
-    return parallel.shard_batch(host_batch(batch, tokenizers), mesh)
+    return parallel.shard_batch(host_batch(batch, tokenizers, needs), mesh)
 
 
 def _export(built, params, folder: epath.Path) -> None:
@@ -169,7 +175,8 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
 
     loader = make_train_loader(config, reference_size(config))
     first = loader.peek()
-    jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers)))
+    needs = built.method.needs
+    jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs)))
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
     start = ckpt.latest_step()
     if start is not None:
@@ -195,7 +202,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     step, preempted = start, False
     try:
         while step < total:
-            batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh)
+            batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh, needs)
             state, metrics = jstep(state, frozen, batch)
             step += 1
             n_log += 1

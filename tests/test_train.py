@@ -152,3 +152,11 @@ def test_subject_weighted_loss():
     from customjax.train import host_batch     # the loader's mask reaches the train step
     assert "mask" not in host_batch(b, built.pipe.tokenizers)
     assert host_batch({**b, "mask": half}, built.pipe.tokenizers)["mask"].shape == half.shape
+
+
+def test_a_method_need_the_batch_lacks_is_named():
+    from customjax.train import host_batch
+
+    b = next(train_probe.batches(1, 2))
+    with pytest.raises(ValueError, match=r"reads \['views'\] from every training batch.*'caption', 'image', 'reference'"):
+        host_batch(b, (), needs=("reference", "views"))
