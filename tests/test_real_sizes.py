@@ -8,6 +8,7 @@ The configs are discovered: every ``configs/<method>.py`` with ``REAL_VARIANTS``
 ``PAPER`` holds the shapes the papers state, asserted where given.
 """
 
+import functools
 import importlib
 import pkgutil
 
@@ -35,6 +36,13 @@ PAPER = {("realcustompp", "sd15"): (1458, 768), ("realcustompp", "sdxl"): (1458,
          ("realcustom", "sdxl"): (257, 1024), ("ip_adapter", "sd15"): (4, 768)}
 
 
+@functools.lru_cache(maxsize=None)
+def real_built(name: str, arg: str):
+    """(config, built) of a method config at its real sizes, built once per test process."""
+    c = real_config(name, arg)
+    return c, build(c)
+
+
 def real_config(name: str, arg: str):
     mod = importlib.import_module(f"configs.{name}")
     c = mod.get_config(arg)
@@ -59,8 +67,7 @@ def test_every_method_config_is_traced():
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}:{v}" for n, v in CASES])
 def real(request):
     name, arg = request.param
-    c = real_config(name, arg)
-    built = build(c)
+    c, built = real_built(name, arg)
     leaves = jax.tree_util.tree_leaves(built.params)
     assert leaves and all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves)     # nothing allocated
     return name, arg, c, built
@@ -132,8 +139,7 @@ def test_dual_branch_sampler(real):
 @pytest.mark.parametrize("arg", ["sd15", "sdxl"])
 def test_two_subjects_algorithm1(arg):
     """RealCustom++ multi-subject (Algorithm 1, Many2Many references) at the real sizes."""
-    c = real_config("realcustompp", arg)
-    built = build(c)
+    c, built = real_built("realcustompp", arg)
     gcfg = guidance_config(c)
     assert gcfg.mask.multi == "algorithm1" and gcfg.references == "many2many"
     out, h = _sample_shapes(built, c, gcfg, 2)
@@ -145,8 +151,7 @@ def test_realcustompp_features_as_the_paper_states():
     channels; the shallow layers {7, 13, 19} / {4, 10, 16}; the 768 px view as four 384 px crops."""
     from customjax.methods.realcustompp import projector_inputs
 
-    c = real_config("realcustompp", "sdxl")
-    built = build(c)
+    c, built = real_built("realcustompp", "sdxl")
     side = built.image_side
     assert [(e.name, e.shallow, e.module.config.num_hidden_layers) for e in side.encoders] == [
         ("siglip", (7, 13, 19), 27), ("dino", (4, 10, 16), 24)]
@@ -162,8 +167,7 @@ def test_realcustompp_features_as_the_paper_states():
 def test_public_preset_reads_the_released_layers():
     from customjax.methods.realcustompp import projector_inputs
 
-    c = real_config("realcustompp", "sdxl,public")
-    built = build(c)
+    c, built = real_built("realcustompp", "sdxl,public")
     side = built.image_side
     assert [(e.name, e.deep) for e in side.encoders] == [("siglip", 25), ("dino", 22)]
     assert not side.ccp.config.cross_layer and side.features.split == "polyphase"
