@@ -50,7 +50,7 @@ def _nested(flat: dict) -> dict:
     out = {"image_proj": {}, "ip_adapter": {}}
     for k, v in flat.items():
         group, rest = k.split(".", 1)
-        out[group][rest] = torch.from_numpy(np.ascontiguousarray(v))
+        out[group][rest] = torch.from_numpy(np.array(v))      # a writable copy of the memory map
     return out
 
 

@@ -16,6 +16,7 @@ from customjax.models.unet import dummy_inputs
 from customjax.models.vit import (CLIP_VISION, DINOV2, SIGLIP_VISION, CLIPVisionConfig, CLIPVisionModel, Dinov2Config,
                                   Dinov2Model, SiglipVisionConfig, SiglipVisionModel)
 from customjax.weights.loaders import param_shapes
+from customjax.zoo import _random as random_tree
 
 # Tiny random encoders for the `tiny` variants: 28px views, 14px patches (2 x 2 tokens).
 TINY_SIGLIP = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -32,12 +33,6 @@ ENCODERS = {"siglip": (SIGLIP_VISION, TINY_SIGLIP, SiglipVisionModel),
 def abstract(config) -> bool:
     """Whether ``config`` builds with abstract parameters (``config.model.abstract``: shapes only)."""
     return bool(config.model.get("abstract", False))
-
-
-def random_tree(shapes: Any, key: jax.Array, std: float) -> Any:
-    """N(0, std^2) arrays of a tree of shapes, drawn on the host (no per-shape compilation)."""
-    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(std * rng.standard_normal(s.shape, np.float32)), shapes)
 
 
 def init(module, key: jax.Array, *args, shapes_only: bool = False) -> Any:
