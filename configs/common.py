@@ -127,6 +127,9 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         log_every=10 if tiny or sw else 50, save_every=100 if tiny else (200 if sw else 2000), max_to_keep=3,
         async_save=True, image_size=32 if tiny else (64 if sw else (1024 if c.variant == "sdxl" else 512)),
         fsdp=1, remat=False, dtype="float32", ema_decay=0.0,
+        # the divergence guard: steps with a non-finite loss / gradient / update are skipped; more than
+        # max_bad_steps in a row stop the run (exit code 65). log_every / save_every / preview_every 0: never.
+        max_bad_steps=5,
         # preview samples with their masks every preview_every steps and at the end (0 = off):
         # preview_count cases from sample.prompts (a sample-CLI JSONL) or else the first batch,
         # sampled with sample.steps / sample.sampler at sample.height x sample.width.

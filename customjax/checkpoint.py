@@ -38,6 +38,45 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The saved steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON ``meta`` saved with ``step`` alone (the run's config, the step), without the state."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
+    def restore_readable(self, abstract_state: Any, steps: list[int] | None = None
+                         ) -> tuple[int, Any, Any, dict, list[tuple[int, str]]]:
+        """(step, state, data_state, meta, unreadable) of the newest checkpoint that reads, trying
+        ``steps`` (default: all, newest first); ``unreadable``: (step, error) of the newer ones that
+        did not read (a truncated or corrupt write). Raises when none reads."""
+        steps = self.all_steps() if steps is None else steps
+        bad = []
+        for step in steps:
+            try:
+                state, data, meta = self.restore(abstract_state, step)
+                return step, state, data, meta, bad
+            except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many types for a broken file)
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+                bad.append((step, f"{type(e).__name__}: {first[:300]}"))
+        listing = "; ".join(f"step {s}: {m}" for s, m in bad) or "none saved"
+        raise FileNotFoundError(f"no readable checkpoint in {self.dir} ({listing})")
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Renames an unreadable step's folder to ``<step>.unreadable`` (kept for inspection, out of
+        the manager's sight) and rereads the step list; returns the new path. Call on one process."""
+        src = self.dir / str(step)
+        dst = self.dir / f"{step}.unreadable"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.dir / f"{step}.unreadable{n}"
+        src.rename(dst)
+        self.manager.reload()
+        return dst
+
     def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None, force: bool = False) -> bool:
         """Saves (asynchronously) the state; ``data_state`` and ``meta`` must be JSON-able."""
         state = jax.tree_util.tree_map(lambda a: jax.random.key_data(a) if _is_key(a) else a, state)

@@ -31,7 +31,9 @@ from tqdm import tqdm
 
 from customjax.images import grid, mask_strip, overlay, resize_reference, save_png
 from customjax.base_model import first_tokenizer
-from customjax.methods.build import build, guidance_config, load_adapter, sampler_params, sampling_side
+from customjax.cli import fail, parse_flags
+from customjax.methods.build import (build, check_checkpoint, guidance_config, load_adapter, sampler_params,
+                                     sampling_side)
 from customjax.parallel import data_mesh, replicate
 from customjax.sampling.batch import Job, mask_hw, sample_batches
 from customjax.sampling.cases import CaseError, check_cases, read_cases, resize_masks
@@ -74,6 +76,11 @@ def main(argv) -> None:
     gcfg = guidance_config(cfg)
     cases = check_cases(flag_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds),
                         seeds_override=FLAGS.seeds, words_required=gcfg.masked)
+    if FLAGS.checkpoint:          # before the models are built (minutes for SDXL)
+        try:
+            check_checkpoint(FLAGS.checkpoint, cfg.method)
+        except (FileNotFoundError, ValueError) as e:
+            fail("customjax.sample", str(e))
     built = build(cfg)
     pipe = built.pipe
     if FLAGS.checkpoint:
@@ -141,8 +148,8 @@ def run() -> None:
         try:
             main(argv)
         except CaseError as e:
-            raise app.UsageError(str(e)) from None
-    app.run(_main)
+            fail("customjax.sample", str(e))
+    app.run(_main, flags_parser=parse_flags("customjax.sample"))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@
 
 The same code runs on one CPU, N devices of one host and several hosts (``--distributed`` calls
 ``jax.distributed.initialize()``; every process runs this command). The run resumes from the
-latest checkpoint in ``workdir``; SIGTERM (TPU preemption) saves one and exits (several processes:
-JAX's preemption sync service picks one step at which all of them save). ``workdir`` is an
+newest readable checkpoint in ``workdir`` (an unreadable newer one is named and moved aside), with
+the config it was trained with (:mod:`customjax.resume`; ``--allow_config_change``); SIGTERM (TPU
+preemption) saves one and exits with code 75 (several processes: JAX's preemption sync service picks
+one step at which all of them save). A step with a non-finite loss, gradient or update is skipped
+on device; more than ``train.max_bad_steps`` in a row stop the run with code 65, the last good
+checkpoint kept and nothing exported. Exit codes: :mod:`customjax.cli`. ``workdir`` is an
 ``etils.epath`` path: local or a bucket (``gs://...``; needs epath's file backend, gcsfs or
 TensorFlow, as orbax does). Process 0 writes
 ``workdir/config.json``, TensorBoard events (``workdir/tb``), ``workdir/metrics.jsonl``,
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -35,8 +40,9 @@ from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from customjax import parallel, trainer
+from customjax import parallel, resume, trainer
 from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
+from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, parse_flags
 from customjax.data.training import make_train_loader
 from customjax.methods.build import reference_size
 from customjax.preview import make_preview
@@ -51,6 +57,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, export)", required=True)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
     flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
+    flags.DEFINE_list("allow_config_change", [], "config keys (or sections ending in '.') that may differ from the "
+                      "checkpoint's on resume, beyond the safe ones (customjax.resume.SAFE)")
 
 
 def _preemption_service() -> bool:
@@ -87,18 +95,29 @@ class _Preemption:
             self._installed = False
 
 
-class _JsonLines:
-    """``metrics.jsonl``, appended to (a bucket cannot append: there the file is rewritten whole)."""
+def json_safe(record: dict) -> dict:
+    """``record`` with non-finite floats as None (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
 
-    def __init__(self, path: epath.Path):
+
+class _JsonLines:
+    """``metrics.jsonl``, appended to (a bucket cannot append: there the file is rewritten whole).
+    ``after``: the step the run resumes from; lines of later steps (logged after that checkpoint by
+    the interrupted run, to be logged again) are dropped first."""
+
+    def __init__(self, path: epath.Path, after: int = 0):
         self.path, self.remote = path, is_remote(path)
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= after]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
         if self.remote:
-            self.lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            self.lines = kept
         else:
             self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
+        line = json.dumps(json_safe(record)) + "\n"
         if self.remote:
             self.lines.append(line)
             self.path.write_text("".join(self.lines))
@@ -148,25 +167,62 @@ def to_device_batch(batch: dict, tokenizers, mesh, needs: tuple[str, ...] = ("re
     return parallel.shard_batch(host_batch(batch, tokenizers, needs), mesh)
 
 
-def _export(built, params, folder: epath.Path) -> None:
-    from customjax.methods.build import save_adapter, with_trainable
-    built = with_trainable(built, params)
+class Diverged(RuntimeError):
+    """Training stopped: more than ``train.max_bad_steps`` consecutive non-finite steps."""
+
+
+def _export(method, params, folder: epath.Path, step: int) -> None:
+    """``folder/adapter.safetensors`` of the trainable tree (host numpy), under the method's export
+    names; refused when a tensor is not finite (the divergence guard should make that impossible)."""
+    from customjax.methods.build import ADAPTER_FILE
+    from customjax.weights.safetensors_io import save_file
+
+    state = method.state_dict(params)
+    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise Diverged(f"not exporting step {step}: non-finite values in {bad[:5]}")
+    meta = {"method": method.name, "step": str(step)}
     if not is_remote(folder):
-        save_adapter(built, folder)
-        return
-    with tempfile.TemporaryDirectory() as tmp:    # save_adapter writes local files
-        local = save_adapter(built, tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / local.name).write_bytes(local.read_bytes())
+        save_file(state, folder / ADAPTER_FILE, metadata=meta)
+        return
+    with tempfile.TemporaryDirectory() as tmp:    # save_file writes local files
+        save_file(state, f"{tmp}/{ADAPTER_FILE}", metadata=meta)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ADAPTER_FILE).write_bytes(epath.Path(f"{tmp}/{ADAPTER_FILE}").read_bytes())
 
 
-def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> dict:
-    """Runs (or resumes) training; returns the last metrics. ``on_step(step)`` is called after each
-    step (tests use it to deliver SIGTERM at a chosen step)."""
+def _every(step: int, every: int) -> bool:
+    """Whether ``step`` is a multiple of ``every`` (0: never)."""
+    return bool(every) and step % every == 0
+
+
+def check_resume(ckpt: Checkpointer, workdir: epath.Path, config, allow_changes=()) -> None:
+    """Before anything is written or built: the config recorded by the newest checkpoint whose
+    metadata reads (or, for a run of an older version, ``workdir/config.json``) against this run's
+    (:mod:`customjax.resume`)."""
+    for step in ckpt.all_steps():
+        try:
+            saved = ckpt.read_meta(step).get("config")
+        except Exception:  # noqa: BLE001  (a broken checkpoint: the next older one is asked)
+            continue
+        if saved is None and (workdir / "config.json").exists():
+            saved = json.loads((workdir / "config.json").read_text())
+        if saved is not None:
+            resume.check(saved, json.loads(config.to_json_best_effort()), step, str(workdir), allow_changes)
+        return
+
+
+def train(config, workdir: str, stop_after: int | None = None, on_step=None, allow_changes=()) -> dict:
+    """Runs (or resumes) training; returns the last metrics with ``step`` and ``status``
+    ("finished", "preempted" or "stopped" by ``stop_after``). ``on_step(step)`` is called after each
+    step (tests use it to deliver SIGTERM at a chosen step). Raises :class:`~customjax.resume.ResumeError`
+    (the checkpoint's config differs, before anything is written) and :class:`Diverged` (more than
+    ``train.max_bad_steps`` consecutive non-finite steps; the last good checkpoint is kept, nothing
+    is exported)."""
     workdir = run_path(workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_config(workdir, config)
+    ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
+    check_resume(ckpt, workdir, config, allow_changes)
     s = trainer.setup(config)
     built, mesh = s.built, s.mesh
     if config.data.get("latents"):
@@ -177,29 +233,40 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
     first = loader.peek()
     needs = built.method.needs
     jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs)))
-    ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
-    start = ckpt.latest_step()
-    if start is not None:
+    start = 0
+    if ckpt.all_steps():
         abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                           s.state, state_sh)
-        state, data_state, _ = ckpt.restore(abstract, start)
+        start, state, data_state, _, unreadable = ckpt.restore_readable(abstract)
+        for step, err in unreadable:
+            logging.error("checkpoint step %d cannot be read (%s); resuming from step %d", step, err, start)
+            if jax.process_index() == 0:
+                logging.error("moved it aside to %s", ckpt.set_aside(step))
+        if unreadable:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("set aside unreadable checkpoints")
+            ckpt.manager.reload()
         loader.set_state(data_state)
         logging.info("resumed from step %d", start)
     else:
-        start, state = 0, trainer.place(s.state, state_sh)
+        state = trainer.place(s.state, state_sh)
     frozen = trainer.place(s.frozen, frozen_sh)
     s.state = s.frozen = None               # the placed copies are the ones in use
+    saved_config = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:            # after a successful restore: the intact run's config stays until then
+        write_config(workdir, config)
 
     writer = _metrics_writer(workdir)
     preview = make_preview(config, built, mesh, first, workdir, writer)
     if preview is not None:
         preview.compile(_sampling_params(state), frozen)
     preemption = _Preemption(ckpt)
-    metrics_file = _JsonLines(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
-    total = config.train.steps
+    metrics_file = _JsonLines(workdir / "metrics.jsonl", after=start) if jax.process_index() == 0 else None
+    total, max_bad = config.train.steps, int(config.train.get("max_bad_steps", 5))
     last, t_log, n_log = {}, time.time(), 0
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    step, preempted = start, False
+    step, status = start, "finished"
     try:
         while step < total:
             batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh, needs)
@@ -210,7 +277,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
             if on_step is not None:
                 on_step(step)
             preempted = preemption.reached(step)
-            if step % config.train.log_every == 0 or step == total:
+            if _every(step, config.train.log_every) or step == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # replicated
                 dt = time.time() - t_log
                 m.update(skipped_records=loader.skips.records, steps_per_s=n_log / dt,
@@ -223,17 +290,28 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
                 if writer:
                     for k, v in m.items():
                         writer.add_scalar(k, v, step)
-            if preview is not None and not preempted and (step % config.train.preview_every == 0 or step == total):
+                if m["bad_steps"] > max_bad:
+                    ckpt.wait()
+                    raise Diverged(
+                        f"training diverged: {int(m['bad_steps'])} consecutive steps up to step {step} had a non-finite "
+                        f"loss, gradient or update (lr {m['lr']:.3g}; train.max_bad_steps={max_bad}); they were skipped. "
+                        f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.dir}; nothing was exported.")
+            if preview is not None and not preempted and (_every(step, config.train.preview_every) or step == total):
                 preview(step, _sampling_params(state), frozen)
             done = step == total or preempted or (stop_after is not None and step - start >= stop_after)
-            if step % config.train.save_every == 0 or done:
-                ckpt.save(step, state, loader.get_state(), {"step": step}, force=True)
+            if _every(step, config.train.save_every) or done:
+                ckpt.save(step, state, loader.get_state(), {"step": step, "config": saved_config}, force=True)
             if done:
+                status = "finished" if step == total else ("preempted" if preempted else "stopped")
                 break
         if step == total:   # every process gathers (the parameters may be split across processes)
+            bad = int(jax.device_get(state.bad))
+            if bad > max_bad:
+                raise Diverged(f"training diverged: the last {bad} steps up to step {step} were not finite; "
+                               f"the last good checkpoint is step {ckpt.latest_step()}; nothing was exported")
             params = parallel.to_host(_sampling_params(state), mesh)
             if jax.process_index() == 0:
-                _export(built, params, workdir / "export")
+                _export(built.method, params, workdir / "export", step)
     finally:
         preemption.close()
         bar.close()
@@ -243,9 +321,10 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None) -> 
             metrics_file.close()
         if writer:
             writer.close()
-    if preempted:
-        logging.warning("preemption: saved step %d and stopped", step)
-    return {"step": step, **last}
+    if status == "preempted":
+        logging.warning("preemption: saved step %d and stopped (exit code %d: run the same command to resume)",
+                        step, EXIT_PREEMPTED)
+    return {"step": step, "status": status, **last}
 
 
 def _sampling_params(state: trainer.TrainState):
@@ -259,10 +338,20 @@ def main(argv) -> None:
         jax.distributed.initialize()
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
-    out = train(FLAGS.config, FLAGS.workdir, FLAGS.stop_after)
-    print(json.dumps(out))
+    try:
+        out = train(FLAGS.config, FLAGS.workdir, FLAGS.stop_after, allow_changes=FLAGS.allow_config_change)
+    except resume.ResumeError as e:
+        sys.stderr.write(f"customjax.train: {e}\n")
+        sys.exit(EXIT_USAGE)
+    except Diverged as e:
+        sys.stderr.write(f"customjax.train: {e}\n")
+        sys.exit(EXIT_DIVERGED)
+    print(json.dumps(json_safe(out)))
+    sys.stdout.flush()
+    if out["status"] == "preempted":
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags("customjax.train"))

@@ -35,6 +35,8 @@ class TrainState:
     opt_state: Any
     ema: Any             # EMA of params, or None
     key: jax.Array
+    bad: jax.Array       # consecutive steps whose loss, gradients or update were not finite (skipped)
+    skipped: jax.Array   # all skipped steps of the run
 
 
 def make_optimizer_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
@@ -78,12 +80,20 @@ def split(built: Built) -> tuple[dict, dict]:
 
 def init_state(trainable: Any, tx: optax.GradientTransformation, key: jax.Array, ema: bool) -> TrainState:
     copy = jax.tree_util.tree_map(jnp.array, trainable)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), copy if ema else None, key)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (own buffers: the state is donated)
+    return TrainState(zero(), trainable, tx.init(trainable), copy if ema else None, key, zero(), zero())
 
 
 def make_train_step(built: Built, tx: optax.GradientTransformation, objective: ObjectiveConfig,
                     ema_decay: float = 0.0):
-    """``step(state, frozen, batch) -> (state, metrics)``, not yet jitted (see :func:`compile_step`)."""
+    """``step(state, frozen, batch) -> (state, metrics)``, not yet jitted (see :func:`compile_step`).
+
+    The divergence guard, on device and without a host sync: a step whose loss, gradient norm or
+    updated parameters are not finite changes nothing but the step counter, the key and the
+    counters ``bad`` (consecutive such steps, reset by a good one) and ``skipped`` (all of them), so
+    no non-finite value ever reaches the parameters, the optimizer state or the EMA. The host reads
+    the counters with the logged metrics (``nonfinite``, ``bad_steps``, ``skipped_steps``) and stops
+    the run past ``train.max_bad_steps`` (:mod:`customjax.train`)."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, built=built, cfg=objective), has_aux=True)
 
     def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
@@ -91,11 +101,18 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, objective: O
         (loss, metrics), grads = grad_fn(state.params, frozen, batch, jax.random.fold_in(sub, state.step))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         ema = state.ema
         if ema is not None:
-            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-        return TrainState(state.step + 1, params, opt_state, ema, key), metrics
+            ema = keep(jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
+        bad = jnp.where(ok, 0, state.bad + 1).astype(jnp.int32)
+        skipped = state.skipped + (~ok).astype(jnp.int32)
+        metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
+                       nonfinite=(~ok).astype(jnp.float32), bad_steps=bad, skipped_steps=skipped)
+        return TrainState(state.step + 1, params, opt_state, ema, key, bad, skipped), metrics
     return step
 
 

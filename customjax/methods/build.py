@@ -108,27 +108,45 @@ def trainable_tree(built: Built) -> dict:
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if pred(k[1:] if k[0] == "unet" else k)})
 
 
-def load_adapter(built: Built, checkpoint: str | os.PathLike) -> Built:
-    """Loads trained adapter weights from ``checkpoint``: a folder holding ``adapter.safetensors``
-    (our export, under the method's export names; its ``method`` metadata must name this method),
-    or a checkpoint in a format the method reads itself (:meth:`Method.load_checkpoint`)."""
-    from customjax.weights.safetensors_io import load_file, read_metadata
+def check_checkpoint(checkpoint: str | os.PathLike, method: str) -> Path | None:
+    """Before any model is built: ``checkpoint`` exists, and when it is our export
+    (``adapter.safetensors``, or a folder holding one) the method it records is ``method``. Returns
+    the export file, or None for another format (read by the method itself)."""
+    from customjax.weights.safetensors_io import read_metadata
 
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
     ours = path / ADAPTER_FILE if path.is_dir() else path
-    if ours.name == ADAPTER_FILE and ours.is_file():
-        recorded = read_metadata(ours).get("method")
-        if recorded and recorded != built.method.name:
-            raise ValueError(f"{ours}: an adapter of method {recorded!r}; the config builds {built.method.name!r} "
-                             f"(use configs/{recorded}.py)")
+    if ours.name != ADAPTER_FILE or not ours.is_file():
+        return None
+    recorded = read_metadata(ours).get("method")
+    if recorded and recorded != method:
+        raise ValueError(f"{ours}: an adapter of method {recorded!r}; the config builds {method!r} "
+                         f"(use configs/{recorded}.py)")
+    return ours
+
+
+def load_adapter(built: Built, checkpoint: str | os.PathLike) -> Built:
+    """Loads trained adapter weights from ``checkpoint``: a folder holding ``adapter.safetensors``
+    (our export, under the method's export names; its ``method`` metadata must name this method),
+    or a checkpoint in a format the method reads itself (:meth:`Method.load_checkpoint`). A tensor
+    that is not finite is refused by name."""
+    import numpy as np
+
+    from customjax.weights.safetensors_io import load_file
+
+    ours = check_checkpoint(checkpoint, built.method.name)
+    if ours is not None:
         loaded = built.method.load_state_dict(load_file(ours), trainable_tree(built), str(ours))
     else:
-        loaded = built.method.load_checkpoint(built, path, trainable_tree(built))
+        loaded = built.method.load_checkpoint(built, Path(checkpoint), trainable_tree(built))
         if loaded is None:
             raise FileNotFoundError(f"{checkpoint}: no {ADAPTER_FILE}, and {built.method.name} reads no other "
                                     "checkpoint format")
+    bad = ["/".join(k) for k, v in traverse_util.flatten_dict(loaded).items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise ValueError(f"{checkpoint}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]} (a diverged run?)")
     return with_trainable(built, loaded)
 
 
