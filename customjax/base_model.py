@@ -44,6 +44,26 @@ def base_pipeline(config) -> tuple[Any, dict]:
     return random_pipeline(m.random, scale, seed=config.seed, std=0.1 if scale == "tiny" else 0.02, dtype=dtype)
 
 
+# Config keys that name local files or folders, checked before anything is built.
+PATH_KEYS = ("model.path", "encoders.siglip", "encoders.dino", "encoders.clip", "data.text_image", "data.multiview",
+             "data.latents")
+
+
+def check_config_paths(config, keys=PATH_KEYS) -> None:
+    """Every non-empty path the config names exists (a glob must match; a URL is left to its reader),
+    or a FileNotFoundError naming the key: before minutes of model building."""
+    import glob
+
+    for key in keys:
+        section, _, leaf = key.partition(".")
+        value = config.get(section, {}).get(leaf, "") if leaf else config.get(section, "")
+        for p in ([value] if isinstance(value, str) else list(value or [])):
+            if not p or "://" in p:
+                continue
+            if not (Path(p).exists() or glob.glob(p)):
+                raise FileNotFoundError(f"config.{key}={p!r}: no such file or folder")
+
+
 def first_tokenizer(config):
     """The pipeline's (first) tokenizer alone, cheaply, to check prompts before anything loads."""
     import tempfile

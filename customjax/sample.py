@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from customjax.images import grid, mask_strip, overlay, resize_reference, save_png
-from customjax.base_model import first_tokenizer
+from customjax.base_model import check_config_paths, first_tokenizer
 from customjax.cli import fail, parse_flags
 from customjax.methods.build import (build, check_checkpoint, guidance_config, load_adapter, sampler_params,
                                      sampling_side)
@@ -73,6 +73,10 @@ def main(argv) -> None:
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
     t0 = time.time()
+    try:
+        check_config_paths(cfg)
+    except FileNotFoundError as e:
+        fail("customjax.sample", str(e))
     gcfg = guidance_config(cfg)
     cases = check_cases(flag_cases(), first_tokenizer(cfg), gcfg.references, list(cfg.sample.seeds),
                         seeds_override=FLAGS.seeds, words_required=gcfg.masked)

@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from customjax import parallel, resume, trainer
+from customjax.base_model import check_config_paths
 from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
 from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, parse_flags
 from customjax.data.training import make_train_loader
@@ -220,6 +221,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     (the checkpoint's config differs, before anything is written) and :class:`Diverged` (more than
     ``train.max_bad_steps`` consecutive non-finite steps; the last good checkpoint is kept, nothing
     is exported)."""
+    check_config_paths(config)
     workdir = run_path(workdir)
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
     check_resume(ckpt, workdir, config, allow_changes)
@@ -340,7 +342,7 @@ def main(argv) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
     try:
         out = train(FLAGS.config, FLAGS.workdir, FLAGS.stop_after, allow_changes=FLAGS.allow_config_change)
-    except resume.ResumeError as e:
+    except (resume.ResumeError, FileNotFoundError) as e:
         sys.stderr.write(f"customjax.train: {e}\n")
         sys.exit(EXIT_USAGE)
     except Diverged as e:

@@ -175,6 +175,11 @@ def test_main_exit_codes(monkeypatch, capsys):
      "customjax.sample: --checkpoint /no/such/export: no such file or folder"),
     (["-m", "customjax.export", "--workdir", "/no/such/run", "--out", "x.safetensors"],
      "customjax.export: --workdir /no/such/run: no such folder"),
+    (["-m", "customjax.sample", "--config", "configs/realcustompp.py:sd15", "--config.encoders.dino=/no/dino",
+      "--prompt", "a toy", "--word", "toy", "--reference", "examples/toy.png"],
+     "customjax.sample: config.encoders.dino='/no/dino': no such file or folder"),
+    (["-m", "customjax.train", "--config", "configs/realcustompp.py:tiny", "--workdir", "W",
+      "--config.data.text_image=/no/shards"], "customjax.train: config.data.text_image='/no/shards': no such file"),
 ])
 def test_cli_errors_are_one_line_before_any_model(args, needle, tmp_path):
     r = subprocess.run([sys.executable, *[a.replace("W", str(tmp_path / "w")) for a in args]], cwd=ROOT,
