@@ -28,20 +28,24 @@ from ml_collections import config_flags
 from PIL import Image
 
 from customjax import trainer
-from customjax.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
-from customjax.benchmark.provenance import git_state
+from customjax.shapeworld.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
+from customjax.provenance import git_state
 from customjax.data import images
-from customjax.data import shapeworld as sw
+from customjax.shapeworld import world as sw
 from customjax.methods.build import build, load_adapter, reference_size
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "method config file[:variant] (a ShapeWorld base)", lock_config=False)
-flags.DEFINE_multi_string("checkpoint", [], "adapter folder (adapter.safetensors); may repeat")
-flags.DEFINE_enum("captions", "scene", ["scene", "category"], "what both captions name besides the appearance")
-flags.DEFINE_integer("objects", 192, "multiview objects (held apart from training: indices from 100000)")
-flags.DEFINE_integer("draws", 3, "noise / timestep draws per object")
-flags.DEFINE_string("out", None, "JSON results file")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use: tests import this module beside other benchmarks)."""
+    config_flags.DEFINE_config_file("config", None, "method config file[:variant] (a ShapeWorld base)", lock_config=False)
+    flags.DEFINE_multi_string("checkpoint", [], "adapter folder (adapter.safetensors); may repeat")
+    flags.DEFINE_enum("captions", "scene", ["scene", "category"], "what both captions name besides the appearance")
+    flags.DEFINE_integer("objects", 192, "multiview objects (held apart from training: indices from 100000)")
+    flags.DEFINE_integer("draws", 3, "noise / timestep draws per object")
+    flags.DEFINE_string("out", None, "JSON results file")
 
 BATCH = 8
 
@@ -120,4 +124,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -51,7 +51,7 @@ import jaxlib
 import numpy as np
 from flax import traverse_util
 
-from customjax.benchmark.provenance import git_state
+from customjax.provenance import git_state
 from customjax.control.capture import collect
 from customjax.control.params import attach, is_control_param
 from customjax.control.spec import Capture, Control, ControlConfig, ExtraKV, ExtraTokens

@@ -1,8 +1,9 @@
 """Random-weight model folders at the real sizes of the published architectures.
 
-Reads the published configs of ``tests/real_configs`` and writes, tensor by tensor, a folder that
-our loaders (``customjax.pipeline.load_stable_diffusion``, ``customjax.weights.loaders.load_pretrained``)
-and diffusers / transformers ``from_pretrained`` load as they would the real checkpoint:
+Reads the published configs of ``customjax/weights/published_configs`` and writes, tensor by
+tensor, a folder that our loaders (``customjax.pipeline.load_stable_diffusion``,
+``customjax.weights.loaders.load_pretrained``) and diffusers / transformers ``from_pretrained``
+load as they would the real checkpoint:
 
     sd15 | sd21 | sdxl      diffusers layout: model_index.json, scheduler/, tokenizer/ (+ tokenizer_2/),
                             unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors),
@@ -39,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REAL_CONFIGS = ROOT / "tests" / "real_configs"
+REAL_CONFIGS = ROOT / "customjax" / "weights" / "published_configs"
 FOLDERS = {"sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl", "siglip": "siglip_so400m_patch14_384",
            "dino": "dinov2_large_reg4", "clip_l": "clip_vit_large_patch14",
            "ip_image_encoder": "ip_adapter_image_encoder_sd15"}

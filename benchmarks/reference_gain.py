@@ -6,7 +6,7 @@ P(multiview) 0.4-1.0, where ShapeWorld captions name the category only), so the 
 come from the reference.
 
     python benchmarks/reference_gain.py --config configs/realcustompp.py:shapeworld \
-        --config.data.shapeworld_examples=16000 --checkpoint runs/sw_pp/export \
+        --config.data.examples=16000 --checkpoint runs/sw_pp/export \
         --out benchmarks/results/reference_gain_shapeworld_cpu.json
 
 ``--checkpoint`` may repeat; a random-initialised adapter is always measured first as the control.
@@ -24,19 +24,23 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from customjax import trainer
-from customjax.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
-from customjax.benchmark.provenance import git_state
+from customjax.shapeworld.benchmark.loss_gain import DROPPED, WITH, jitted_objective, paired_gain
+from customjax.provenance import git_state
 from customjax.data.training import make_train_loader
 from customjax.methods.build import build, load_adapter, reference_size
 from customjax.tokenizer import tokenize
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "method config file[:variant]", lock_config=False)
-flags.DEFINE_multi_string("checkpoint", [], "adapter folder (adapter.safetensors); may repeat")
-flags.DEFINE_integer("curriculum", 40, "curriculum length (steps) the batches are drawn from")
-flags.DEFINE_integer("skip", 16, "the first batches skipped (early curriculum: mostly text-image pairs)")
-flags.DEFINE_integer("draws", 3, "noise / timestep draws per batch")
-flags.DEFINE_string("out", None, "JSON results file")
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use: tests import this module beside other benchmarks)."""
+    config_flags.DEFINE_config_file("config", None, "method config file[:variant]", lock_config=False)
+    flags.DEFINE_multi_string("checkpoint", [], "adapter folder (adapter.safetensors); may repeat")
+    flags.DEFINE_integer("curriculum", 40, "curriculum length (steps) the batches are drawn from")
+    flags.DEFINE_integer("skip", 16, "the first batches skipped (early curriculum: mostly text-image pairs)")
+    flags.DEFINE_integer("draws", 3, "noise / timestep draws per batch")
+    flags.DEFINE_string("out", None, "JSON results file")
 
 def gain(loss, frozen, train, batches: list[dict], draws: int) -> dict:
     """Mean loss with the reference and dropped, and the gain with its 95% interval, of the adapter
@@ -82,4 +86,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -6,7 +6,7 @@ masks); scored exactly (controllability, appearance similarity) and with the mod
     python benchmarks/shapeworld_custom.py --config configs/realcustompp.py:shapeworld \
         --checkpoint runs/sw/export [--realcustom_config configs/realcustom.py:shapeworld \
         --realcustom_checkpoint runs/sw_rc/export] --cases 20 --seeds 0,1 --steps 25 \
-        --out docs/shapeworld_custom
+        --out docs/shapeworld/customization_benchmark
     python benchmarks/shapeworld_custom.py --config configs/realcustompp.py:tiny --fast --out /tmp/sw
 
 Writes ``results.json`` (every figure, setting, case, seed, the device and commit), ``results.md``
@@ -14,7 +14,7 @@ Writes ``results.json`` (every figure, setting, case, seed, the device and commi
 controllability: the unmasked frontier and the masked settings) and ``samples.png``. ``--fast``:
 2 cases, 1 two-subject case, 1 seed, 4 steps, the settings marked fast (t2i, the four unmasked
 scales, AMG, the layout oracle, two subjects with Algorithm 1: three compiled samplers).
-Definitions: ``customjax/benchmark/`` (cases, settings, generate, scoring, report; run: ``shapeworld.py``).
+Definitions: ``customjax/shapeworld/benchmark/`` (cases, settings, generate, scoring, report; run: ``shapeworld.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from customjax.benchmark.report import markdown, write_report
-from customjax.benchmark.settings import SETTING_NAMES, SETTINGS, config_apply_variant, with_steps
-from customjax.benchmark.shapeworld import run_benchmark
+from customjax.shapeworld.benchmark.report import markdown, write_report
+from customjax.shapeworld.benchmark.settings import SETTING_NAMES, SETTINGS, config_apply_variant, with_steps
+from customjax.shapeworld.benchmark.shapeworld import run_benchmark
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "RealCustom++ config file[:variant[,ablation...]]", lock_config=False)
@@ -43,7 +43,7 @@ flags.DEFINE_integer("steps", None, "sampling steps (default: the config's); T_s
 flags.DEFINE_integer("batch", None, "images per sampler call (default: config.sample.batch)")
 flags.DEFINE_list("settings", None, f"settings to run (default: all): {','.join(SETTING_NAMES)}")
 flags.DEFINE_bool("fast", False, "2 cases, 1 pair, seed 0, 4 steps, the fast settings (explicit flags win)")
-flags.DEFINE_string("out", "docs/shapeworld_custom", "output folder")
+flags.DEFINE_string("out", "docs/shapeworld/customization_benchmark", "output folder")
 flags.DEFINE_bool("progress", True, "progress bar")
 
 

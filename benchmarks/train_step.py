@@ -55,7 +55,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from customjax import parallel, trainer
-    from customjax.benchmark.provenance import git_state
+    from customjax.provenance import git_state
     from customjax.methods.build import reference_size
     from customjax.tokenizer import tokenize
 

@@ -3,7 +3,7 @@ two-subject benchmark cases rendered exactly, their VAE latents noised at t, the
 prompt with every cross-attention layer captured; per layer and t, each subject's category word's
 binding to its own object (0.5 = none), the words' attention mass and densities.
 
-    python benchmarks/word_binding.py --model customjax/assets/shapeworld_base --pairs 30 \
+    python benchmarks/word_binding.py --model customjax/shapeworld/assets/shapeworld_base --pairs 30 \
         --out benchmarks/results/word_binding_shapeworld_cpu.json
 """
 
@@ -17,24 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from customjax.benchmark.cases import make_cases
-from customjax.benchmark.provenance import git_state
+from customjax.shapeworld.benchmark.cases import make_cases
+from customjax.provenance import git_state
 from customjax.control.capture import collect
 from customjax.control.spec import Capture, ControlConfig
-from customjax.data import shapeworld as sw
+from customjax.shapeworld import world as sw
 from customjax.losses import coverage
 from customjax.metrics.binding import word_binding
 from customjax.pipeline import load_stable_diffusion
-from customjax.pretrain.vae import encode
+from customjax.shapeworld.pretrain.vae import encode
 from customjax.schedulers import add_noise, noise_schedule
 from customjax.tokenizer import tokenize, word_token_positions
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "customjax/assets/shapeworld_base", "ShapeWorld base folder")
-flags.DEFINE_integer("pairs", 30, "two-subject benchmark cases (make_cases(2, 0, size, pairs=...))")
-flags.DEFINE_list("t", ["100", "300", "500", "700", "900"], "noise levels")
-flags.DEFINE_integer("draws", 2, "noise draws per case and t")
-flags.DEFINE_string("out", None, "results JSON", required=True)
+
+
+def define_flags() -> None:
+    """The command's flags (defined on use: tests import this module beside other benchmarks)."""
+    flags.DEFINE_string("model", "customjax/shapeworld/assets/shapeworld_base", "ShapeWorld base folder")
+    flags.DEFINE_integer("pairs", 30, "two-subject benchmark cases (make_cases(2, 0, size, pairs=...))")
+    flags.DEFINE_list("t", ["100", "300", "500", "700", "900"], "noise levels")
+    flags.DEFINE_integer("draws", 2, "noise draws per case and t")
+    flags.DEFINE_string("out", None, "results JSON", required=True)
 
 
 def _mean_se(draws: list) -> dict:
@@ -103,4 +107,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -14,14 +14,14 @@ MODELS = {
     "tiny_sdxl": dict(random="sdxl", steps=10, t_stop=5, w=7.5, cross=(2,), self_=(2,), mask_factor=2, size=32),
     "sd15": dict(random="", steps=50, t_stop=25, w=12.5, cross=(4, 8), self_=(1,), mask_factor=1, size=512),
     "sdxl": dict(random="", steps=25, t_stop=12, w=7.5, cross=(4,), self_=(2,), mask_factor=2, size=1024),
-    # The shipped ShapeWorld base (customjax/assets/shapeworld_base): 64 px images, 16 x 16 latents,
+    # The shipped ShapeWorld base (customjax/shapeworld/assets/shapeworld_base): 64 px images, 16 x 16 latents,
     # cross-attention at 8 x 8 and 4 x 4 (factors 2 and 4).
     "shapeworld": dict(random="", steps=25, t_stop=12, w=5.0, cross=(2,), self_=(2,), mask_factor=2, size=64),
 }
 
 
 def shapeworld_base() -> str:
-    from customjax.assets import SHAPEWORLD_BASE
+    from customjax.shapeworld.assets import SHAPEWORLD_BASE
     return str(SHAPEWORLD_BASE)
 
 
@@ -36,8 +36,9 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
     c.init_std = 0.02
     # path: a diffusers folder; empty = random weights of kind `random` at `random_scale`
     # ("tiny", or "full" = the real SD-1.5 / SDXL shapes, for benchmarks).
+    # path may be one .safetensors (LDM names): single_file_* = its configs folder or sd15|sd21|sdxl, tokenizer folder
     c.model = ml_collections.ConfigDict(dict(path="", random=m["random"] or "sd15", random_scale="tiny",
-                                             dtype="float32"))
+                                             dtype="float32", single_file_config="", single_file_tokenizer=""))
     # kind: "siglip_dino" (RealCustom++: SigLIP + DINOv2 folders) or "clip" (one CLIP image encoder,
     # `clip`, for both methods; ShapeWorld uses the base model's own image_encoder/).
     c.encoders = ml_collections.ConfigDict(dict(
@@ -47,7 +48,7 @@ def base(method: str, variant: str) -> ml_collections.ConfigDict:
         dino_shallow=(0,) if variant.startswith("tiny") else (4, 10, 16)))
     if variant == "shapeworld":
         c.model.path = shapeworld_base()
-        c.model.missing_hint = ("the ShapeWorld base model is not installed; make it with `python -m customjax.pretrain "
+        c.model.missing_hint = ("the ShapeWorld base model is not installed; make it with `python -m customjax.shapeworld.pretrain "
                                 "--config configs/shapeworld_base.py:cpu --workdir runs/base --install`")
         c.encoders.update(dict(kind="clip", clip=c.model.path + "/image_encoder", image_size=64, scale=2,
                                siglip_shallow=(0, 1), dino_shallow=(0, 1)))
@@ -111,7 +112,7 @@ def apply_variant(c: ml_collections.ConfigDict, extras: list[str], presets: dict
     return c
 
 
-def split_arg(arg: str, default: str = "tiny") -> tuple[str, list[str]]:
+def split_arg(arg: str, default: str = "shapeworld") -> tuple[str, list[str]]:
     """``"variant,preset,..."`` -> (variant, [presets])."""
     variant, *extras = (arg or default).split(",")
     return variant, extras
@@ -147,7 +148,10 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # `python -m customjax.data.precompute` (VAE posteriors of centre crops) read instead of
     # text_image / multiview; the target is then neither cropped at random nor flipped.
     c.data = ml_collections.ConfigDict(dict(
-        text_image="", multiview="", synthetic=tiny, synthetic_examples=64, shapeworld_examples=4000 if sw else 0,
+        # generator: with text_image / multiview empty, a generated set registered under this name
+        # (customjax.data.generators: "synthetic", "shapeworld"): `examples` pairs at `size` px (0: train.image_size)
+        text_image="", multiview="", generator="shapeworld" if sw else ("synthetic" if tiny else ""),
+        examples=4000 if sw else 64, size=0 if sw else 64,
         workers=0,
         recipe="curriculum",
         hflip=not sw, random_crop=False,   # no flips in ShapeWorld: its captions name left and right

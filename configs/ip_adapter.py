@@ -14,7 +14,7 @@ REAL_VARIANTS = ("sd15",)     # traced at the real sizes by tests/test_real_size
 REAL_ENCODERS = {"clip": "ip_adapter_image_encoder"}     # h94/IP-Adapter models/image_encoder: ViT-H/14
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = "shapeworld"):
     variant, extras = common.split_arg(arg)
     c = common.base("ip_adapter", variant)
     c.encoders.update(dict(kind="clip", image_size=28 if variant.startswith("tiny") else 224))

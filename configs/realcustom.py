@@ -24,7 +24,7 @@ TABLE3 = {
 PRESETS = {name: (lambda kw: lambda c: c.scoring.update(kw))(kw) for name, kw in TABLE3.items()}
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = "shapeworld"):
     variant, extras = common.split_arg(arg)
     c = common.base("realcustom", variant)
     if variant in ("sd15", "sdxl"):

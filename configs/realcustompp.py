@@ -47,7 +47,7 @@ PRESETS = {
 }
 
 
-def get_config(arg: str = "tiny"):
+def get_config(arg: str = "shapeworld"):
     variant, extras = common.split_arg(arg)
     c = common.base("realcustompp", variant)
     c.ccp = dict(dim_head=16 if variant.startswith("tiny") else 64, cross_layer=True, cross_scale=True,

@@ -1,10 +1,10 @@
-"""Pretraining of the ShapeWorld base model (``python -m customjax.pretrain``).
+"""Pretraining of the ShapeWorld base model (``python -m customjax.shapeworld.pretrain``).
 
 Variants: ``cpu`` (completes on a 2-core CPU), ``gpu`` (the same architecture, longer: minutes on
 one GPU), ``test`` (micro models and a few steps of every stage, for the tests).
 
-    python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base
-    python -m customjax.pretrain --config configs/shapeworld_base.py:cpu --config.init=runs/base/model ...  # train on
+    python -m customjax.shapeworld.pretrain --config configs/shapeworld_base.py:cpu --workdir runs/base
+    python -m customjax.shapeworld.pretrain --config configs/shapeworld_base.py:cpu --config.init=runs/base/model ...  # train on
 """
 
 import ml_collections
@@ -18,8 +18,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     c.size = 64
-    # init: a model folder written by this command (e.g. customjax/assets/shapeworld_base) to continue from:
-    # its tokenizer, VAE and CLIP are kept, its UNet trains on for unet.steps more steps (customjax/pretrain/lineage.py).
+    # init: a model folder written by this command (e.g. customjax/shapeworld/assets/shapeworld_base) to continue from:
+    # its tokenizer, VAE and CLIP are kept, its UNet trains on for unet.steps more steps (customjax/shapeworld/pretrain/lineage.py).
     c.init = ""
     c.pool = 60_000 if gpu else 40_000   # training scenes rendered once
     c.tokenizer = dict(captions=20_000, max_merges=2000, model_max_length=32)
@@ -65,7 +65,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # 1296k: 0.86; README ShapeWorld > Status).
         # The gpu preset trains on 2.9M (batch 96), its learning rate scaled
         # with the square root of the batch (the probe's 2e-3 trained this UNet at batch 96 without trouble for
-        # 600 steps: shapeworld_base_experiments.json, gpu_preset_learning_rate).
+        # 600 steps: docs/shapeworld/base_experiments.json, gpu_preset_learning_rate).
         p_uncond=0.1, object_weight=0.0, steps=30_000 if gpu else 12_000, batch=96 if gpu else 24,
         lr=1e-3 if gpu else 5e-4,
         warmup=200, ema=0.999,

@@ -18,7 +18,13 @@ def base_pipeline(config) -> tuple[Any, dict]:
     ``config.model.random`` pipeline of scale ``config.model.random_scale`` when the path is empty.
     ``config.model.abstract``: parameters as ``jax.ShapeDtypeStruct`` from the folder's config files
     alone (nothing allocated, no weights read). A missing folder raises FileNotFoundError with
-    ``config.model.missing_hint`` (how to make it)."""
+    ``config.model.missing_hint`` (how to make it).
+
+    A path to a ``.safetensors`` file is a single-file LDM checkpoint
+    (:func:`customjax.weights.single_file.load_single_file`): ``config.model.single_file_config``
+    names its configs, a diffusers folder of the same model or a variant "sd15" | "sd21" | "sdxl"
+    (empty: the variant of the file's layout), and ``config.model.single_file_tokenizer`` a folder
+    with ``tokenizer/`` (+ ``tokenizer_2/``), needed when the configs have none (every variant)."""
     from customjax.pipeline import load_stable_diffusion
 
     m = config.model
@@ -26,6 +32,11 @@ def base_pipeline(config) -> tuple[Any, dict]:
     abstract = bool(m.get("abstract", False))
     if m.path:
         try:
+            if Path(m.path).suffix == ".safetensors":
+                from customjax.weights.single_file import load_single_file
+                return load_single_file(m.path, configs=m.get("single_file_config", "") or None,
+                                        tokenizer=m.get("single_file_tokenizer", "") or None, dtype=dtype,
+                                        abstract=abstract)
             if abstract:
                 return load_stable_diffusion(m.path, dtype=dtype, abstract=True)
             return load_stable_diffusion(m.path, dtype=dtype)
@@ -36,7 +47,7 @@ def base_pipeline(config) -> tuple[Any, dict]:
             raise FileNotFoundError(f"config.model.path: {e}; {hint}") from e
     if abstract:
         raise ValueError("config.model.abstract builds from config files: set config.model.path to a folder "
-                         "of them (tests/real_configs/sd15, for example)")
+                         "of them (customjax/weights/published_configs/sd15, for example)")
     from customjax.zoo import random_pipeline
 
     scale = m.get("random_scale", "tiny")
@@ -71,7 +82,13 @@ def first_tokenizer(config):
     from customjax.tokenizer import load_tokenizer
     from customjax.tokenizer import write_char_tokenizer
 
-    folder = Path(config.model.path) / "tokenizer" if config.model.path else None
+    m = config.model
+    if m.path and Path(m.path).suffix == ".safetensors":        # a single-file checkpoint
+        from customjax.weights.single_file import tokenizer_paths
+
+        return load_tokenizer(tokenizer_paths(m.path, configs=m.get("single_file_config", "") or None,
+                                              tokenizer=m.get("single_file_tokenizer", "") or None)[0])
+    folder = Path(m.path) / "tokenizer" if m.path else None
     if folder is None or (config.model.get("abstract", False) and not folder.is_dir()):   # a folder of configs
         folder = Path(tempfile.mkdtemp(prefix="customjax-tok-"))
         write_char_tokenizer(folder)

@@ -76,3 +76,71 @@ def mask_strip(steps: np.ndarray, size: int = 64) -> np.ndarray:
             tile += upsample(mj, (size, size))[..., None] * COLORS[j % len(COLORS)]
         tiles.append(np.clip(tile, 0, 1))
     return grid(np.stack(tiles), cols=len(tiles), pad=1)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def sheet(rows: list[dict], min_size: int = 256, pad: int = 8, font_size: int = 16) -> np.ndarray:
+    """A contact sheet a person can read: one row a case, its ``title`` (the prompt, its words and
+    seeds) written above, then its ``tiles``: ``(label, image)`` pairs (the reference(s), each sample
+    and its mask overlay), every image upscaled by an integer factor (nearest) to at least
+    ``min_size`` px high, each label under its tile. Returns float (H, W, 3) in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    line = font_size + 6
+    tile = max(np.asarray(img).shape[0] for r in rows for _, img in r["tiles"])
+    scale = max(1, math.ceil(min_size / tile))
+    size = tile * scale
+    cols = max(len(r["tiles"]) for r in rows)
+    width = pad + cols * (size + pad)
+    row_h = line + size + line + pad
+    page = Image.new("RGB", (width, pad + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(page)
+    for i, r in enumerate(rows):
+        y = pad + i * row_h
+        draw.text((pad, y), _fit(r["title"], font, width - 2 * pad), fill="black", font=font)
+        for q, (label, img) in enumerate(r["tiles"]):
+            img = to_uint8(img) if np.asarray(img).dtype != np.uint8 else np.asarray(img)
+            f = max(1, size // img.shape[0])
+            big = np.repeat(np.repeat(img, f, axis=0), f, axis=1)
+            x = pad + q * (size + pad)
+            page.paste(Image.fromarray(big), (x, y + line))
+            draw.text((x, y + line + size + 2), _fit(label, font, size), fill="dimgray", font=font)
+    return np.asarray(page, np.float32) / 255.0
+
+
+def case_rows(cases: list[dict], images: list, overlays: list | None) -> list[dict]:
+    """The rows of :func:`sheet` for sampled cases: ``cases`` (one per image, each with ``prompt``,
+    ``words``, ``seed`` and ``reference_images``), their images and mask overlays (or None); the
+    images of one prompt and reference set share a row."""
+    rows: dict = {}
+    for i, c in enumerate(cases):
+        key = (c["prompt"], tuple(c["words"]), id(c["reference_images"]))
+        if key not in rows:
+            words = f"  [{', '.join(c['words'])}]" if c["words"] else ""
+            rows[key] = dict(prompt=c["prompt"] + words, seeds=[], tiles=[
+                (f"reference {k + 1}" if len(c["reference_images"]) > 1 else "reference", ref)
+                for k, ref in enumerate(c["reference_images"])])
+        r = rows[key]
+        r["seeds"].append(str(c["seed"]))
+        r["tiles"].append((f"seed {c['seed']}", images[i]))
+        if overlays is not None:
+            r["tiles"].append((f"seed {c['seed']} masks", overlays[i]))
+    return [dict(title=f"{r['prompt']}  (seeds {', '.join(r['seeds'])})", tiles=r["tiles"]) for r in rows.values()]

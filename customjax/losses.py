@@ -1,5 +1,5 @@
 """Region losses. Region-weighted squared / absolute errors, shared by the pretraining stages
-(``object_weight``: the objects of a ShapeWorld scene, :mod:`customjax.pretrain`) and the adapter
+(``object_weight``: the objects of a ShapeWorld scene, :mod:`customjax.shapeworld.pretrain`) and the adapter
 objective (``objective.subject_weight``: the subject of a multiview record,
 :mod:`customjax.methods.objective`); neither weighting is in the papers. And the token grounding loss
 of TokenCompose (Wang et al. 2024), which puts each object word's cross-attention on its object

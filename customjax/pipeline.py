@@ -63,7 +63,8 @@ def load_stable_diffusion(root: str | os.PathLike, *, dtype: Any = jnp.float32,
     no weight file is read. A ``tokenizer[_2]/`` folder is loaded when present; when it is absent,
     the character-level CLIP tokenizer of :func:`customjax.tokenizer.write_char_tokenizer`
     (``model_max_length`` 77; ``tokenizer_2`` pads with ``!`` as SDXL's does) stands in, so a folder
-    of published configs alone (``tests/real_configs/sd15``) gives a pipeline at the real sizes.
+    of published configs alone (``customjax/weights/published_configs/sd15``) gives a pipeline at
+    the real sizes.
     Its ids (< 514) fit any CLIP vocabulary, but they are not the real tokenizer's ids.
     """
     root = Path(root)

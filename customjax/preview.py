@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from customjax import parallel, trainer
 from customjax.checkpoint import run_path
 from customjax.control.params import merge
-from customjax.images import grid, overlay, resize_reference, save_png, to_uint8
+from customjax.images import case_rows, grid, overlay, resize_reference, save_png, sheet, to_uint8
 from customjax.methods.build import Built, guidance_config, reference_size, sampler_params, sampling_side
 from customjax.sampling.batch import batch_inputs, negative_ids, pad_to
 from customjax.sampling.cases import CaseError, check_case, load_image, read_cases
@@ -181,7 +181,8 @@ class Preview:
         logging.info("preview sampler compiled in %.1f s (%d cases)", time.time() - t0, len(self.cases.prompts))
 
     def __call__(self, step: int, trainable: Any, frozen: dict) -> dict | None:
-        """Samples; on process 0 writes ``previews/step_XXXXXX.png`` and ``..._masks.png`` and the
+        """Samples; on process 0 writes ``previews/step_XXXXXX.png`` (the sample CLI's sheet: prompt, reference,
+        sample, masks) and ``..._masks.png`` (the overlays alone) and the
         TensorBoard images, and returns {"images", "masks", "seconds"} (None on other processes)."""
         if self._compiled is None:
             self.compile(trainable, frozen)
@@ -193,9 +194,14 @@ class Preview:
         images, masks = np.asarray(res["images"])[:n], np.asarray(res["masks"])[:n]
         seconds = time.time() - t0
         samples = grid(images)
-        overlays = grid(np.stack([overlay(i, m) for i, m in zip(images, masks)]))
+        over = [overlay(i, m) for i, m in zip(images, masks)]
+        overlays = grid(np.stack(over))
         self.out.mkdir(parents=True, exist_ok=True)
-        save_png(samples, self.out / f"step_{step:06d}.png")
+        c = self.cases           # the sample CLI's sheet: prompt, reference(s), sample, masks; >= 256 px
+        rows = [dict(prompt=p, words=w, seed=s, reference_images=list(r))
+                for p, w, s, r in zip(c.prompts, c.words, c.seeds, c.references)]
+        save_png(sheet(case_rows(rows, list(images), over if any(c.words) else None)),
+                 self.out / f"step_{step:06d}.png")
         save_png(overlays, self.out / f"step_{step:06d}_masks.png")
         if self._first:
             refs = grid(self.cases.references[:, 0])

@@ -41,7 +41,9 @@ def changes(saved: dict, current: dict, allow: Iterable[str] = ()) -> list[tuple
     """(key, checkpoint's value, this run's value) of every key that differs and is not allowed."""
     a, b = flatten(saved), flatten(current)
     allow = tuple(allow)
-    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys())
+    # a key a newer version added, left empty, changes nothing ("" / None: the feature is off)
+    added_off = {k for k in b.keys() - a.keys() if b[k] in ("", None)}
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted((a.keys() | b.keys()) - added_off)
             if a.get(k, "<absent>") != b.get(k, "<absent>") and not _allowed(k, allow)]
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from customjax import parallel, resume, trainer
 from customjax.base_model import check_config_paths
 from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
-from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, parse_flags
+from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, fail, parse_flags
 from customjax.data.training import make_train_loader
 from customjax.methods.build import reference_size
 from customjax.preview import make_preview
@@ -225,8 +225,11 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     workdir = run_path(workdir)
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
     check_resume(ckpt, workdir, config, allow_changes)
+    t0 = time.time()
     s = trainer.setup(config)
     built, mesh = s.built, s.mesh
+    say(f"{config.method} ({config.get('variant', '?')}) built in {time.time() - t0:.0f} s; "
+        f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}")
     if config.data.get("latents"):
         from customjax.data.precompute import check_vae
         check_vae(config.data.latents, built.params["vae"])
@@ -234,7 +237,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     loader = make_train_loader(config, reference_size(config))
     first = loader.peek()
     needs = built.method.needs
+    t0 = time.time()
     jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs)))
+    say(f"train step compiled in {time.time() - t0:.0f} s")
     start = 0
     if ckpt.all_steps():
         abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -250,7 +255,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
                 multihost_utils.sync_global_devices("set aside unreadable checkpoints")
             ckpt.manager.reload()
         loader.set_state(data_state)
-        logging.info("resumed from step %d", start)
+        say(f"resumed from step {start} of {config.train.steps} ({ckpt.dir})")
     else:
         state = trainer.place(s.state, state_sh)
     frozen = trainer.place(s.frozen, frozen_sh)
@@ -262,7 +267,9 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     writer = _metrics_writer(workdir)
     preview = make_preview(config, built, mesh, first, workdir, writer)
     if preview is not None:
+        t0 = time.time()
         preview.compile(_sampling_params(state), frozen)
+        say(f"preview sampler compiled in {time.time() - t0:.0f} s (previews in {workdir / 'previews'})")
     preemption = _Preemption(ckpt)
     metrics_file = _JsonLines(workdir / "metrics.jsonl", after=start) if jax.process_index() == 0 else None
     total, max_bad = config.train.steps, int(config.train.get("max_bad_steps", 5))
@@ -314,6 +321,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
             params = parallel.to_host(_sampling_params(state), mesh)
             if jax.process_index() == 0:
                 _export(built.method, params, workdir / "export", step)
+                say(f"step {step}: loss {last.get('loss', float('nan')):.4f}; exported {workdir / 'export'}")
     finally:
         preemption.close()
         bar.close()
@@ -329,6 +337,12 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     return {"step": step, "status": status, **last}
 
 
+def say(line: str) -> None:
+    """One summary line of a stage on stderr (process 0), above the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(f"customjax.train: {line}", file=sys.stderr)
+
+
 def _sampling_params(state: trainer.TrainState):
     """The trainable tree to sample with: the EMA when there is one."""
     return state.ema if state.ema is not None else state.params
@@ -339,7 +353,8 @@ def main(argv) -> None:
     if FLAGS.distributed:
         jax.distributed.initialize()
     if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
+        fail("customjax.train", "--config is required, e.g. --config configs/realcustompp.py (the ShapeWorld default) "
+             "or configs/realcustompp.py:tiny")
     try:
         out = train(FLAGS.config, FLAGS.workdir, FLAGS.stop_after, allow_changes=FLAGS.allow_config_change)
     except (resume.ResumeError, FileNotFoundError) as e:

@@ -18,12 +18,14 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
+from customjax.cli import fail, parse_flags
 from customjax.images import grid, save_png
 from customjax.pipeline import load_stable_diffusion
 from customjax.sampling.common import SAMPLERS, seed_latents
 from customjax.sampling.t2i import txt2img
 
 FLAGS = flags.FLAGS
+PROG = "customjax.txt2img"
 
 
 def define_flags() -> None:
@@ -38,28 +40,35 @@ def define_flags() -> None:
     flags.DEFINE_enum("sampler", "ddim", list(SAMPLERS), "sampler")
     flags.DEFINE_integer("height", None, "image height (default: the model's)")
     flags.DEFINE_integer("width", None, "image width (default: the model's)")
-    flags.DEFINE_integer("batch", 4, "images per compiled call")
+    flags.DEFINE_integer("batch", 4, "images per compiled call", lower_bound=1)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)")
     flags.DEFINE_string("out", "out/txt2img", "output folder")
+    flags.register_validator("seeds", _int_seeds, "--seeds must be comma-separated integers")
 
+
+def _int_seeds(seeds: list[str]) -> bool:
+    try:
+        [int(s) for s in seeds]
+    except ValueError:
+        return False
+    return True
 
 
 def _prompts() -> list[str]:
     prompts = list(FLAGS.prompt)
     if FLAGS.prompts_file:
+        if not Path(FLAGS.prompts_file).is_file():
+            fail(PROG, f"--prompts_file {FLAGS.prompts_file}: no such file")
         prompts += [l.strip() for l in Path(FLAGS.prompts_file).read_text().splitlines() if l.strip()]
     if not prompts:
-        raise app.UsageError("give --prompt or --prompts_file")
+        fail(PROG, "give --prompt or --prompts_file (with at least one prompt)")
     return prompts
 
 
 def main(argv) -> None:
     del argv
     prompts = _prompts()
-    try:
-        seeds = [int(s) for s in FLAGS.seeds]
-    except ValueError:
-        raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+    seeds = [int(s) for s in FLAGS.seeds]      # integers: the flag's validator
     pipe, params = load_stable_diffusion(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,4 +100,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags(PROG, ()))

@@ -189,18 +189,38 @@ def write_tiny_pipeline(out: str | os.PathLike, kind: str = "sd15", seed: int = 
     return out
 
 
-def main(argv=None) -> None:
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", default="sd15", choices=sorted(TINY))
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    print(write_tiny_pipeline(a.out, a.kind, a.seed))
+PROG = "customjax.zoo"
+PARSE = dict(usage=f"python -m {PROG} --out OUT [--kind {'|'.join(sorted(TINY))}] [--seed N]", doc=__doc__,
+             positionals=())
 
 
-if __name__ == "__main__":
-    main()
+def define_flags(flag_values=None) -> None:
+    """The command's flags (defined on use, so that importing this module defines none), on absl's
+    ``flags.FLAGS`` or ``flag_values``."""
+    from absl import flags
+
+    fv = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
+    flags.DEFINE_enum("kind", "sd15", sorted(TINY), "which tiny pipeline", **fv)
+    flags.DEFINE_string("out", None, "output folder (the diffusers layout)", required=True, **fv)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights", **fv)
+
+
+def main(argv, flag_values=None) -> None:
+    """The command (``python -m customjax.zoo``): writes a tiny pipeline, prints its folder. The flags
+    are parsed into ``flag_values`` (default ``flags.FLAGS``); in this process: :func:`command`."""
+    from absl import flags
+
+    f = flags.FLAGS if flag_values is None else flag_values
+    del argv
+    print(write_tiny_pipeline(f.out, f.kind, f.seed))
+
+
+def command(args) -> int:
+    """``python -m customjax.zoo *args`` in this process (a fresh set of flags each call); returns the
+    exit code."""
+    from customjax.cli import call
+
+    return call(PROG, define_flags, main, args, **PARSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +340,7 @@ def write_random_pipeline_from_configs(out: str | os.PathLike, configs: dict, *,
 
     ``configs``: ``model_index``, ``unet``, ``vae``, ``text_encoder``, optionally
     ``text_encoder_2`` (SDXL; written with projection) and ``scheduler``, each the dict its file
-    holds (e.g. the published ones of ``tests/real_configs/sd15``). Weights go to
+    holds (e.g. the published ones of ``customjax/weights/published_configs/sd15``). Weights go to
     ``unet|vae/diffusion_pytorch_model.safetensors`` and ``text_encoder[_2]/model.safetensors``;
     ``tokenizer[_2]/`` are the character-level tokenizer of :func:`write_char_tokenizer`
     (``model_max_length`` 77); components of ``model_index`` that are not written (safety checker,
@@ -352,3 +372,12 @@ def write_random_pipeline_from_configs(out: str | os.PathLike, configs: dict, *,
 def folder_bytes(folder: str | os.PathLike) -> int:
     """Total size of the files under ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from customjax.cli import parse_flags
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))

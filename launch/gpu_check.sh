@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a single-GPU host: the GPU runs that a CPU cannot make, with everything worth keeping written
 # to $OUT (default out/). JOBS picks them, in order (default "base bench"):
-#   base   the ShapeWorld base model's gpu preset (python -m customjax.pretrain ...:gpu) into $WORK
+#   base   the ShapeWorld base model's gpu preset (python -m customjax.shapeworld.pretrain ...:gpu) into $WORK
 #          (default runs/base_gpu), then its held-out evaluation; $OUT gets the model folder, shapeworld.json,
 #          the sample grid and the log. Stopped after $BASE_BUDGET seconds (default 480), it leaves in
 #          $OUT/base_workdir.tgz what a second call resumes from (finished stages, the running stage's
@@ -25,7 +25,7 @@ for job in ${JOBS:-base bench}; do
   t0=$(date +%s)
   case $job in
     base)
-      timeout "${BASE_BUDGET:-480}" $PY -m customjax.pretrain --config "configs/shapeworld_base.py:$PRESET" \
+      timeout "${BASE_BUDGET:-480}" $PY -m customjax.shapeworld.pretrain --config "configs/shapeworld_base.py:$PRESET" \
         --workdir "$WORK" > "$OUT/base.log" 2>&1
       rc=$?
       if [ -f "$WORK/model/shapeworld.json" ] && [ $rc -eq 0 ]; then

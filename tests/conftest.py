@@ -46,8 +46,8 @@ def assert_reruns_record(folder, tmp_path, steps: int = 3) -> None:
 
     import ml_collections
 
-    from customjax.pretrain.lineage import root_record
-    from customjax.pretrain.run import fingerprint
+    from customjax.shapeworld.pretrain.lineage import root_record
+    from customjax.shapeworld.pretrain.run import fingerprint
 
     info = root_record(json.loads((folder / "shapeworld.json").read_text()))
     got = fingerprint(ml_collections.ConfigDict(info["config"]), folder, tmp_path, steps=steps)

@@ -1,4 +1,6 @@
-"""The published architectures of ``tests/real_configs``, for tests that want the real sizes.
+"""The published architectures (``customjax/weights/published_configs``, shipped with the package
+for :func:`customjax.weights.single_file.load_single_file`'s variant names), for tests that want
+the real sizes.
 
     from real_sizes import config_folder, PARAMS
     pipe, params = load_stable_diffusion(config_folder("sd15"), abstract=True)
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / "real_configs"
+from customjax.weights.single_file import PUBLISHED_CONFIGS as ROOT
+
 FOLDERS = {
     "sd15": "sd15",                                      # runwayml/stable-diffusion-v1-5
     "sd21": "sd21",                                      # stabilityai/stable-diffusion-2-1

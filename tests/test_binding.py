@@ -46,6 +46,7 @@ def test_binding_is_one_when_each_word_attends_its_own_object_and_half_when_both
         word_binding(probs, np.zeros_like(words), regions)
 
 
+@pytest.mark.slow
 def test_word_binding_benchmark_regenerates_the_committed_figures_of_the_shipped_base():
     """benchmarks/word_binding.py at t = 500 (all 30 pairs, both noise draws) gives the figures committed in
     benchmarks/results/word_binding_shapeworld_base1296k_cpu.json (README: ShapeWorld > Status) to 0.005."""
@@ -55,7 +56,7 @@ def test_word_binding_benchmark_regenerates_the_committed_figures_of_the_shipped
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rec = json.loads((ROOT / "benchmarks/results/word_binding_shapeworld_base1296k_cpu.json").read_text())
-    got = mod.measure(str(ROOT / "customjax/assets/shapeworld_base"), pairs=rec["pairs"], ts=[500],
+    got = mod.measure(str(ROOT / "customjax/shapeworld/assets/shapeworld_base"), pairs=rec["pairs"], ts=[500],
                       draws=rec["draws"])["500"]
     want = rec["by_t"]["500"]
     assert sorted(got) == sorted(want) and len(got) == 7

@@ -106,7 +106,7 @@ def test_convert_jsonl_cli(tmp_path, capsys):
         f.write("{not json\n")
         f.write(json.dumps({"image": "images/missing.png", "caption": "x"}) + "\n")
         f.write(json.dumps({"image": "images/0000.png"}) + "\n")  # no caption
-    assert convert.main(["jsonl", str(manifest), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
+    assert convert.command(["jsonl", str(manifest), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "wrote 4 text_image records" in out and "skipped 3" in out
     stats = json.loads((tmp_path / "out" / "train.stats.json").read_text())
@@ -465,7 +465,7 @@ def _train_config(**data):
     return ml_collections.ConfigDict(dict(
         method="realcustompp", seed=0, encoders=dict(image_size=28, scale=2),
         train=dict(batch=4, image_size=32, steps=2),
-        data=dict(text_image="", multiview="", synthetic=True, synthetic_examples=12, shapeworld_examples=0,
+        data=dict(text_image="", multiview="", generator="synthetic", examples=12, size=64,
                   workers=0, recipe="curriculum", hflip=True, random_crop=False, latents="", **data)))
 
 
@@ -507,8 +507,11 @@ def test_train_loader_from_config(tmp_path, monkeypatch):
         tl = training.make_train_loader(c, 56, process_index=0, process_count=1)
         assert made[-1]["subject_reference"] is flag and made[-1]["with_mask"] is flag
         assert ("mask" in tl.peek()) is flag
-    c.data.synthetic = False
-    with pytest.raises(ValueError, match="synthetic is off"):
+    c.data.generator = ""
+    with pytest.raises(ValueError, match="names no generated dataset"):
+        training.make_train_loader(c, 56, process_index=0, process_count=1)
+    c.data.generator = "shapewrld"   # a typo, or a generator whose package was never imported
+    with pytest.raises(ValueError, match=r"'shapewrld' is not registered \(registered: .*'synthetic'"):
         training.make_train_loader(c, 56, process_index=0, process_count=1)
 
 

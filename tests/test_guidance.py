@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from customjax.benchmark.shapeworld import CompileCounter
+from customjax.provenance import CompileCounter
 from customjax.control.capture import collect
 from customjax.control.spec import Capture, ControlConfig, ExtraKV
 from customjax.guidance.mask import MaskConfig, cross_attention_maps, select, self_augment

@@ -24,7 +24,7 @@ SCRIPT_ENV = {"multi_gpu.sh": {}, "slurm.sbatch": {}, "tpu_vm.sh": {"TPU_NAME": 
 CONFIG = "configs/realcustompp.py:tiny"
 # A 1-step tiny run that saves its step: no previews, no synthetic data (the shards are given).
 TINY_ARGS = ("--config.train.steps=1", "--config.train.preview_every=0", "--config.train.save_every=1",
-             "--config.train.batch=2", "--config.data.synthetic=False", "--config.train.async_save=False")
+             "--config.train.batch=2", "--config.data.generator=", "--config.train.async_save=False")
 NOTICE = "MULTIVIEW not set"
 
 # Stand-ins for the programs the scripts call; each appends its argv to $FAKE_LOG/calls.jsonl.
@@ -74,9 +74,9 @@ def assets(tmp_path_factory):
                    cwd=ROOT, env=cpu_env(1), check=True, capture_output=True, timeout=300)
     synthetic.write_image_folder(root / "images", 8, size=64)                     # key.jpg + key.txt
     synthetic.write_multiview_folder(root / "objects", 4, num_frames=2, size=64)  # object/view.jpg
-    assert convert.main(["folder", str(root / "images"), "--out", str(root / "text_image"), "--num_shards", "2",
+    assert convert.command(["folder", str(root / "images"), "--out", str(root / "text_image"), "--num_shards", "2",
                          "--no_progress"]) == 0
-    assert convert.main(["multiview", str(root / "objects"), "--out", str(root / "multiview"), "--min_frames", "2",
+    assert convert.command(["multiview", str(root / "objects"), "--out", str(root / "multiview"), "--min_frames", "2",
                          "--no_progress"]) == 0
     return {"model": str(root / "model"), "text_image": str(root / "text_image"),
             "multiview": str(root / "multiview")}

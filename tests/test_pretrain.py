@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from customjax.data import shapeworld as sw
-from customjax.pretrain.loop import FINGERPRINT_STEPS, StageConfig, fit
-from customjax.pretrain.tokenizer import train_tokenizer
+from customjax.shapeworld import world as sw
+from customjax.shapeworld.pretrain.loop import FINGERPRINT_STEPS, StageConfig, fit
+from customjax.shapeworld.pretrain.tokenizer import train_tokenizer
 from customjax.tokenizer import load_tokenizer, tokenize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def micro_run(tmp_path_factory):
     sys.path.insert(0, str(REPO / "configs"))
     import shapeworld_base
 
-    from customjax.pretrain.run import pretrain
+    from customjax.shapeworld.pretrain.run import pretrain
 
     work = tmp_path_factory.mktemp("pretrain")
     return pretrain(shapeworld_base.get_config("test"), work), work
@@ -172,7 +172,7 @@ def test_unet_object_weight_counts_object_latents_more():
 def test_negative_captions_change_one_category_or_position():
     """Each hard negative is its scene's training caption (same template and omissions) with one
     object's category or named position replaced by another of the world's words."""
-    from customjax.pretrain.run import negative_captions, training_pool
+    from customjax.shapeworld.pretrain.run import negative_captions, training_pool
 
     _, _, captions = training_pool(0, 60, 32)
     negatives = negative_captions(0, 60, 32)
@@ -215,7 +215,7 @@ def _tiny_clip():
 def test_clip_hard_negatives_enter_the_image_to_text_softmax():
     """clip_loss with ``neg_ids``: the image-to-text cross-entropy runs over B + B text columns, the
     text-to-image one is unchanged; computed here by hand from the towers' embeddings."""
-    from customjax.pretrain.clip import clip_loss
+    from customjax.shapeworld.pretrain.clip import clip_loss
 
     model, params = _tiny_clip()
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def test_pretrain_rejects_an_unknown_eval_sampler_before_training(tmp_path):
     sys.path.insert(0, str(REPO / "configs"))
     import shapeworld_base
 
-    from customjax.pretrain.run import pretrain
+    from customjax.shapeworld.pretrain.run import pretrain
 
     c = shapeworld_base.get_config("test")
     c.eval.sampler = "ancestrl"
@@ -267,9 +267,9 @@ def test_cpu_and_gpu_presets_build_the_same_stack():
     sys.path.insert(0, str(REPO / "configs"))
     import shapeworld_base
 
-    from customjax.assets import SHAPEWORLD_BASE
+    from customjax.shapeworld.assets import SHAPEWORLD_BASE
     from customjax.models.unet import UNET
-    from customjax.pretrain.run import configs, scheduler_config
+    from customjax.shapeworld.pretrain.run import configs, scheduler_config
     from customjax.schedulers import ScheduleConfig
     from customjax.weights.loaders import init_params
 
@@ -296,7 +296,7 @@ def test_clip_token_objective_predicts_each_word_from_its_final_state():
     import jax
     import optax
 
-    from customjax.pretrain.clip import clip_loss, token_loss
+    from customjax.shapeworld.pretrain.clip import clip_loss, token_loss
 
     model, params = _tiny_clip()
     rng = np.random.default_rng(0)
@@ -335,8 +335,8 @@ def test_clip_token_objective_predicts_each_word_from_its_final_state():
 def test_object_word_masks_mark_each_objects_category_word():
     """object_word_masks: in training captions (one to three objects, random templates and omissions),
     row j marks exactly the tokens of object j's category word; rows past the scene's objects are empty."""
-    from customjax.assets import SHAPEWORLD_BASE
-    from customjax.pretrain.unet import object_word_masks
+    from customjax.shapeworld.assets import SHAPEWORLD_BASE
+    from customjax.shapeworld.pretrain.unet import object_word_masks
 
     tok = load_tokenizer(SHAPEWORLD_BASE / "tokenizer")
     scenes, captions = [], []
@@ -394,9 +394,9 @@ def test_unet_grounding_loss_is_logged_and_trains_the_word_attention(micro_run):
     import optax
 
     from customjax.pipeline import load_stable_diffusion
-    from customjax.pretrain.run import training_pool
-    from customjax.pretrain.unet import object_word_masks, unet_loss
-    from customjax.pretrain.vae import encode
+    from customjax.shapeworld.pretrain.run import training_pool
+    from customjax.shapeworld.pretrain.unet import object_word_masks, unet_loss
+    from customjax.shapeworld.pretrain.vae import encode
     from customjax.losses import coverage
     from customjax.schedulers import noise_schedule
 
@@ -451,8 +451,8 @@ def test_pretrain_continues_a_base_keeping_its_stages_and_recording_its_lineage(
     import shapeworld_base
 
     from customjax.pipeline import load_stable_diffusion
-    from customjax.pretrain.lineage import UNET_WEIGHTS, root_record
-    from customjax.pretrain.run import pretrain
+    from customjax.shapeworld.pretrain.lineage import UNET_WEIGHTS, root_record
+    from customjax.shapeworld.pretrain.run import pretrain
 
     def config(**unet):
         c = shapeworld_base.get_config("test")

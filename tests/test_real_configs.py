@@ -1,5 +1,5 @@
-"""The published architectures (``tests/real_configs``) through our config classes, built
-abstractly at the real sizes, and the random-weight folder writer of
+"""The published architectures (``customjax/weights/published_configs``) through our config
+classes, built abstractly at the real sizes, and the random-weight folder writer of
 ``benchmarks/real_size_folders.py`` checked against diffusers / transformers on small copies.
 
 Parameter counts are compared three ways: our abstract build (``jax.eval_shape``), the PyTorch
@@ -66,7 +66,7 @@ def _transformers(cls_name, config_cls=None, tower=None):
     return build
 
 
-# (name, folder under real_configs, our spec, PyTorch builder, key of the known count)
+# (name, folder under published_configs, our spec, PyTorch builder, key of the known count)
 COMPONENTS = [
     ("sd15-unet", ("sd15", "unet"), UNET, _diffusers("UNet2DConditionModel"), "sd15/unet"),
     ("sd15-vae", ("sd15", "vae"), VAE, _diffusers("AutoencoderKL"), "vae"),

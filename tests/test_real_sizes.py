@@ -1,7 +1,7 @@
 """Every config a user can pick, traced at its real model sizes and resolutions with abstract
-parameters (``config.model.abstract``: the published ``config.json`` files of tests/real_configs,
-``jax.eval_shape``, nothing allocated): reference encoding, one training step at the paper's
-resolution, and the dual-branch sampler (one and two subjects, early stop).
+parameters (``config.model.abstract``: the published ``config.json`` files of
+customjax/weights/published_configs, ``jax.eval_shape``, nothing allocated): reference encoding,
+one training step at the paper's resolution, and the dual-branch sampler (one and two subjects, early stop).
 
 The configs are discovered: every ``configs/<method>.py`` with ``REAL_VARIANTS`` (and
 ``REAL_ENCODERS``, its encoders' real configs) is traced, so a new method's config adds its own line.

@@ -12,9 +12,9 @@ from PIL import Image
 from scipy import ndimage
 
 from customjax.data import records
-from customjax.data import shapeworld as sw
+from customjax.shapeworld import world as sw
 from customjax.data.loader import make_loader
-from customjax.metrics import shapeworld as M
+from customjax.shapeworld import metrics as M
 
 
 def scenes(seed, n, size=64, **kw):

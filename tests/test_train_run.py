@@ -126,7 +126,7 @@ def test_precomputed_latents_roundtrip_and_train_like_images(full_run, tmp_path)
                                                         for i in range(len(src))]
         raw = as_source(str(out / kind))
         for i in range(len(raw)):
-            lat = precompute.read_latents(raw[i])
+            lat = records.read_latents(raw[i])
             assert lat["image_size"] == (32, 32) and len(lat["mean"]) == len(got[i].frames)
             assert all(m.shape == (16, 16, 4) and m.dtype == np.float32 for m in lat["mean"] + lat["logvar"])
     with pytest.raises(ValueError, match="image size"):

@@ -66,7 +66,7 @@ def test_divergence_exit_code_and_a_nan_adapter_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "customjax.train", "--config", "configs/realcustompp.py:tiny",
                         "--workdir", str(tmp_path / "run"), "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
                         "--config.train.steps=8", "--config.train.max_bad_steps=1", "--config.train.log_every=1",
-                        "--config.train.preview_every=0", "--config.data.synthetic_examples=16"],
+                        "--config.train.preview_every=0", "--config.data.examples=16"],
                        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == EXIT_DIVERGED, r.stderr[-2000:]
     assert "training diverged" in r.stderr and not (tmp_path / "run" / "export").exists()

@@ -34,7 +34,7 @@ def run_config(steps=3, fsdp=1, preview_every=0, method="realcustompp"):
     c.train.steps, c.train.log_every, c.train.save_every, c.train.async_save = steps, 1, 1000, False
     c.train.ema_decay, c.train.preview_every = 0.9, preview_every
     c.train.fsdp, c.train.fsdp_min_size = fsdp, 256
-    c.data.synthetic_examples = 16
+    c.data.examples = 16
     c.data.hflip = False        # no target augmentation: a precomputed-latents run is comparable
     c.sample.steps = 2          # a cheap preview sampler (guided throughout: t_stop 5 > 2)
     return c

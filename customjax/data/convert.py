@@ -21,7 +21,6 @@ next to the shards. Command line::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
@@ -260,24 +259,61 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m customjax.data.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("layout", choices=("folder", "jsonl", "multiview"))
-    p.add_argument("src", help="source folder or JSONL manifest")
-    p.add_argument("--out", required=True, help="output folder for the shards and <name>.stats.json")
-    p.add_argument("--name", default="train", help="shard file prefix (default: train)")
-    p.add_argument("--num_shards", type=int, default=1)
-    p.add_argument("--min_frames", type=int, default=2, help="multiview: fewest usable frames per object")
-    p.add_argument("--allow_empty_caption", action="store_true", help="keep examples without a caption")
-    p.add_argument("--verify", choices=VERIFY_LEVELS, default="header", help="image check before writing")
-    p.add_argument("--no_progress", action="store_true")
-    a = p.parse_args(argv)
-    stats = convert(a.layout, a.src, a.out, a.name, a.num_shards, min_frames=a.min_frames,
-                    allow_empty_caption=a.allow_empty_caption, verify=a.verify, progress=not a.no_progress)
+PROG = "customjax.data.convert"
+LAYOUTS = ("folder", "jsonl", "multiview")
+PARSE = dict(usage=f"python -m {PROG} {{{','.join(LAYOUTS)}}} SRC --out OUT [flags]", doc=__doc__,
+             positionals=("LAYOUT", "SRC"))
+
+
+def define_flags(flag_values=None) -> None:
+    """The command's flags (defined on use, so that importing this module defines none), on absl's
+    ``flags.FLAGS`` or ``flag_values``. Positional arguments: LAYOUT (folder, jsonl or multiview) and
+    SRC (the source folder or JSONL manifest)."""
+    from absl import flags
+
+    fv = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
+    flags.DEFINE_string("out", None, "output folder for the shards and <name>.stats.json", required=True, **fv)
+    flags.DEFINE_string("name", "train", "shard file prefix", **fv)
+    flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1, **fv)
+    flags.DEFINE_integer("min_frames", 2, "multiview: fewest usable frames per object", **fv)
+    flags.DEFINE_bool("allow_empty_caption", False, "keep examples without a caption", **fv)
+    flags.DEFINE_enum("verify", "header", list(VERIFY_LEVELS), "image check before writing: none, header (PIL "
+                      "verify) or decode (as training does; slower)", **fv)
+    flags.DEFINE_bool("no_progress", False, "no progress bar", **fv)
+
+
+def main(argv, flag_values=None) -> int:
+    """The command: ``argv`` is what absl's ``app.run`` passes (the program, LAYOUT, SRC), the flags
+    parsed into ``flag_values`` (default ``flags.FLAGS``). In this process: :func:`command`."""
+    from absl import flags
+
+    from customjax.cli import fail
+
+    f = flags.FLAGS if flag_values is None else flag_values
+    _, layout, src = argv
+    if layout not in LAYOUTS:
+        fail(PROG, f"LAYOUT must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not os.path.exists(src):
+        fail(PROG, f"SRC {src}: no such file or folder")
+    stats = convert(layout, src, f.out, f.name, f.num_shards, min_frames=f.min_frames,
+                    allow_empty_caption=f.allow_empty_caption, verify=f.verify, progress=not f.no_progress)
     print(format_stats(stats))
-    print(f"stats: {pathlib.Path(a.out, a.name + '.stats.json')}")
+    print(f"stats: {pathlib.Path(f.out, f.name + '.stats.json')}")
     return 0
 
 
+def command(args) -> int:
+    """``python -m customjax.data.convert *args`` in this process (a fresh set of flags each call),
+    e.g. ``command(["jsonl", "SRC.jsonl", "--out", "OUT"])``; returns the exit code."""
+    from customjax.cli import call
+
+    return call(PROG, define_flags, main, args, **PARSE)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from absl import app
+
+    from customjax.cli import parse_flags
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))

@@ -256,28 +256,19 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "customjax"
 
 
-def _write_generated(generator: str, out: str, n: int, size: int, seed: int) -> None:
-    from customjax.data import shapeworld, synthetic
-
-    m = max(n // 4, 2)  # a quarter as many multiview objects
-    if generator == "shapeworld":
-        shapeworld.write_dataset(out, num_text_image=n, num_multiview=m, size=size, seed=seed, num_eval=0)
-    else:
-        synthetic.make_tiny_dataset(out, num_text_image=n, num_multiview=m, size=size, seed=seed)
-
-
 def generated_sources(generator: str, n: int, size: int, seed: int) -> dict:
-    """``{kind: shard folder}`` of a generated training set (``generator`` ``"synthetic"`` or
-    ``"shapeworld"``: ``n`` text-image pairs and ``max(n // 4, 2)`` multiview objects of ``size`` px),
+    """``{kind: shard folder}`` of a generated training set (``generator``: a name registered in
+    :mod:`customjax.data.generators`; ``n`` text-image pairs and ``max(n // 4, 2)`` multiview objects of ``size`` px),
     written once under :func:`cache_dir` in a folder named by the arguments and a hash of the
     generator's code (a changed generator writes a new folder). It is written into a temporary sibling and renamed into place, so concurrent
     processes (hosts, resumed runs) never see a partial folder; the first rename wins."""
-    if generator not in ("synthetic", "shapeworld"):
-        raise ValueError(f"unknown data generator {generator!r}")
     import importlib
 
+    from customjax.data.generators import get_generator
+
+    gen = get_generator(generator)
     h = hashlib.sha256()
-    for module in (f"customjax.data.{generator}", "customjax.data.records"):  # the code that writes the bytes
+    for module in (*gen.modules, "customjax.data.records"):  # the code that writes the bytes
         h.update(pathlib.Path(importlib.import_module(module).__file__).read_bytes())
     tag = h.hexdigest()[:12]
     root = cache_dir() / "data"
@@ -286,7 +277,7 @@ def generated_sources(generator: str, n: int, size: int, seed: int) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
         try:
-            _write_generated(generator, tmp, n, size, seed)
+            gen.write(tmp, n, max(n // 4, 2), size, seed)  # a quarter as many multiview objects
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -300,18 +291,16 @@ def generated_sources(generator: str, n: int, size: int, seed: int) -> dict:
 def train_sources(config) -> dict:
     """``{kind: data}`` of the raw training data of a method config: ``config.data.text_image`` /
     ``multiview`` shard paths, or (both empty) a generated dataset (:func:`generated_sources`, the
-    same on every process and every call): ``config.data.shapeworld_examples`` ShapeWorld text-image
-    pairs at ``config.train.image_size`` and a quarter as many 4-frame multiview objects (training split,
-    :mod:`customjax.data.shapeworld`), or with ``config.data.synthetic`` a small synthetic dataset
-    (``synthetic_examples`` 64 px text-image pairs and a quarter as many multiview objects)."""
+    same on every process and every call) of the registered ``config.data.generator``
+    (:mod:`customjax.data.generators`): ``config.data.examples`` text-image pairs and a quarter as many
+    multiview objects at ``config.data.size`` px (0: ``config.train.image_size``)."""
     d = config.data
     sources = {k: d.get(k) for k in ("text_image", "multiview") if d.get(k)}
     if sources:
         return sources
-    if d.get("shapeworld_examples", 0):
-        return generated_sources("shapeworld", int(d.shapeworld_examples), int(config.train.image_size),
-                                 int(config.seed))
-    if not d.get("synthetic", False):
-        raise ValueError("config.data.text_image / config.data.multiview are empty "
-                         "and config.data.synthetic is off")
-    return generated_sources("synthetic", int(d.get("synthetic_examples", 64)), 64, int(config.seed))
+    if not d.get("generator", ""):
+        raise ValueError("config.data.text_image / config.data.multiview are empty and config.data.generator "
+                         "names no generated dataset")
+    size = int(d.get("size", 0)) or int(config.train.image_size)
+    return generated_sources(d.generator, int(d.get("examples", 64)), size, int(config.seed))
+

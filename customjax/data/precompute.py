@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from customjax.data.records import (  # noqa: F401  (read_latents / with_latents: the format's API here too)
-    KINDS, LATENTS_VERSION, Example, RecordError, ShardedWriter, decode, find_shards, read_latents, with_latents)
+from customjax.data.records import (
+    KINDS, LATENTS_VERSION, Example, RecordError, ShardedWriter, decode, find_shards, with_latents)
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +255,18 @@ def precompute(config, out: str | os.PathLike, *, batch: int = 16, dtype: str = 
     return manifest
 
 
+PROG = "customjax.data.precompute"
+
+
 def main(argv) -> None:
-    from absl import app, flags
+    from absl import flags
+
+    from customjax.cli import fail
 
     FLAGS = flags.FLAGS
     del argv
     if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/realcustompp.py:tiny")
+        fail(PROG, "--config is required, e.g. --config configs/realcustompp.py:tiny")
     m = precompute(FLAGS.config, FLAGS.out, batch=FLAGS.batch, dtype=FLAGS.dtype, part=FLAGS.part,
                    num_parts=FLAGS.num_parts, num_shards=FLAGS.num_shards)
     print(json.dumps({k: m[k] for k in ("part", "num_parts", "image_size", "dtype", "kinds", "seconds")}))
@@ -274,15 +279,19 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "method config file[:variant] (the training config)",
                                     lock_config=True)
     flags.DEFINE_string("out", None, "output folder", required=True)
-    flags.DEFINE_integer("batch", 16, "images per VAE call (a multiple of the device count)")
+    flags.DEFINE_integer("batch", 16, "images per VAE call (a multiple of the device count)", lower_bound=1)
     flags.DEFINE_enum("dtype", "float16", DTYPES, "storage dtype of mean / logvar")
-    flags.DEFINE_integer("part", 0, "this job's part (0 .. num_parts - 1)")
-    flags.DEFINE_integer("num_parts", 1, "independent jobs that split the data")
-    flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards per kind and part")
+    flags.DEFINE_integer("part", 0, "this job's part (0 .. num_parts - 1)", lower_bound=0)
+    flags.DEFINE_integer("num_parts", 1, "independent jobs that split the data", lower_bound=1)
+    flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards per kind and part", lower_bound=1)
+    flags.register_multi_flags_validator(["part", "num_parts"], lambda f: f["part"] < f["num_parts"],
+                                         "--part must be less than --num_parts")
 
 
 if __name__ == "__main__":
     from absl import app
 
+    from customjax.cli import parse_flags
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags(PROG, ("config",)))

@@ -11,11 +11,9 @@ the converters' :func:`~customjax.data.convert.write_shards` (or as the converte
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -199,21 +197,49 @@ def make_tiny_dataset(out_dir, *, num_text_image: int = 64, num_multiview: int =
     return {"text_image": str(out / "text_image"), "multiview": str(out / "multiview")}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m customjax.data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("out")
-    p.add_argument("--num_text_image", type=int, default=64)
-    p.add_argument("--num_multiview", type=int, default=16)
-    p.add_argument("--num_frames", type=int, default=4)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--num_shards", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    print(json.dumps(make_tiny_dataset(a.out, num_text_image=a.num_text_image, num_multiview=a.num_multiview,
-                                       num_frames=a.num_frames, size=a.size, num_shards=a.num_shards,
-                                       seed=a.seed), indent=2))
+PROG = "customjax.data.synthetic"
+PARSE = dict(usage=f"python -m {PROG} OUT_DIR [flags]", doc=__doc__, positionals=("OUT_DIR",))
+
+
+def define_flags(flag_values=None) -> None:
+    """The command's flags (defined on use, so that importing this module defines none), on absl's
+    ``flags.FLAGS`` or ``flag_values``. Positional argument: OUT_DIR."""
+    from absl import flags
+
+    fv = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
+    flags.DEFINE_integer("num_text_image", 64, "text-image examples (OUT_DIR/text_image)", lower_bound=0, **fv)
+    flags.DEFINE_integer("num_multiview", 16, "multiview objects (OUT_DIR/multiview)", lower_bound=0, **fv)
+    flags.DEFINE_integer("num_frames", 4, "frames per multiview object", lower_bound=1, **fv)
+    flags.DEFINE_integer("size", 64, "image side in pixels", lower_bound=1, **fv)
+    flags.DEFINE_integer("num_shards", 2, "ArrayRecord shards per kind", lower_bound=1, **fv)
+    flags.DEFINE_integer("seed", 0, "random seed", **fv)
+
+
+def main(argv, flag_values=None) -> int:
+    """The command: ``argv`` is what absl's ``app.run`` passes (the program, OUT_DIR), the flags
+    parsed into ``flag_values`` (default ``flags.FLAGS``). In this process: :func:`command`."""
+    from absl import flags
+
+    f = flags.FLAGS if flag_values is None else flag_values
+    _, out = argv
+    print(json.dumps(make_tiny_dataset(out, num_text_image=f.num_text_image, num_multiview=f.num_multiview,
+                                       num_frames=f.num_frames, size=f.size, num_shards=f.num_shards,
+                                       seed=f.seed), indent=2))
     return 0
 
 
+def command(args) -> int:
+    """``python -m customjax.data.synthetic *args`` in this process (a fresh set of flags each
+    call); returns the exit code."""
+    from customjax.cli import call
+
+    return call(PROG, define_flags, main, args, **PARSE)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from absl import app
+
+    from customjax.cli import parse_flags
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from customjax.data import curriculum, precompute
+from customjax.data import curriculum
 from customjax.data.loader import TrainLoader, _pair, make_loader, train_sources
 
 
@@ -21,6 +21,8 @@ def make_train_loader(config, reference_size: int | None = None, *, process_inde
     d = config.data
     latents = bool(d.get("latents", ""))
     if latents:
+        from customjax.data import precompute   # lazily: `python -m customjax.data.precompute` imports this module
+
         sources = precompute.latent_sources(d.latents, image_size=_pair(config.train.image_size))
     else:
         sources = train_sources(config)

@@ -10,7 +10,7 @@ probability; dropped text is the empty prompt, a dropped image is a visual scale
 ``subject_weight`` w > 0 (not in the papers, off by default) weights each latent pixel's squared error
 by 1 + w * (the target's subject mask, mean-pooled to the latent grid), normalised per example, so a
 record without a mask (all ones) keeps the plain loss (:mod:`customjax.losses`): the subject's appearance, which only the
-reference supplies, is otherwise a few per cent of the loss (see docs/shapeworld_custom/training.json).
+reference supplies, is otherwise a few per cent of the loss (see docs/shapeworld/customization_benchmark/training.json).
 """
 
 from __future__ import annotations

@@ -1,5 +1,2 @@
-"""Evaluation metrics. :mod:`.shapeworld`: exact measurements of generated ShapeWorld images."""
-
-from customjax.metrics.shapeworld import measure, signature, similarity, summarise
-
-__all__ = ["measure", "signature", "similarity", "summarise"]
+"""Evaluation metrics of the papers: CLIP-T / CLIP-I (:mod:`.clip_score`) and word binding
+(:mod:`.binding`). ShapeWorld's exact measurements live in :mod:`customjax.shapeworld.metrics`."""

@@ -45,9 +45,22 @@ def read_cases(path: str | os.PathLike) -> list[dict]:
     return cases
 
 
-def _read(path: str, where: str, kind: str, mode: str) -> np.ndarray:
-    """The image at ``path`` in PIL ``mode`` as float32 in [0, 1], or a :class:`CaseError` naming
-    ``where`` and the ``kind`` of image (missing or unreadable)."""
+def _read(path, where: str, kind: str, mode: str) -> np.ndarray:
+    """The image at ``path`` (or an image itself: a PIL image, or an array (H, W[, C]) of uint8 or
+    floats in [0, 1]) in PIL ``mode`` as float32 in [0, 1], or a :class:`CaseError` naming ``where``
+    and the ``kind`` of image (missing, unreadable, of a wrong shape or range)."""
+    if isinstance(path, Image.Image):
+        return np.asarray(path.convert(mode), np.float32) / 255.0
+    if isinstance(path, np.ndarray) or hasattr(path, "__array__"):
+        a = np.asarray(path)
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+            raise CaseError(f"{where}: {kind} image of shape {a.shape}; expected (H, W, 3) (channels last), "
+                            "(H, W, 4) or (H, W)")
+        if a.dtype != np.uint8:
+            if not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+                raise CaseError(f"{where}: {kind} image of {a.dtype} outside [0, 1] (give uint8 or floats in [0, 1])")
+            a = (a.astype(np.float32) * 255.0 + 0.5).astype(np.uint8)
+        return _read(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a), where, kind, mode)
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode), np.float32) / 255.0
@@ -57,18 +70,33 @@ def _read(path: str, where: str, kind: str, mode: str) -> np.ndarray:
         raise CaseError(f"{where}: {kind} image {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def load_image(path: str, where: str) -> np.ndarray:
+def load_image(path, where: str) -> np.ndarray:
     """A reference image as float32 RGB (H, W, 3) in [0, 1], or a :class:`CaseError` naming ``where``."""
     return _read(path, where, "reference", "RGB")
 
 
-def load_mask(path: str, where: str) -> np.ndarray:
+def load_mask(path, where: str) -> np.ndarray:
     """A layout mask as float32 (H, W) in [0, 1] (its grey level), or a :class:`CaseError` naming
     ``where``: missing, unreadable or all black."""
     m = _read(path, where, "mask", "L")
     if not m.any():
-        raise CaseError(f"{where}: mask image {path} is all black (an empty mask)")
+        raise CaseError(f"{where}: mask image {_name(path)} is all black (an empty mask)")
     return m
+
+
+def as_list(images, ndim: int = 3) -> list:
+    """One image (a path, a PIL image, an array of ``ndim`` dimensions: 3 for (H, W, C) references, 2
+    for (H, W) masks) as a list of one; a sequence of them (or a stacked array) as a list."""
+    if isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == ndim):
+        return [images]
+    return list(images)
+
+
+def _name(image) -> str:
+    """A path as given, an in-memory image as ``<array HxW>``."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return "<array {}x{}>".format(*np.asarray(image).shape[:2])
 
 
 def resize_masks(masks: Sequence[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
@@ -88,7 +116,7 @@ def check_case(c: dict, tokenizer, references_mode: str, where: str, words_requi
             raise CaseError(f"{where}: missing {key!r}")
     words = c.get("words") or []
     words = [words] if isinstance(words, str) else list(words)
-    refs = [c["references"]] if isinstance(c["references"], str) else list(c["references"])
+    refs = as_list(c["references"])
     if words_required and not words:
         raise CaseError(f"{where}: no target word given")
     for w in words:
@@ -120,10 +148,11 @@ def check_cases(cases: Sequence[dict], tokenizer, references_mode: str, default_
         seeds = [int(s) for s in (seeds_override or c.get("seeds") or default_seeds)]
         masks = None
         if c.get("masks") is not None:
-            paths = [c["masks"]] if isinstance(c["masks"], str) else list(c["masks"])
+            paths = as_list(c["masks"], ndim=2)
             if len(paths) != len(words):
                 raise CaseError(f"{where}: {len(paths)} mask(s) for {len(words)} word(s); a layout needs one per word")
             masks = [load_mask(m, where) for m in paths]
-        out.append(dict(prompt=c["prompt"], words=words, references=refs, images=images, seeds=seeds, where=where,
+        out.append(dict(prompt=c["prompt"], words=words, references=[_name(r) for r in refs], images=images,
+                        seeds=seeds, where=where,
                         masks=masks))
     return out

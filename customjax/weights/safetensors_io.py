@@ -91,7 +91,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     arrays, offset = [], 0
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.asarray(tensors[name])
+        a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes a 0-d array 1-d: keep scalars []
         if a.dtype not in _NAMES:
             raise SafetensorsError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),

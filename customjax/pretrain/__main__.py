@@ -1,3 +1,0 @@
-from customjax.pretrain.run import run
-
-run()

@@ -1,0 +1,3 @@
+from customjax.shapeworld.pretrain.run import run
+
+run()
