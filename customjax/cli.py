@@ -167,3 +167,12 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE):
     sys.stderr.write(f"{prog}: {message}\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+def run(prog: str, define_flags: Callable, main: Callable, config_flags: Sequence[str] = (), **parse_kw) -> None:
+    """The ``__main__`` of a command: defines its flags on absl's ``flags.FLAGS`` and runs ``main``
+    under :func:`parse_flags` (``parse_kw``: usage, doc, positionals)."""
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags(prog, config_flags, **parse_kw))

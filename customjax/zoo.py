@@ -207,20 +207,12 @@ def define_flags(flag_values=None) -> None:
 
 def main(argv, flag_values=None) -> None:
     """The command (``python -m customjax.zoo``): writes a tiny pipeline, prints its folder. The flags
-    are parsed into ``flag_values`` (default ``flags.FLAGS``); in this process: :func:`command`."""
+    are parsed into ``flag_values`` (default ``flags.FLAGS``)."""
     from absl import flags
 
     f = flags.FLAGS if flag_values is None else flag_values
     del argv
     print(write_tiny_pipeline(f.out, f.kind, f.seed))
-
-
-def command(args) -> int:
-    """``python -m customjax.zoo *args`` in this process (a fresh set of flags each call); returns the
-    exit code."""
-    from customjax.cli import call
-
-    return call(PROG, define_flags, main, args, **PARSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,9 +367,6 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from customjax.cli import run
 
-    from customjax.cli import parse_flags
-
-    define_flags()
-    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))
+    run(PROG, define_flags, main, **PARSE)

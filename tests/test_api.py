@@ -1,31 +1,59 @@
-"""The Python API (customjax.api), in-process: the README's example on the shipped ShapeWorld base
-(images, masks, record, the contact sheet), inputs as paths or arrays, errors that name the prompt at
-fault, config specs with overrides, and train -> export -> sample on the tiny config."""
+"""The Python API (customjax.api), in-process: the README's example as written on the shipped ShapeWorld
+base (images, masks, record, the contact sheet), inputs as paths or arrays, errors that name the prompt
+at fault, config specs with overrides, and train -> export -> sample on the tiny config."""
 
+import io
+import os
+import re
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import customjax
 from customjax import api
 from customjax.images import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = str(ROOT / "configs/realcustompp.py") + ":shapeworld"
-REFS = [str(ROOT / "examples/shapeworld/s000_ref0.png"), str(ROOT / "examples/shapeworld/s002_ref0.png")]
+REFS = ["examples/shapeworld/s000_ref0.png", "examples/shapeworld/s002_ref0.png"]   # the README's, relative
 PROMPTS = ["a large triangle on the right, on a yellow background", "a small star in the center, on an orange background"]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return customjax.Customizer.from_config(SPEC, sample={"steps": 4, "batch": 4})
+def readme(tmp_path_factory):
+    """The README's Python example run in this process as written, in a scratch folder beside links to
+    configs/ and examples/: (its namespace, what it printed, the folder)."""
+    text = (ROOT / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "Customizer" in b)
+    cwd = tmp_path_factory.mktemp("readme")
+    for d in ("configs", "examples"):
+        os.symlink(ROOT / d, cwd / d)
+    here, ns, printed = os.getcwd(), {}, io.StringIO()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), ns)
+    finally:
+        os.chdir(here)
+    return ns, printed.getvalue(), cwd
 
 
 @pytest.fixture(scope="module")
-def samples(pipe):
-    return pipe(PROMPTS, references=REFS, words=["triangle", "star"], seeds=[0, 1])
+def pipe(readme):
+    return readme[0]["pipe"]
+
+
+@pytest.fixture(scope="module")
+def samples(readme):
+    return readme[0]["out"]
+
+
+def test_the_readme_example_runs_as_written(readme):
+    ns, printed, cwd = readme
+    assert printed.strip().startswith("(4, 64, 64, 3) (1, 8, 8)"), printed
+    assert (cwd / "out/api/grid.png").is_file() and (cwd / "out/api/record.json").is_file()
+    assert [c["prompt"] for c in ns["out"].cases] == [p for p in PROMPTS for _ in (0, 1)]
 
 
 def test_call_returns_images_masks_and_record(samples):
@@ -36,15 +64,15 @@ def test_call_returns_images_masks_and_record(samples):
     recs = samples.record["images"]
     assert [(r["prompt"], r["seed"]) for r in recs] == [(p, s) for p in PROMPTS for s in (0, 1)]
     assert recs[0]["references"] == [REFS[0]] and recs[0]["words"] == ["triangle"]
-    assert samples.record["config"]["sample"]["steps"] == 4          # the override reached the sampler
+    assert samples.record["config"]["sample"]["steps"] == 10         # the override reached the sampler
     assert not np.allclose(samples.images[0], samples.images[1])     # two seeds, two images
 
 
 def test_arrays_and_pil_images_give_what_paths_give(pipe, samples):
-    ref = np.asarray(Image.open(REFS[0]).convert("RGB"))
+    ref = np.asarray(Image.open(ROOT / REFS[0]).convert("RGB"))
     as_array = pipe(PROMPTS[0], references=ref, words="triangle", seeds=[0])
     as_float = pipe(PROMPTS[0], references=[ref.astype(np.float32) / 255.0], words=["triangle"], seeds=[0])
-    as_pil = pipe(PROMPTS[0], references=Image.open(REFS[0]), words="triangle", seeds=[0])
+    as_pil = pipe(PROMPTS[0], references=Image.open(ROOT / REFS[0]), words="triangle", seeds=[0])
     for got in (as_array, as_float, as_pil):
         np.testing.assert_allclose(got.images[0], samples.images[0], atol=1e-6)
     assert as_array.record["images"][0]["references"] == ["<array 64x64>"]
@@ -58,7 +86,7 @@ def test_save_writes_a_sheet_a_person_can_read(samples, tmp_path):
     sheet = np.asarray(Image.open(out / "grid.png").convert("RGB"))
     # two rows (one per prompt), each: reference, then sample and masks per seed; tiles of 256 px
     assert sheet.shape[0] >= 2 * 256 and sheet.shape[1] >= 5 * 256
-    ref = np.asarray(Image.open(REFS[0]).convert("RGB"))
+    ref = np.asarray(Image.open(ROOT / REFS[0]).convert("RGB"))
     big = np.repeat(np.repeat(ref, 4, axis=0), 4, axis=1)
     pad, line = 8, 16 + 6                                          # images.sheet's layout
     np.testing.assert_array_equal(sheet[pad + line:pad + line + 256, pad:pad + 256], big)
@@ -69,12 +97,13 @@ def test_save_writes_a_sheet_a_person_can_read(samples, tmp_path):
 
 
 def test_bad_input_names_the_prompt_at_fault(pipe):
+    refs = [str(ROOT / r) for r in REFS]
     with pytest.raises(api.CaseError, match=r"prompt 1 .*'circle'"):
-        pipe(PROMPTS, references=REFS, words=["triangle", "circle"])
+        pipe(PROMPTS, references=refs, words=["triangle", "circle"])
     with pytest.raises(api.CaseError, match=r"shape \(3, 64, 64\).*channels last"):
         pipe(PROMPTS[0], references=np.zeros((3, 64, 64), np.float32), words="triangle")
     with pytest.raises(api.CaseError, match="2 prompt.*1 references"):
-        pipe(PROMPTS, references=[REFS[0]], words=["triangle", "star"])
+        pipe(PROMPTS, references=refs[:1], words=["triangle", "star"])
     with pytest.raises(api.CaseError, match="does not exist"):
         pipe(PROMPTS[0], references="no/such.png", words="triangle")
 

@@ -386,6 +386,7 @@ def test_attention_grounding_is_tokencompose_token_loss():
         attention_grounding([np.zeros((1, 6, 5), np.float32)], words, regions)
 
 
+@pytest.mark.slow
 def test_unet_grounding_loss_is_logged_and_trains_the_word_attention(micro_run):
     """The test preset trains its UNet with ground_weight (the term is in the logged metrics); and
     steps on unet_loss with a large ground_weight move each object word's attention onto its object."""
@@ -429,6 +430,7 @@ def test_unet_grounding_loss_is_logged_and_trains_the_word_attention(micro_run):
     assert grounds[-1] < 0.65 * grounds[0], grounds       # 0.90 -> 0.49 when written
 
 
+@pytest.mark.slow
 def test_fingerprint_reruns_the_micro_run_with_every_option(micro_run, tmp_path):
     """The fingerprint rerun (what test_shipped_base checks on the shipped record) on the test preset,
     whose UNet stage has object_weight, train_text and ground_weight on."""
@@ -437,6 +439,7 @@ def test_fingerprint_reruns_the_micro_run_with_every_option(micro_run, tmp_path)
     assert_reruns_record(micro_run[0], tmp_path, steps=FINGERPRINT_STEPS)
 
 
+@pytest.mark.slow
 def test_pretrain_continues_a_base_keeping_its_stages_and_recording_its_lineage(tmp_path):
     """config.init: the parent's tokenizer, VAE and CLIP are kept byte for byte, its UNet trains on from
     its weights, and the record names the parent (its whole record and its UNet's SHA-256)."""

@@ -1,7 +1,7 @@
 """The README is a user document that runs as written: under 20 KB, what works and the two commands
 on its first screen; every command's module, config, preset, config key and flag exists; the cheap
-commands (the `:tiny` job) and the Python example run (in a scratch folder beside links to
-configs/ and examples/)."""
+commands (the `:tiny` job) run (in a scratch folder beside links to configs/ and examples/). The
+Python example runs in process in tests/test_api.py."""
 
 import os
 import re
@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import cpu_env
 
@@ -58,14 +57,17 @@ def test_every_command_names_a_real_module_config_preset_key_and_flag():
 
     from customjax import api
 
+    from concurrent.futures import ThreadPoolExecutor
+
     assert len(COMMANDS) >= 8, COMMANDS
-    helps = {}
+    modules = sorted({argv[2] for argv in COMMANDS})
+    assert all(find_spec(m) is not None for m in modules), modules
+    with ThreadPoolExecutor(len(modules)) as pool:
+        helps = dict(zip(modules, pool.map(lambda m: subprocess.run(
+            [sys.executable, "-m", m, "--helpfull"], capture_output=True, text=True, env=cpu_env(1), cwd=ROOT,
+            timeout=300).stdout, modules)))
     for argv in COMMANDS:
         module = argv[2]
-        assert find_spec(module) is not None, module
-        if module not in helps:
-            helps[module] = subprocess.run([sys.executable, "-m", module, "--helpfull"], capture_output=True,
-                                           text=True, env=cpu_env(1), cwd=ROOT, timeout=120).stdout
         args = argv[3:]
         config = None
         for i, a in enumerate(args):
@@ -101,13 +103,3 @@ def test_the_tiny_job_runs_as_written(tmp_path):
     # a quiet console: progress bars and summary lines, no INFO flood
     assert "customjax.train: train step compiled" in out.stderr
     assert not re.search(r"^I\d{4} |INFO:", out.stderr, re.M), out.stderr[:2000]
-
-
-def test_the_python_example_runs_in_process(tmp_path):
-    code = next(b for b in _blocks("python") if "Customizer" in b)
-    cwd = _scratch(tmp_path)
-    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=cpu_env(1), capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().startswith("(4, 64, 64, 3) (1, 8, 8)"), out.stdout
-    assert (cwd / "out/api/grid.png").is_file() and (cwd / "out/api/record.json").is_file()

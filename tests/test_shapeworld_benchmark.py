@@ -365,6 +365,7 @@ def test_paired_gain():
         paired_gain(np.array([1.0]), np.array([0.0]))
 
 
+@pytest.mark.slow
 def test_appearance_signal_batches_and_run(tmp_path):
     """benchmarks/appearance_signal.py: the two captions differ only in the subject's appearance; the
     references are the other frame, whole or cut to the subject; the run writes every row."""

@@ -35,6 +35,7 @@ def test_shipped_base_loads_small_and_records_its_command(info):
         assert steps[-1] == info["config"][stage]["steps"], stage      # every stage ran to the end
 
 
+@pytest.mark.slow
 def test_shipped_base_reruns_the_recorded_start_of_its_command(tmp_path):
     """Bitwise regeneration of the whole CPU run is not promised (float reduction order varies by
     machine, the weights are stored in float16); the first steps of every stage are."""
@@ -43,6 +44,7 @@ def test_shipped_base_reruns_the_recorded_start_of_its_command(tmp_path):
     assert_reruns_record(SHAPEWORLD_BASE, tmp_path, steps=FINGERPRINT_STEPS)
 
 
+@pytest.mark.slow
 def test_shipped_base_quality_on_fresh_held_out_prompts(info):
     """The recorded figures hold up on the model itself: a fresh sample of held-out prompts (other seed)
     is consistent with the aims (background 0.9, category 0.8; issue 5) and agrees with every recorded

@@ -38,18 +38,28 @@ def _tb_images(tb_dir) -> dict:
 
 
 def _check_previews(workdir, steps, cases=4, size=32):
-    """Preview PNGs (samples, mask overlays) per step: a grid of ``cases`` tiles, not constant, the
-    overlays differ from the samples; the same images in TensorBoard."""
+    """Preview PNGs per step: the sheet (a row per case: reference, sample, masks, upscaled to 256 px)
+    and the mask overlays (a grid of ``cases`` tiles, not constant, unlike the samples); TensorBoard
+    holds the sample and overlay grids, and the sheet's sample tiles are the grid's, upscaled."""
     side = 2 * (size + 2) + 2               # 2 x 2 grid, 2 px padding
     tb = _tb_images(workdir / "tb")
+    pad, line = 8, 16 + 6                    # customjax.images.sheet's layout
     for step in steps:
-        samples = np.asarray(Image.open(workdir / "previews" / f"step_{step:06d}.png"))
+        sheet = np.asarray(Image.open(workdir / "previews" / f"step_{step:06d}.png"))
         masks = np.asarray(Image.open(workdir / "previews" / f"step_{step:06d}_masks.png"))
+        samples = np.asarray(tb["preview/samples", step])
         assert samples.shape == masks.shape == (side, side, 3)
-        tile = samples[2:2 + size, 2:2 + size].astype(np.float32)
-        assert tile.std() > 1.0 and np.abs(masks.astype(np.float32) - samples).max() > 10
-        np.testing.assert_array_equal(np.asarray(tb["preview/samples", step]), samples)
+        tile = samples[2:2 + size, 2:2 + size]
+        assert tile.astype(np.float32).std() > 1.0 and np.abs(masks.astype(np.float32) - samples).max() > 10
         np.testing.assert_array_equal(np.asarray(tb["preview/masks", step]), masks)
+        ref = json.loads((workdir / "config.json").read_text())["encoders"]
+        ref = ref["image_size"] * ref["scale"]                 # the preview's reference side (tiny: 56 px)
+        slot = max(ref, size) * -(-256 // max(ref, size))      # every tile's slot: >= 256 px
+        assert sheet.shape[0] >= cases * slot and sheet.shape[1] >= 3 * slot
+        x = pad + slot + pad                                   # after the reference tile
+        f = slot // size
+        np.testing.assert_array_equal(sheet[pad + line:pad + line + size * f, x:x + size * f],
+                                      np.repeat(np.repeat(tile, f, axis=0), f, axis=1))
     assert sorted(s for t, s in tb if t == "preview/samples") == sorted(steps)
     cases_file = json.loads((workdir / "previews" / "cases.json").read_text())
     assert len(cases_file) == cases and all(c["words"][0] in c["prompt"] for c in cases_file)

@@ -311,9 +311,6 @@ def command(args) -> int:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from customjax.cli import run
 
-    from customjax.cli import parse_flags
-
-    define_flags()
-    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))
+    run(PROG, define_flags, main, **PARSE)

@@ -674,7 +674,7 @@ def define_flags(flag_values=None) -> None:
 
 def main(argv, flag_values=None) -> int:
     """The command: ``argv`` is what absl's ``app.run`` passes (the program, OUT_DIR), the flags
-    parsed into ``flag_values`` (default ``flags.FLAGS``). In this process: :func:`command`."""
+    parsed into ``flag_values`` (default ``flags.FLAGS``)."""
     from absl import flags
 
     f = flags.FLAGS if flag_values is None else flag_values
@@ -685,18 +685,7 @@ def main(argv, flag_values=None) -> int:
     return 0
 
 
-def command(args) -> int:
-    """``python -m customjax.shapeworld.world *args`` in this process (a fresh set of flags each
-    call); returns the exit code."""
-    from customjax.cli import call
-
-    return call(PROG, define_flags, main, args, **PARSE)
-
-
 if __name__ == "__main__":
-    from absl import app
+    from customjax.cli import run
 
-    from customjax.cli import parse_flags
-
-    define_flags()
-    app.run(main, flags_parser=parse_flags(PROG, (), **PARSE))
+    run(PROG, define_flags, main, **PARSE)
