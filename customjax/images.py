@@ -128,14 +128,15 @@ def sheet(rows: list[dict], min_size: int = 256, pad: int = 8, font_size: int = 
 
 def case_rows(cases: list[dict], images: list, overlays: list | None) -> list[dict]:
     """The rows of :func:`sheet` for sampled cases: ``cases`` (one per image, each with ``prompt``,
-    ``words``, ``seed`` and ``reference_images``), their images and mask overlays (or None); the
-    images of one prompt and reference set share a row."""
+    ``words``, ``seed``, ``reference_images`` and optionally ``layout``: masks drawn, not attended),
+    their images and mask overlays (or None); the images of one prompt and reference set share a row."""
     rows: dict = {}
     for i, c in enumerate(cases):
-        key = (c["prompt"], tuple(c["words"]), id(c["reference_images"]))
+        key = (c["prompt"], tuple(c["words"]), id(c["reference_images"]), bool(c.get("layout")))
         if key not in rows:
             words = f"  [{', '.join(c['words'])}]" if c["words"] else ""
-            rows[key] = dict(prompt=c["prompt"] + words, seeds=[], tiles=[
+            layout = "  masks: the drawn layout" if c.get("layout") else ""
+            rows[key] = dict(prompt=c["prompt"] + words + layout, seeds=[], tiles=[
                 (f"reference {k + 1}" if len(c["reference_images"]) > 1 else "reference", ref)
                 for k, ref in enumerate(c["reference_images"])])
         r = rows[key]

@@ -237,9 +237,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     loader = make_train_loader(config, reference_size(config))
     first = loader.peek()
     needs = built.method.needs
-    t0 = time.time()
     jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs)))
-    say(f"train step compiled in {time.time() - t0:.0f} s")
     start = 0
     if ckpt.all_steps():
         abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -279,7 +277,12 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     try:
         while step < total:
             batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh, needs)
+            if step == start:
+                t0 = time.time()
             state, metrics = jstep(state, frozen, batch)
+            if step == start:      # once: the first step compiles the train step
+                jax.block_until_ready(metrics)
+                say(f"train step compiled and run in {time.time() - t0:.0f} s; {total - start} steps to go")
             step += 1
             n_log += 1
             bar.update(1)

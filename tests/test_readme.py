@@ -101,5 +101,5 @@ def test_the_tiny_job_runs_as_written(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (cwd / "runs/tiny/export/adapter.safetensors").is_file() and (cwd / "out/tiny/grid.png").is_file()
     # a quiet console: progress bars and summary lines, no INFO flood
-    assert "customjax.train: train step compiled" in out.stderr
+    assert "customjax.train: train step compiled and run in" in out.stderr
     assert not re.search(r"^I\d{4} |INFO:", out.stderr, re.M), out.stderr[:2000]
