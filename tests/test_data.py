@@ -136,6 +136,37 @@ def test_convert_multiview(tmp_path):
     assert mask.mode == "L" and mask.size == (32, 32)
 
 
+def test_convert_multiview_masks_from_alpha_and_required(tmp_path):
+    """A cut-out view's alpha channel is its subject mask when there is no masks/<frame>.png; with
+    require_masks a view with neither is an error naming it, raised before any shard is written."""
+    src = tmp_path / "src" / "cup"
+    src.mkdir(parents=True)
+    (src / "caption.txt").write_text("a cup")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[4:12, 4:12, 3] = 255                          # the subject; the rest transparent
+    Image.fromarray(rgba, "RGBA").save(src / "a.png")
+    Image.fromarray(rgba, "RGBA").save(src / "b.png")
+    stats = convert.convert("multiview", tmp_path / "src", tmp_path / "out", progress=False, require_masks=True)
+    assert stats["written"] == 1
+    (ex,) = [e for p in records.find_shards(tmp_path / "out") for e in records.read_shard(p)]
+    m = np.asarray(Image.open(io.BytesIO(ex.masks[0])))
+    np.testing.assert_array_equal(m, rgba[..., 3])
+    Image.new("RGB", (16, 16)).save(src / "c.png")       # opaque, no mask file
+    with pytest.raises(convert.MissingMaskError, match=r"c\.png: no subject mask"):
+        convert.convert("multiview", tmp_path / "src", tmp_path / "out2", progress=False, require_masks=True)
+    assert not (tmp_path / "out2").exists()
+    # optional masks (the default): the view is kept without one
+    stats = convert.convert("multiview", tmp_path / "src", tmp_path / "out3", progress=False)
+    (ex,) = [e for p in records.find_shards(tmp_path / "out3") for e in records.read_shard(p)]
+    assert stats["written"] == 1 and ex.masks[2] is None and ex.masks[0] is not None
+    # the command line: one line, exit code 2
+    with pytest.raises(SystemExit) as e:
+        convert.command(["multiview", str(tmp_path / "src"), "--out", str(tmp_path / "out4"), "--require_masks",
+                         "--no_progress"])
+    assert e.value.code == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Decoding and geometry.
 

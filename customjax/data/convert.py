@@ -142,18 +142,48 @@ def jsonl_examples(manifest, *, allow_empty_caption=False, verify="header") -> t
     return sum(1 for line in lines if line.strip()), gen()
 
 
+def alpha_mask(data: bytes) -> bytes | None:
+    """The alpha channel of an image with one that is not fully opaque, as a single-channel PNG (the
+    subject mask of a cut-out view); None otherwise."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if "A" not in im.getbands() and not (im.mode == "P" and "transparency" in im.info):
+            return None
+        alpha = im.convert("RGBA").getchannel("A")
+    if alpha.getextrema()[0] == 255:
+        return None
+    buf = io.BytesIO()
+    alpha.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class MissingMaskError(ValueError):
+    """``require_masks``: a view has neither a mask file nor an alpha channel."""
+
+
 def multiview_examples(root, *, min_frames=2, allow_empty_caption=False, verify="header",
-                       frame_skips: collections.Counter | None = None) -> tuple[int, Iterator]:
+                       frame_skips: collections.Counter | None = None, require_masks: bool = False
+                       ) -> tuple[int, Iterator]:
     """(count, examples) of a multiview folder: one record per ``<object_id>/`` with all frames.
 
-    Unusable frames are dropped from their object (counted by reason in ``frame_skips``); an object
-    left with fewer than ``min_frames`` frames is skipped as ``too_few_frames``.
+    Each view's subject mask is ``<object_id>/masks/<frame>.png``, or else the frame's alpha channel
+    (a cut-out view). With ``require_masks`` (methods that read the masks, CustomContrast), a view with
+    neither raises :class:`MissingMaskError` naming it. Unusable frames are dropped from their object
+    (counted by reason in ``frame_skips``); an object left with fewer than ``min_frames`` frames is
+    skipped as ``too_few_frames``.
     """
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"multiview folder {root} does not exist")
     objects = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     frame_skips = collections.Counter() if frame_skips is None else frame_skips
+    if require_masks:        # before anything is written: every view has a mask file or an alpha channel
+        for obj in objects:
+            for f in sorted(p for p in obj.iterdir() if p.is_file() and _is_image(p)):
+                if not (obj / "masks" / f"{f.stem}.png").exists() and alpha_mask(f.read_bytes()) is None:
+                    raise MissingMaskError(f"{f}: no subject mask ({obj / 'masks' / (f.stem + '.png')} is missing "
+                                           "and the image has no alpha channel); --require_masks needs one per view")
 
     def gen():
         for obj in objects:
@@ -184,6 +214,10 @@ def multiview_examples(root, *, min_frames=2, allow_empty_caption=False, verify=
                     if check_image(mask, verify):
                         frame_skips["bad_mask"] += 1
                         mask = None
+                else:
+                    mask = alpha_mask(data)
+                if mask is None and require_masks:          # its mask file is unreadable: the view goes
+                    continue
                 frames.append(data)
                 names.append(f.stem)
                 masks.append(mask)
@@ -230,7 +264,8 @@ def write_shards(examples: Iterable[Example | Skip], out_dir, name: str = "train
 
 
 def convert(layout: str, src, out_dir, name: str = "train", num_shards: int = 1, *, min_frames: int = 2,
-            allow_empty_caption: bool = False, verify: str = "header", progress: bool = True) -> dict:
+            allow_empty_caption: bool = False, verify: str = "header", progress: bool = True,
+            require_masks: bool = False) -> dict:
     """Converts ``src`` in ``layout`` (``folder`` | ``jsonl`` | ``multiview``) to shards; returns the stats."""
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
@@ -242,7 +277,8 @@ def convert(layout: str, src, out_dir, name: str = "train", num_shards: int = 1,
         total, examples = jsonl_examples(src, **common)
     elif layout == "multiview":
         frame_skips = collections.Counter()
-        total, examples = multiview_examples(src, min_frames=min_frames, frame_skips=frame_skips, **common)
+        total, examples = multiview_examples(src, min_frames=min_frames, frame_skips=frame_skips,
+                                             require_masks=require_masks, **common)
         extra["frames_skipped"] = frame_skips
     else:
         raise ValueError(f"unknown layout {layout!r}; choose folder, jsonl or multiview")
@@ -277,6 +313,8 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_integer("num_shards", 1, "number of ArrayRecord shards", lower_bound=1, **fv)
     flags.DEFINE_integer("min_frames", 2, "multiview: fewest usable frames per object", **fv)
     flags.DEFINE_bool("allow_empty_caption", False, "keep examples without a caption", **fv)
+    flags.DEFINE_bool("require_masks", False, "multiview: every view needs a subject mask (masks/<frame>.png or "
+                      "an alpha channel); a missing one is an error", **fv)
     flags.DEFINE_enum("verify", "header", list(VERIFY_LEVELS), "image check before writing: none, header (PIL "
                       "verify) or decode (as training does; slower)", **fv)
     flags.DEFINE_bool("no_progress", False, "no progress bar", **fv)
@@ -295,8 +333,12 @@ def main(argv, flag_values=None) -> int:
         fail(PROG, f"LAYOUT must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not os.path.exists(src):
         fail(PROG, f"SRC {src}: no such file or folder")
-    stats = convert(layout, src, f.out, f.name, f.num_shards, min_frames=f.min_frames,
-                    allow_empty_caption=f.allow_empty_caption, verify=f.verify, progress=not f.no_progress)
+    try:
+        stats = convert(layout, src, f.out, f.name, f.num_shards, min_frames=f.min_frames,
+                        allow_empty_caption=f.allow_empty_caption, verify=f.verify, progress=not f.no_progress,
+                        require_masks=f.require_masks)
+    except MissingMaskError as e:
+        fail(PROG, str(e))
     print(format_stats(stats))
     print(f"stats: {pathlib.Path(f.out, f.name + '.stats.json')}")
     return 0
