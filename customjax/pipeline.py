@@ -114,6 +114,29 @@ def encode_text(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array,
     return ctx, outs[1].text_embeds
 
 
+def encode_splus(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array, ...], where: jax.Array,
+                 tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """The S+ text condition (CustomContrast Eqs. 3, 5): for each of the l tokens (B, l, D_in), the caption
+    ``ids`` with the placeholder (``where`` (B, 77) bool) embedded as that token, through the frozen text
+    encoder(s); one batched pass of B * l rows. ``D_in``: the encoders' input widths, concatenated (SDXL:
+    768 + 1280, split in order). Returns (per-layer context (B, l, 77, D), pooled (B, l, P) or None), the
+    ``text`` of :class:`customjax.control.spec.ControlConfig` per cross-attention layer."""
+    B, L = tokens.shape[:2]
+    rows = lambda a: jnp.repeat(a, L, axis=0)            # noqa: E731  (B, ...) -> (B * l, ...), layer fastest
+    widths = [enc.config.hidden_size for enc in pipe.text_encoders]
+    if sum(widths) != tokens.shape[-1]:
+        raise ValueError(f"S+ tokens of width {tokens.shape[-1]}; the text encoders' input widths sum to {sum(widths)}")
+    parts = jnp.split(tokens.reshape(B * L, -1), [sum(widths[:k + 1]) for k in range(len(widths) - 1)], axis=-1)
+    outs = [enc.apply({"params": p}, rows(i), replace=(rows(where), t))
+            for enc, p, i, t in zip(pipe.text_encoders, text_params, ids, parts)]
+    if not pipe.is_sdxl:
+        ctx, pooled = outs[0].last_hidden_state, None
+    else:
+        ctx, pooled = jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1), outs[1].text_embeds
+    ctx = ctx.reshape(B, L, *ctx.shape[1:])
+    return ctx, None if pooled is None else pooled.reshape(B, L, -1)
+
+
 def encode_cfg_text(pipe: StableDiffusion, text_params: tuple, ids: tuple, neg_ids: tuple,
                     zero_uncond: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """[unconditional; conditional] text (2B, 77, D) and pooled embeddings in one encoder pass.

@@ -227,7 +227,9 @@ class CLIPTextOutput:
 
 
 class CLIPTextEmbeddings(nn.Module):
-    """Token plus learned position embeddings."""
+    """Token plus learned position embeddings. ``replace``: ``(where (B, T) bool, embeds (B, D))``,
+    the token embedding at ``where`` replaced by ``embeds`` (a learnt word: S*, CustomContrast's S+
+    tokens), before the position embeddings are added."""
 
     vocab_size: int
     max_positions: int
@@ -235,11 +237,14 @@ class CLIPTextEmbeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, replace: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         t = input_ids.shape[-1]
         if t > self.max_positions:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings={self.max_positions}")
         tok = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+        if replace is not None:
+            where, embeds = replace
+            tok = jnp.where(where[..., None], embeds[:, None].astype(tok.dtype), tok)
         pos = nn.Embed(self.max_positions, self.hidden_size, dtype=self.dtype, name="position_embedding")(
             jnp.arange(t))
         return tok + pos
@@ -261,10 +266,11 @@ class CLIPTextTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 replace: tuple[jax.Array, jax.Array] | None = None):
         c = self.config
         x = CLIPTextEmbeddings(c.vocab_size, c.max_position_embeddings, c.hidden_size, dtype=self.dtype,
-                               name="embeddings")(input_ids)
+                               name="embeddings")(input_ids, replace)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         layers = Encoder(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act,
                          c.layer_norm_eps, dtype=self.dtype, name="encoder")(x, mask, is_causal=True)
@@ -277,16 +283,18 @@ class CLIPTextModel(nn.Module):
     """CLIP text encoder; ``text_projection`` when ``config.with_projection``.
 
     ``input_ids`` (B, T) int; optional ``attention_mask`` (B, T), 1 = real token, combined with the
-    causal mask as transformers does (SD pipelines pass none).
+    causal mask as transformers does (SD pipelines pass none); optional ``replace`` = ``(where (B, T)
+    bool, embeds (B, D))``: token embeddings replaced (:class:`CLIPTextEmbeddings`).
     """
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 replace: tuple[jax.Array, jax.Array] | None = None) -> CLIPTextOutput:
         last, hidden, pooled = CLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")(
-            input_ids, attention_mask)
+            input_ids, attention_mask, replace)
         embeds = None
         if self.config.with_projection:
             embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,

@@ -1,0 +1,54 @@
+"""CustomContrast's S+ text condition (customjax.pipeline.encode_splus, seed 000 Eqs. 3, 5): l tokens
+through the frozen text encoder(s) in one batched pass; each token stands in the placeholder's place. A
+token equal to the placeholder word's own embedding gives the plain text condition; the states before
+the placeholder are the same for every token (the encoder is causal)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from customjax.pipeline import encode_splus, encode_text
+from customjax.tokenizer import tokenize
+from customjax.zoo import random_pipeline
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def pipe(request):
+    return random_pipeline(request.param, "tiny", seed=0, std=0.1)
+
+
+def _inputs(pipe):
+    p, params = pipe
+    prompt = "a photo of a toy on the beach"
+    ids = tuple(jnp.asarray(tokenize(t, [prompt, prompt.replace("photo", "picture")])) for t in p.tokenizers)
+    first = np.asarray(ids[0])
+    pos = 5                                                        # a token inside the prompt, before its end
+    where = jnp.asarray(np.arange(first.shape[1])[None] == pos).repeat(2, 0)
+    own = jnp.concatenate([params["text_encoders"][i]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+                           [ids[i][:, pos]] for i in range(len(ids))], -1)      # (B, D_in): the word's own embedding
+    return p, params, ids, where, own, pos
+
+
+def test_the_words_own_embedding_gives_the_plain_condition(pipe):
+    p, params, ids, where, own, _ = _inputs(pipe)
+    plain, pooled = encode_text(p, params["text_encoders"], ids)
+    ctx, pooled_l = jax.jit(lambda t: encode_splus(p, params["text_encoders"], ids, where, t))(
+        jnp.repeat(own[:, None], 3, axis=1))
+    assert ctx.shape == (2, 3, *plain.shape[1:])
+    for a in range(3):
+        np.testing.assert_allclose(ctx[:, a], plain, atol=1e-5)
+        if pooled is not None:
+            np.testing.assert_allclose(pooled_l[:, a], pooled, atol=1e-5)
+
+
+def test_each_layer_token_changes_only_what_follows_the_placeholder(pipe):
+    p, params, ids, where, own, pos = _inputs(pipe)
+    tokens = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, own.shape[-1])), jnp.float32)
+    ctx, _ = encode_splus(p, params["text_encoders"], ids, where, tokens)
+    ctx = np.asarray(ctx)
+    for a in range(1, 4):
+        np.testing.assert_allclose(ctx[:, a, :pos], ctx[:, 0, :pos], atol=1e-6)       # causal: the prefix is shared
+        assert np.abs(ctx[:, a, pos:] - ctx[:, 0, pos:]).max() > 1e-3              # each layer's own token
+    with pytest.raises(ValueError, match="input widths sum to"):
+        encode_splus(p, params["text_encoders"], ids, where, tokens[..., :-1])
