@@ -52,3 +52,46 @@ def test_each_layer_token_changes_only_what_follows_the_placeholder(pipe):
         assert np.abs(ctx[:, a, pos:] - ctx[:, 0, pos:]).max() > 1e-3              # each layer's own token
     with pytest.raises(ValueError, match="input widths sum to"):
         encode_splus(p, params["text_encoders"], ids, where, tokens[..., :-1])
+
+
+def test_the_objective_reads_a_per_layer_text_condition():
+    """Condition.text (L, B, 77, D) replaces the caption's context layer by layer: the caption's own
+    context in every layer is the plain loss; another context in one layer changes it; an example whose
+    text is dropped gets the empty prompt's context in every layer."""
+    import dataclasses
+
+    import train_probe
+
+    from customjax import trainer
+    from customjax.methods.build import build
+    from customjax.methods.objective import ObjectiveConfig, loss_fn
+
+    c = train_probe.tiny_config()
+    built = build(c)
+    frozen, train = trainer.split(built)
+    b = next(train_probe.batches(1, 4))
+    batch = {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
+             "ids": tuple(jnp.asarray(tokenize(t, b["caption"])) for t in built.pipe.tokenizers)}
+    L = built.unet.config.num_cross_layers
+    base_method = built.method
+
+    class PerLayer(type(base_method)):
+        def __init__(self, edit):
+            self.__dict__.update(base_method.__dict__)
+            self.edit = edit
+
+        def condition(self, modules, fr, tr, batch, x, key, cfg):
+            cond = super().condition(modules, fr, tr, batch, x, key, cfg)
+            return dataclasses.replace(cond, text=self.edit(jnp.repeat(x.ctx[None], L, axis=0)))
+
+    def loss(edit, cfg=ObjectiveConfig(0.0, 0.0, 0.0)):
+        m = built.method if edit is None else PerLayer(edit)
+        f = jax.jit(lambda tr, fr, b: loss_fn(tr, fr, b, jax.random.key(3), built=dataclasses.replace(built, method=m),
+                                             cfg=cfg)[0])
+        return float(f(train, frozen, batch))
+
+    plain = loss(None)
+    assert loss(lambda t: t) == pytest.approx(plain, rel=1e-5)
+    assert abs(loss(lambda t: t.at[-1].add(1.0)) - plain) > 1e-5
+    all_dropped = ObjectiveConfig(1.0, 0.0, 0.0)          # every example's text dropped: the edit is ignored
+    assert loss(lambda t: t + 1.0, all_dropped) == pytest.approx(loss(None, all_dropped), rel=1e-5)

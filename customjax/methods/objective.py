@@ -89,6 +89,8 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     extra = {}
     if pipe.is_sdxl:
         extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(H, W, B))
+    if cond.text is not None:      # a context per cross-attention layer (S+); dropped text: the empty prompt's
+        ctx = jnp.where(drop_text[None, :, None, None], jnp.broadcast_to(e_ctx, cond.text.shape), cond.text)
     params = merge(frozen["unet"], trainable["unet"])
     pred = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra).astype(jnp.float32)
     tgt = S.target(sched, pipe.schedule.prediction_type, z0, noise, t)

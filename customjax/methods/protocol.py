@@ -54,12 +54,16 @@ class Condition:
     ``token_mask`` (B, R, N) | None, and ``losses``: auxiliary loss terms by name (scalars, already
     weighted), added to the diffusion loss and logged as ``loss/<name>``. ``scale`` (B,): the visual
     scale per example; None = the objective's (0 where the image condition is dropped, else 1), set
-    it when the method drops the image its own way (IP-Adapter: a zero image embedding)."""
+    it when the method drops the image its own way (IP-Adapter: a zero image embedding). ``text``: a
+    text context per cross-attention layer (L, B, 77, D) in UNet order, in place of the caption's
+    (CustomContrast's S+ space, Eq. 5; :func:`customjax.pipeline.encode_splus`); examples whose text is
+    dropped get the empty prompt's context in every layer. None: the caption's context everywhere."""
 
     tokens: jax.Array
     token_mask: jax.Array | None = None
     losses: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
     scale: jax.Array | None = None
+    text: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
