@@ -8,6 +8,7 @@ import re
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -120,7 +121,12 @@ def test_load_config_specs_and_overrides():
         api.load_config("configs/nope.py:tiny")
 
 
-def test_train_export_and_sample_in_process(tmp_path):
+def test_train_export_and_load_in_process(tmp_path):
+    """api.train -> export -> Customizer.from_config(checkpoint=...): the customizer holds the trained
+    adapter (sampling through the API: the README example above)."""
+    from customjax.methods.build import trainable_tree
+    from customjax.weights.safetensors_io import load_file
+
     config = api.load_config(str(ROOT / "configs/realcustompp.py") + ":tiny", train=dict(
         steps=2, batch=2, preview_every=0, save_every=0, log_every=1, async_save=False), data={"examples": 16})
     result = api.train(config, tmp_path / "run")
@@ -129,5 +135,12 @@ def test_train_export_and_sample_in_process(tmp_path):
     out = api.export(tmp_path / "run", tmp_path / "a.safetensors")
     assert out.is_file() and out.stat().st_size == (tmp_path / "run/export/adapter.safetensors").stat().st_size
     pipe = api.Customizer.from_config(config, checkpoint=tmp_path / "run/export")
-    res = pipe("a toy on the beach", references=str(ROOT / "examples/toy.png"), words="toy", seeds=[3])
-    assert res.images.shape == (1, 32, 32, 3) and res.record["checkpoint"] == str(tmp_path / "run/export")
+    assert pipe.checkpoint == str(tmp_path / "run/export")
+    held = pipe.built.method.state_dict(jax.device_get(trainable_tree(pipe.built)))
+    saved = load_file(tmp_path / "run/export/adapter.safetensors")
+    assert sorted(held) == sorted(saved)
+    for k in saved:
+        np.testing.assert_array_equal(np.asarray(held[k]), saved[k], err_msg=k)
+    fresh = api.Customizer.from_config(config)           # a random adapter differs from the trained one
+    other = fresh.built.method.state_dict(jax.device_get(trainable_tree(fresh.built)))
+    assert any(not np.array_equal(other[k], saved[k]) for k in saved)

@@ -76,22 +76,25 @@ def test_the_objective_reads_a_per_layer_text_condition():
     base_method = built.method
 
     class PerLayer(type(base_method)):
-        def __init__(self, edit):
+        def __init__(self):
             self.__dict__.update(base_method.__dict__)
-            self.edit = edit
 
         def condition(self, modules, fr, tr, batch, x, key, cfg):
             cond = super().condition(modules, fr, tr, batch, x, key, cfg)
-            return dataclasses.replace(cond, text=self.edit(jnp.repeat(x.ctx[None], L, axis=0)))
+            return dataclasses.replace(cond, text=jnp.repeat(x.ctx[None], L, axis=0) + batch["delta"])
 
-    def loss(edit, cfg=ObjectiveConfig(0.0, 0.0, 0.0)):
-        m = built.method if edit is None else PerLayer(edit)
-        f = jax.jit(lambda tr, fr, b: loss_fn(tr, fr, b, jax.random.key(3), built=dataclasses.replace(built, method=m),
-                                             cfg=cfg)[0])
-        return float(f(train, frozen, batch))
+    def loss_fn_of(per_layer, cfg):
+        m = PerLayer() if per_layer else built.method
+        return jax.jit(lambda b: loss_fn(train, frozen, b, jax.random.key(3), built=dataclasses.replace(built, method=m),
+                                         cfg=cfg)[0])
 
-    plain = loss(None)
-    assert loss(lambda t: t) == pytest.approx(plain, rel=1e-5)
-    assert abs(loss(lambda t: t.at[-1].add(1.0)) - plain) > 1e-5
-    all_dropped = ObjectiveConfig(1.0, 0.0, 0.0)          # every example's text dropped: the edit is ignored
-    assert loss(lambda t: t + 1.0, all_dropped) == pytest.approx(loss(None, all_dropped), rel=1e-5)
+    ctx_shape = (L, 4, 77, built.unet.config.cross_attention_dim[0])
+    zero, last = np.zeros(ctx_shape, np.float32), np.zeros(ctx_shape, np.float32)
+    last[-1] = 1.0
+    plain = float(loss_fn_of(False, ObjectiveConfig(0.0, 0.0, 0.0))(batch))
+    per_layer = loss_fn_of(True, ObjectiveConfig(0.0, 0.0, 0.0))
+    assert float(per_layer({**batch, "delta": zero})) == pytest.approx(plain, rel=1e-5)
+    assert abs(float(per_layer({**batch, "delta": last})) - plain) > 1e-5
+    dropped = loss_fn_of(True, ObjectiveConfig(1.0, 0.0, 0.0))   # every example's text dropped: the edit is ignored
+    assert float(dropped({**batch, "delta": last + 1.0})) == pytest.approx(float(dropped({**batch, "delta": zero})),
+                                                                          rel=1e-6)
