@@ -62,16 +62,9 @@ def test_the_objective_reads_a_per_layer_text_condition():
 
     import train_probe
 
-    from customjax import trainer
-    from customjax.methods.build import build
     from customjax.methods.objective import ObjectiveConfig, loss_fn
 
-    c = train_probe.tiny_config()
-    built = build(c)
-    frozen, train = trainer.split(built)
-    b = next(train_probe.batches(1, 4))
-    batch = {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
-             "ids": tuple(jnp.asarray(tokenize(t, b["caption"])) for t in built.pipe.tokenizers)}
+    built, frozen, train, batch = train_probe.objective_inputs()
     L = built.unet.config.num_cross_layers
     base_method = built.method
 

@@ -106,9 +106,6 @@ def test_subject_weighted_loss():
 
     from customjax.losses import coverage, weighted_mean
     from customjax.methods.objective import ObjectiveConfig, loss_fn
-    from customjax.methods.build import build
-    from customjax import trainer
-    from customjax.tokenizer import tokenize
 
     rng = np.random.default_rng(0)
     err = jnp.asarray(rng.random((2, 4, 4, 3)), jnp.float32)
@@ -132,12 +129,8 @@ def test_subject_weighted_loss():
     with pytest.raises(ValueError, match="does not pool onto the grid"):
         subject_weighted_mse(err, jnp.ones((2, 9, 9)), 1.0)
 
-    c = train_probe.tiny_config()
-    built = build(c)
-    frozen, train = trainer.split(built)
+    built, frozen, train, batch = train_probe.objective_inputs()
     b = next(train_probe.batches(1, 4))
-    batch = {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
-             "ids": tuple(jnp.asarray(tokenize(t, b["caption"])) for t in built.pipe.tokenizers)}
     plain, weighted = ObjectiveConfig(0.0, 0.0, 0.0), ObjectiveConfig(0.0, 0.0, 0.0, subject_weight=5.0)
     key = jax.random.key(3)
     base = float(loss_fn(train, frozen, batch, key, built=built, cfg=plain)[0])

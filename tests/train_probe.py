@@ -40,6 +40,22 @@ def run_config(steps=3, fsdp=1, preview_every=0, method="realcustompp"):
     return c
 
 
+def objective_inputs(batch=4):
+    """(built, frozen tree, trainable tree, one device batch) of :func:`tiny_config`, for tests that call
+    the objective (``customjax.methods.objective.loss_fn``) directly."""
+    import jax.numpy as jnp
+
+    from customjax import trainer
+    from customjax.methods.build import build
+    from customjax.tokenizer import tokenize
+
+    built = build(tiny_config())
+    frozen, train = trainer.split(built)
+    b = next(batches(1, batch))
+    return built, frozen, train, {"image": jnp.asarray(b["image"]), "reference": jnp.asarray(b["reference"]),
+                                  "ids": tuple(jnp.asarray(tokenize(t, b["caption"])) for t in built.pipe.tokenizers)}
+
+
 def batches(n, batch, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(n):
