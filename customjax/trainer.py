@@ -151,13 +151,13 @@ class Setup:
         return float(self.schedule(step // max(int(self.config.optim.accumulate), 1)))
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(config: ml_collections.ConfigDict, built: Built | None = None) -> Setup:
     """Builds the model (remat per ``config.train.remat``), the ``(data, fsdp)`` mesh
     (``config.train.fsdp``; ``config.train.batch`` must split over it), the frozen / trainable
     split, the optimizer and the initial state (``config.seed``; EMA when ``config.train.ema_decay``
     > 0); with ``config.model.abstract`` parameters and state are shapes (the real-size traces). ``config.train.fsdp_min_size`` (optional, default 2**18): the smallest parameter split
-    over ``fsdp``."""
-    built = build(config)
+    over ``fsdp``. ``built``: the config's :func:`build`, when the caller holds it already."""
+    built = build(config) if built is None else built
     if config.train.remat:
         built = dataclasses.replace(built, unet=built.unet.clone(remat=True))
     mesh = parallel.make_mesh(config.train.fsdp)

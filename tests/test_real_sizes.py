@@ -86,7 +86,7 @@ def test_reference_tokens(real):
 
 def test_one_training_step(real):
     name, arg, c, built = real
-    s = trainer.setup(c)
+    s = trainer.setup(c, built)
     size = c.train.image_size
     assert size == SIZE[arg.split(",")[0]]
     ref = built.method.reference_size(c)
