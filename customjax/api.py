@@ -77,12 +77,13 @@ class Samples:
             return None
         return [overlay(i, m) for i, m in zip(self.images, self.masks)]
 
-    def sheet(self, min_size: int = 256) -> np.ndarray:
+    def sheet(self, min_size: int = 256, overlays: list | None = None) -> np.ndarray:
         """One row per prompt: the prompt as text, the reference(s), each sample and its mask overlay,
         upscaled (nearest) to at least ``min_size`` px (:func:`customjax.images.sheet`)."""
         from customjax.images import case_rows, sheet
 
-        return sheet(case_rows(self.cases, list(self.images), self.overlays()), min_size=min_size)
+        overlays = self.overlays() if overlays is None else overlays
+        return sheet(case_rows(self.cases, list(self.images), overlays), min_size=min_size)
 
     def save(self, out: str | os.PathLike) -> Path:
         """Writes per image ``NNNN_seedS.png``, its masks over it (``*_mask.png``) and the per-step mask
@@ -99,7 +100,7 @@ class Samples:
                 save_png(overlays[i], out / f"{name}_mask.png")
             if self.mask_steps is not None:
                 save_png(mask_strip(self.mask_steps[i]), out / f"{name}_steps.png")
-        save_png(self.sheet(), out / "grid.png")
+        save_png(self.sheet(overlays=overlays), out / "grid.png")
         (out / "record.json").write_text(json.dumps(self.record, indent=2))
         return out
 
@@ -133,6 +134,8 @@ class Customizer:
 
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config, **overrides)
+        elif overrides:
+            raise TypeError(f"overrides {sorted(overrides)} apply to a config spec; set them on the ConfigDict instead")
         check_config_paths(config)
         if checkpoint is not None:
             check_checkpoint(checkpoint, config.method)

@@ -119,6 +119,8 @@ def test_load_config_specs_and_overrides():
         api.load_config(str(ROOT / "configs/realcustompp.py") + ":tiny", train={"stesp": 3})
     with pytest.raises(FileNotFoundError, match="configs/nope.py"):
         api.load_config("configs/nope.py:tiny")
+    with pytest.raises(TypeError, match=r"overrides \['seed'\] apply to a config spec"):
+        api.Customizer.from_config(c, seed=1)            # not silently dropped
 
 
 def test_train_export_and_load_in_process(tmp_path):
