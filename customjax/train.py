@@ -44,6 +44,8 @@ from customjax import parallel, resume, trainer
 from customjax.base_model import check_config_paths
 from customjax.checkpoint import Checkpointer, is_remote, run_path, write_config
 from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, fail, parse_flags
+from customjax.data.generators import GeneratorError
+from customjax.data.generators import check_config as check_generator
 from customjax.data.training import make_train_loader
 from customjax.methods.build import reference_size
 from customjax.preview import make_preview
@@ -222,6 +224,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     ``train.max_bad_steps`` consecutive non-finite steps; the last good checkpoint is kept, nothing
     is exported)."""
     check_config_paths(config)
+    check_generator(config)
     workdir = run_path(workdir)
     ckpt = Checkpointer(workdir, config.train.max_to_keep, config.train.async_save)
     check_resume(ckpt, workdir, config, allow_changes)
@@ -360,7 +363,7 @@ def main(argv) -> None:
              "or configs/realcustompp.py:tiny")
     try:
         out = train(FLAGS.config, FLAGS.workdir, FLAGS.stop_after, allow_changes=FLAGS.allow_config_change)
-    except (resume.ResumeError, FileNotFoundError) as e:
+    except (resume.ResumeError, FileNotFoundError, GeneratorError) as e:
         sys.stderr.write(f"customjax.train: {e}\n")
         sys.exit(EXIT_USAGE)
     except Diverged as e:

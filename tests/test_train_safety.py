@@ -180,6 +180,8 @@ def test_main_exit_codes(monkeypatch, capsys):
      "customjax.sample: config.encoders.dino='/no/dino': no such file or folder"),
     (["-m", "customjax.train", "--config", "configs/realcustompp.py:tiny", "--workdir", "W",
       "--config.data.text_image=/no/shards"], "customjax.train: config.data.text_image='/no/shards': no such file"),
+    (["-m", "customjax.train", "--config", "configs/realcustompp.py:tiny", "--workdir", "W",
+      "--config.data.generator=shapewrld"], "customjax.train: config.data.generator='shapewrld' is not registered"),
 ])
 def test_cli_errors_are_one_line_before_any_model(args, needle, tmp_path):
     r = subprocess.run([sys.executable, *[a.replace("W", str(tmp_path / "w")) for a in args]], cwd=ROOT,

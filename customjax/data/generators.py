@@ -21,15 +21,26 @@ class Generator:
 GENERATORS: dict[str, Generator] = {}
 
 
+class GeneratorError(ValueError):
+    """A config names a generated training set that is not registered."""
+
+
 def register_generator(name: str, write: Callable[[str, int, int, int, int], None], modules: tuple[str, ...]) -> None:
     GENERATORS[name] = Generator(write, tuple(modules))
 
 
 def get_generator(name: str) -> Generator:
     if name not in GENERATORS:
-        raise ValueError(f"config.data.generator={name!r} is not registered (registered: {sorted(GENERATORS)}); "
+        raise GeneratorError(f"config.data.generator={name!r} is not registered (registered: {sorted(GENERATORS)}); "
                          "import the package that registers it first")
     return GENERATORS[name]
+
+
+def check_config(config) -> None:
+    """Before any model is built: with no shards named, ``config.data.generator`` is registered."""
+    d = config.get("data", {})
+    if not (d.get("text_image") or d.get("multiview") or d.get("latents")) and d.get("generator"):
+        get_generator(d.generator)
 
 
 def _write_synthetic(out: str, n: int, m: int, size: int, seed: int) -> None:
