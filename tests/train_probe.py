@@ -70,10 +70,14 @@ def run(workdir, steps=3, fsdp=1, term_at=None):
     train's result plus the process count."""
     from customjax import train
 
+    sent = []
+
     def on_step(step):
         if term_at is not None and tuple(term_at) == (jax.process_index(), step):
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(2)     # the notice reaches the other process before this one goes on
+            sent.append(step)
+        if sent:   # after the signal, every step waits: the notice and JAX's agreed stop step must reach the
+            time.sleep(2)   # other process before the run can end (on a loaded machine that took > 2 steps)
 
     out = train.train(run_config(steps, fsdp), str(workdir), on_step=on_step)
     return dict(out, processes=jax.process_count(), devices=jax.device_count())
