@@ -211,7 +211,8 @@ class Customizer:
                 for done, res in sample_batches(pipe, self.built.unet, self.sampler, gc, ss.visual, self.params,
                                                 part, bsz, self.mesh, (cfg.sample.height, cfg.sample.width),
                                                 init_mask=float(cfg.guidance.get("init_mask", 0.0)),
-                                                negative_prompt=cfg.sample.get("negative_prompt", "")):
+                                                negative_prompt=cfg.sample.get("negative_prompt", ""),
+                                                text_tokens=ss.text_tokens):
                     for i, job in enumerate(done):
                         c = job.case
                         images.append(res["images"][i])

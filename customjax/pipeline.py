@@ -118,15 +118,20 @@ def encode_splus(pipe: StableDiffusion, text_params: tuple, ids: tuple[jax.Array
                  tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The S+ text condition (CustomContrast Eqs. 3, 5): for each of the l tokens (B, l, D_in), the caption
     ``ids`` with the placeholder (``where`` (B, 77) bool) embedded as that token, through the frozen text
-    encoder(s); one batched pass of B * l rows. ``D_in``: the encoders' input widths, concatenated (SDXL:
-    768 + 1280, split in order). Returns (per-layer context (B, l, 77, D), pooled (B, l, P) or None), the
-    ``text`` of :class:`customjax.control.spec.ControlConfig` per cross-attention layer."""
+    encoder(s); one batched pass of B * l rows. Several placeholders: ``tokens`` (B, J, l, D_in) and
+    ``where`` (B, 77) int, j + 1 at placeholder j's tokens (0 elsewhere). ``D_in``: the encoders' input
+    widths, concatenated (SDXL: 768 + 1280, split in order). Returns (per-layer context (B, l, 77, D),
+    pooled (B, l, P) or None), the ``text`` of :class:`customjax.methods.protocol.Condition`."""
+    multi = tokens.ndim == 4
+    if multi:                                             # (B, J, l, D) -> (B, l, J, D)
+        tokens = jnp.swapaxes(tokens, 1, 2)
     B, L = tokens.shape[:2]
     rows = lambda a: jnp.repeat(a, L, axis=0)            # noqa: E731  (B, ...) -> (B * l, ...), layer fastest
     widths = [enc.config.hidden_size for enc in pipe.text_encoders]
     if sum(widths) != tokens.shape[-1]:
         raise ValueError(f"S+ tokens of width {tokens.shape[-1]}; the text encoders' input widths sum to {sum(widths)}")
-    parts = jnp.split(tokens.reshape(B * L, -1), [sum(widths[:k + 1]) for k in range(len(widths) - 1)], axis=-1)
+    flat = tokens.reshape(B * L, *tokens.shape[2:])
+    parts = jnp.split(flat, [sum(widths[:k + 1]) for k in range(len(widths) - 1)], axis=-1)
     outs = [enc.apply({"params": p}, rows(i), replace=(rows(where), t))
             for enc, p, i, t in zip(pipe.text_encoders, text_params, ids, parts)]
     if not pipe.is_sdxl:

@@ -169,7 +169,8 @@ class Preview:
             params = sampler_params(built, dict(frozen, unet=merge(frozen["unet"], trainable["unet"]), image=image))
             return dual_branch_sample(pipe, built.unet, smp, gcfg, ss.visual, params, x["ids"], x["neg"], x["wm"],
                                       per_ref(ss.tokens(flat)), x["lat"], x["m0"],
-                                      zero_uncond=pipe.is_sdxl and not neg, null_feats=null)
+                                      zero_uncond=pipe.is_sdxl and not neg, null_feats=null,
+                                      text_tokens=ss.text_tokens)
 
         self._jit = jax.jit(sample, out_shardings=NamedSharding(mesh, P()))
         self._compiled = None

@@ -144,10 +144,11 @@ def _metrics_writer(workdir: epath.Path):
     return SummaryWriter(str(workdir / "tb"))
 
 
-def host_batch(batch: dict, tokenizers, needs: tuple[str, ...] = ("reference",)) -> dict:
+def host_batch(batch: dict, tokenizers, needs: tuple[str, ...] = ("reference",), method=None) -> dict:
     """A loader batch (image or precomputed latent_mean / latent_logvar, caption, and what the
     method ``needs``: its reference, ...) -> numpy arrays with token ids per tokenizer (this process's
-    part of the global batch); a need the batch lacks is named."""
+    part of the global batch), and the ``method``'s host inputs (:meth:`~customjax.methods.protocol.Method.host_inputs`);
+    a need the batch lacks is named."""
     missing = [k for k in needs if k not in batch]
     if missing:
         raise ValueError(f"the method reads {missing} from every training batch, but the loader's batches hold "
@@ -155,8 +156,10 @@ def host_batch(batch: dict, tokenizers, needs: tuple[str, ...] = ("reference",))
     ids = tuple(tokenize(t, [str(c) for c in batch["caption"]]) for t in tokenizers)
     arrays = {k: np.asarray(batch[k], np.float32) for k in needs}
     arrays["ids"] = ids
-    if "mask" in batch:   # the target's subject mask (objective.subject_weight)
+    if "mask" in batch:   # the target's subject mask (objective.subject_weight, a method's need)
         arrays["mask"] = np.asarray(batch["mask"], np.float32)
+    if method is not None:
+        arrays.update(method.host_inputs(batch, tokenizers))
     if "latent_mean" in batch:  # stored dtype (float16 halves the transfer); loss_fn casts
         arrays.update(latent_mean=np.asarray(batch["latent_mean"]), latent_logvar=np.asarray(batch["latent_logvar"]))
     else:
@@ -164,10 +167,10 @@ def host_batch(batch: dict, tokenizers, needs: tuple[str, ...] = ("reference",))
     return arrays
 
 
-def to_device_batch(batch: dict, tokenizers, mesh, needs: tuple[str, ...] = ("reference",)) -> dict:
+def to_device_batch(batch: dict, tokenizers, mesh, needs: tuple[str, ...] = ("reference",), method=None) -> dict:
     """A loader batch -> global arrays split over the mesh's batch axes; each process passes its
     consecutive part of the global batch (the loader's layout)."""
-    return parallel.shard_batch(host_batch(batch, tokenizers, needs), mesh)
+    return parallel.shard_batch(host_batch(batch, tokenizers, needs, method), mesh)
 
 
 class Diverged(RuntimeError):
@@ -237,10 +240,11 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
         from customjax.data.precompute import check_vae
         check_vae(config.data.latents, built.params["vae"])
 
-    loader = make_train_loader(config, reference_size(config))
+    loader = make_train_loader(config, reference_size(config), needs=built.method.needs)
     first = loader.peek()
     needs = built.method.needs
-    jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs)))
+    jstep, state_sh, frozen_sh = s.compile(parallel.batch_shapes(host_batch(first, built.pipe.tokenizers, needs,
+                                                                           built.method)))
     start = 0
     if ckpt.all_steps():
         abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -279,7 +283,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     step, status = start, "finished"
     try:
         while step < total:
-            batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh, needs)
+            batch = to_device_batch(next(loader), built.pipe.tokenizers, mesh, needs, built.method)
             if step == start:
                 t0 = time.time()
             state, metrics = jstep(state, frozen, batch)

@@ -50,7 +50,7 @@ def tiny(tmp_path_factory):
     return pipe, params
 
 
-def _visual(adapter, feats, ctx, z, sqrt_abar):
+def _visual(adapter, feats, ctx, z, sqrt_abar, t=None):
     return feats, None
 
 

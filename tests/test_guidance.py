@@ -137,7 +137,7 @@ def _inputs(pipe, words=(("toy",), ("toy",))):
     return ids, neg, wm, latents
 
 
-def _visual(adapter_params, feats, ctx, z, sqrt_abar):
+def _visual(adapter_params, feats, ctx, z, sqrt_abar, t=None):
     return feats, None
 
 

@@ -78,7 +78,16 @@ def test_reference_tokens(real):
     ss = sampling_side(built, c)
     images = jax.ShapeDtypeStruct((2, ss.ref_size, ss.ref_size, 3), jnp.float32)
     tokens = jax.eval_shape(ss.tokens, images)
-    assert tokens.shape[0] == 2 and tokens.shape[-1] == built.unet.control.extra_kv[0].dim
+    assert tokens.shape[0] == 2
+    feats = jax.ShapeDtypeStruct((2, 1, *tokens.shape[1:]), tokens.dtype)      # the sampler's per-step tokens
+    u = built.pipe.unet.config
+    lat = c.sample.height // built.pipe.vae_scale
+    sds = jax.ShapeDtypeStruct
+    per_step, _ = jax.eval_shape(ss.visual, sampler_params(built)["adapter"], feats,
+                                 sds((2, 77, u.cross_attention_dim[0]), jnp.float32),
+                                 sds((2, lat, lat, u.in_channels), jnp.float32), sds((2,), jnp.float32),
+                                 sds((), jnp.int32))
+    assert per_step.shape[:2] == (2, 1) and per_step.shape[-1] == built.unet.control.extra_kv[0].dim
     assert jax.eval_shape(ss.null_tokens, images).shape == tokens.shape
     if (name, arg) in PAPER:
         assert tokens.shape[1:] == PAPER[name, arg]
@@ -93,6 +102,10 @@ def test_one_training_step(real):
     batch = {"image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
              "reference": jax.ShapeDtypeStruct((1, ref, ref, 3), jnp.float32),
              "ids": tuple(jax.ShapeDtypeStruct((1, 77), jnp.int32) for _ in s.built.pipe.tokenizers)}
+    if "mask" in built.method.needs:
+        batch["mask"] = jax.ShapeDtypeStruct((1, size, size), jnp.float32)
+    host = built.method.host_inputs({"caption": ["a photo of a dog"]}, built.pipe.tokenizers)
+    batch.update({k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in host.items()})
     state, metrics = jax.eval_shape(s.step, s.state, s.frozen, batch)
     assert shapes(state.params) == shapes(s.state.params)
     assert metrics["loss"].shape == () and "loss/diffusion" in metrics
@@ -114,7 +127,8 @@ def _sample_shapes(built, c, gcfg, subjects: int):
     smp = make_sampler(pipe.schedule, c.sample.sampler, c.sample.steps)
     out = jax.eval_shape(
         lambda p, i, n, w, x, z, m0, nf: dual_branch_sample(pipe, built.unet, smp, gcfg, ss.visual, p, i, n, w, x, z, m0,
-                                                            zero_uncond=pipe.is_sdxl, null_feats=nf),
+                                                            zero_uncond=pipe.is_sdxl, null_feats=nf,
+                                                            text_tokens=ss.text_tokens),
         sampler_params(built), ids, ids, sds((1, subjects, 77), jnp.bool_), feats,
         sds((1, lat, lat, pipe.unet.config.in_channels), jnp.float32), sds((1, subjects, h, h), jnp.float32),
         feats if gcfg.uncond_image == "zero" else None)

@@ -12,7 +12,7 @@ Static (hashable, part of the module, so changing them recompiles):
 
 Per call (a pytree passed to ``UNet.__call__``): :class:`Control` with, per extra set, the tokens
 of R references ``(B, R, N, D)``, an optional output mask ``(B, R, h, w)`` at latent resolution
-(resized to each layer) and a scale ``()`` or ``(B,)``. Per-layer text conditioning (CustomContrast's
+(resized to each layer) and a scale ``()`` or ``(B,)``; optionally a :class:`TextMask` on text tokens. Per-layer text conditioning (CustomContrast's
 S+ space) is ``encoder_hidden_states`` of shape ``(L, B, N, D)``, one sequence per cross-attention
 layer in UNet order.
 """
@@ -53,11 +53,14 @@ class Capture:
       (h*w)^2: for small maps or for checking the fast path).
     self_qk: the self-attention queries and keys ``(B, h*w, heads, d)``: with them, M_self @ v for any
       vector v is one fused attention whose values are v, without the h*w x h*w map.
+    extra_probs: each extra K/V set's attention probabilities, head-averaged, ``(B, R, h*w, N)`` per
+      reference (CustomContrast's visual cross-attention maps, Sec. 3.4), sown as ``extra_probs_<name>``.
     """
 
     cross_probs: tuple[int, ...] = ()
     self_probs: tuple[int, ...] = ()
     self_qk: tuple[int, ...] = ()
+    extra_probs: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,5 +80,16 @@ class ExtraTokens:
 
 
 @flax.struct.dataclass
+class TextMask:
+    """Spatial masks on text tokens' attention (CustomContrast Sec. 3.4: the location mask injected
+    into the placeholder's cross-attention maps): the probability of token n at position q is
+    multiplied by ``mask[j](q)`` where ``tokens[j, n]``, without renormalising."""
+
+    tokens: jax.Array                   # (B, J, N) bool: subject j's tokens
+    mask: jax.Array                     # (B, J, h, w) at latent resolution (resized to each layer)
+
+
+@flax.struct.dataclass
 class Control:
     extra: dict[str, ExtraTokens] = flax.struct.field(default_factory=dict)
+    text: TextMask | None = None

@@ -8,14 +8,15 @@ from customjax.data.loader import TrainLoader, _pair, make_loader, train_sources
 
 
 def make_train_loader(config, reference_size: int | None = None, *, process_index: int | None = None,
-                      process_count: int | None = None) -> TrainLoader:
+                      process_count: int | None = None, needs: tuple[str, ...] = ()) -> TrainLoader:
     """The training :class:`TrainLoader` from a method config (``configs/common.py`` ``add_train``).
 
     Reads ``config.data`` (the sources of :func:`train_sources`, or ``latents``: a folder written by
     ``python -m customjax.data.precompute`` read instead of them (see ``make_loader(latents=True)``);
     ``recipe`` a :func:`curriculum.recipe` preset (Table X rows); ``workers``; optional ``min_size``,
     ``reference_size``, ``shuffle``, ``random_crop``, ``hflip``, ``subject_reference``), ``config.train`` (``batch`` global,
-    ``image_size``, ``steps``) and ``config.seed``. The reference side: ``config.data.reference_size``
+    ``image_size``, ``steps``) and ``config.seed``. ``needs``: the method's batch entries (with ``"mask"``
+    the target's subject mask is read, as for ``objective.subject_weight > 0``). The reference side: ``config.data.reference_size``
     if set, else ``reference_size`` (the method's, :func:`customjax.methods.build.reference_size`).
     """
     d = config.data
@@ -37,5 +38,5 @@ def make_train_loader(config, reference_size: int | None = None, *, process_inde
         process_count=process_count, shuffle=bool(d.get("shuffle", True)), min_size=int(d.get("min_size", 0)),
         random_crop=bool(d.get("random_crop", False)), hflip=bool(d.get("hflip", True)), latents=latents,
         subject_reference=bool(d.get("subject_reference", False)),
-        with_mask=float(config.get("objective", {}).get("subject_weight", 0.0)) > 0)
+        with_mask="mask" in needs or float(config.get("objective", {}).get("subject_weight", 0.0)) > 0)
     return TrainLoader(ds)

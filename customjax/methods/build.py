@@ -62,7 +62,8 @@ def guidance_config(config: ml_collections.ConfigDict) -> DualBranchConfig:
                         mask_factor=g.mask_factor, gamma_scope=gamma, norm=g.norm, multi=g.multi),
         t_stop=g.t_stop, cfg=g.cfg, w=g.w, w_t=g.w_t, w_i=g.w_i, visual_scale=g.visual_scale,
         references=g.references, masked=get_method(config.method).masked and g.get("masked", True),
-        uncond_image=g.get("uncond_image", "none"), record_masks=config.sample.record_masks)
+        uncond_image=g.get("uncond_image", "none"), record_masks=config.sample.record_masks,
+        location=get_method(config.method).location)
 
 
 def reference_size(config: ml_collections.ConfigDict) -> int:
@@ -74,12 +75,13 @@ class SamplingSide(NamedTuple):
     """A method's image side for the dual-branch sampler. ``tokens(images)`` / ``null_tokens(images)``:
     the reference tokens (B, N, D) of images (B, ref_size, ref_size, 3) in [0, 1] and the
     unconditional branch's; ``visual``: the sampler's per-step visual function; ``ref_size``:
-    :func:`reference_size`."""
+    :func:`reference_size`; ``text_tokens``: the per-step S+ tokens, or None."""
 
     tokens: Callable
     null_tokens: Callable
     visual: Callable
     ref_size: int
+    text_tokens: Callable | None = None
 
 
 def sampling_side(built: Built, config: ml_collections.ConfigDict, image_params: dict | None = None) -> SamplingSide:
@@ -88,7 +90,7 @@ def sampling_side(built: Built, config: ml_collections.ConfigDict, image_params:
     p = built.params["image"] if image_params is None else image_params
     return SamplingSide(lambda images: m.reference_tokens(mods, p, images),
                         lambda images: m.null_tokens(mods, p, images),
-                        m.visual(mods, config), m.reference_size(config))
+                        m.visual(mods, config), m.reference_size(config), m.text_tokens(mods, config))
 
 
 def sampler_params(built: Built, params: dict | None = None) -> dict:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from customjax import schedulers as S
 from customjax.control.params import merge
-from customjax.control.spec import Control, ExtraTokens
+from customjax.control.spec import Capture, Control, ExtraTokens
 from customjax.losses import coverage, weighted_mean
 from customjax.methods.protocol import TrainInputs
 from customjax.models.vae import latent_dist_sample, scale_latents
@@ -82,7 +82,8 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     z_t = S.add_noise(sched, z0, noise, t)
     sqrt_abar = jnp.sqrt(sched.alphas_cumprod[t])
     method = built.method
-    cond = method.condition(built.image_side, frozen, trainable, batch, TrainInputs(z_t, ctx, sqrt_abar, t, drop_image),
+    cond = method.condition(built.image_side, frozen, trainable, batch,
+                            TrainInputs(z_t, ctx, sqrt_abar, t, drop_image, drop_text),
                             k_vis, cfg)
     scale = jnp.where(drop_image, 0.0, 1.0) if cond.scale is None else cond.scale
     control = Control({method.kv_name: ExtraTokens(cond.tokens, None, scale, cond.token_mask)})
@@ -92,7 +93,13 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     if cond.text is not None:      # a context per cross-attention layer (S+); dropped text: the empty prompt's
         ctx = jnp.where(drop_text[None, :, None, None], jnp.broadcast_to(e_ctx, cond.text.shape), cond.text)
     params = merge(frozen["unet"], trainable["unet"])
-    pred = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra).astype(jnp.float32)
+    cap = method.capture(built.image_side)
+    if cap == Capture():
+        pred, state = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra), None
+    else:       # the method's attention terms (CustomContrast's location loss)
+        pred, state = unet.clone(control=dataclasses.replace(unet.control, capture=cap)).apply(
+            {"params": params}, z_t, t, ctx, control=control, mutable=["attention"], **extra)
+    pred = pred.astype(jnp.float32)
     tgt = S.target(sched, pipe.schedule.prediction_type, z0, noise, t)
     if cfg.subject_weight:
         if "mask" not in batch:
@@ -102,6 +109,10 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
         loss = weighted_mean(err, coverage(batch["mask"], err.shape[1:3]), cfg.subject_weight, per_example=True)
     else:
         loss = jnp.mean((pred - tgt) ** 2)
-    metrics = {"loss/diffusion": loss, **{f"loss/{k}": v for k, v in cond.losses.items()}}
-    total = loss + sum(cond.losses.values())
+    losses = dict(cond.losses)
+    if state is not None:
+        losses.update(method.attention_losses(built.image_side, state, batch,
+                                              TrainInputs(z_t, ctx, sqrt_abar, t, drop_image, drop_text), cfg))
+    metrics = {"loss/diffusion": loss, **{f"loss/{k}": v for k, v in losses.items()}}
+    total = loss + sum(losses.values())
     return total, {"loss": total, **metrics, "drop_text": drop_text.mean(), "drop_image": drop_image.mean()}

@@ -30,11 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from customjax.control.params import is_control_param
-from customjax.control.spec import ExtraKV
+from customjax.control.spec import Capture, ExtraKV
 
 # The sampler's per-step image side: visual(adapter_params, feats (B, R, N, D), text_ctx, z_masked,
-# sqrt_abar) -> (tokens (B, R, N', D), token_mask (B, R, N') | None).
-VisualFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]
+# sqrt_abar, t) -> (tokens (B, R, N', D), token_mask (B, R, N') | None).
+VisualFn = Callable[..., tuple[jax.Array, jax.Array | None]]
+# The sampler's per-step S+ text tokens: text_tokens(adapter_params, feats (B, R, N, D), t) -> (B, R, l, D_in),
+# each of the l tokens the placeholder's input embedding in one cross-attention layer (CustomContrast Eq. 5).
+TextTokensFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +73,16 @@ class Condition:
 class TrainInputs:
     """What the objective hands a method at one training step: the noisy latents ``z_t``, the text
     context ``ctx`` (after condition dropout), ``sqrt_abar`` (B,), the timesteps ``t`` (B,) and
-    ``drop_image`` (B,) bool, the examples whose image condition is dropped."""
+    ``drop_image`` / ``drop_text`` (B,) bool, the examples whose image / text condition is dropped.
+    In :meth:`Method.attention_losses`, ``ctx`` is the context the UNet read (per layer where the
+    condition gave one)."""
 
     z_t: jax.Array
     ctx: jax.Array
     sqrt_abar: jax.Array
     t: jax.Array
     drop_image: jax.Array
+    drop_text: jax.Array | None = None
 
 
 class Method:
@@ -89,6 +95,7 @@ class Method:
     needs: tuple[str, ...] = ("reference",)   # batch entries the objective reads besides target and caption
     masked: bool = True                  # sampling narrows the visual condition by a target word's mask
     kv_name: str = "vision"              # the UNet's extra K/V set: to_k_<kv_name> / to_v_<kv_name>
+    location: bool = False               # sampling masks from the generation branch's own attention (CustomContrast)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
@@ -121,6 +128,19 @@ class Method:
         the :class:`~customjax.methods.objective.ObjectiveConfig`."""
         raise NotImplementedError
 
+    def host_inputs(self, batch: Mapping[str, Any], tokenizers) -> dict:
+        """Entries the objective reads that the host makes from a loader batch (numpy), e.g. the
+        placeholder's token mask; errors name the caption at fault."""
+        return {}
+
+    def capture(self, modules) -> Capture:
+        """The attention a training step captures for :meth:`attention_losses` (none by default)."""
+        return Capture()
+
+    def attention_losses(self, modules, state: dict, batch: dict, x: TrainInputs, config) -> dict:
+        """Loss terms (already weighted) from the captured attention ``state`` of the training step."""
+        return {}
+
     # -- sampling ------------------------------------------------------------------------------
     def reference_tokens(self, modules, params: dict, images: jax.Array) -> jax.Array:
         """Reference tokens (B, N, D) of images (B, S, S, 3) in [0, 1], S = :meth:`reference_size`."""
@@ -134,6 +154,11 @@ class Method:
     def visual(self, modules, config) -> VisualFn:
         """The sampler's per-step image side; default: the reference tokens at every step."""
         return constant_visual
+
+    def text_tokens(self, modules, config) -> TextTokensFn | None:
+        """The sampler's per-step S+ tokens, which replace each target word in every cross-attention
+        layer's text (CustomContrast), or None: the prompt's own text."""
+        return None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self, trainable: dict) -> dict:
@@ -158,7 +183,7 @@ class Method:
 
 
 def constant_visual(adapter_params: Any, feats: jax.Array, text_ctx: jax.Array, z: jax.Array,
-                    sqrt_abar: jax.Array) -> tuple[jax.Array, None]:
+                    sqrt_abar: jax.Array, t: jax.Array | None = None) -> tuple[jax.Array, None]:
     """The same reference tokens at every step (RealCustom++, IP-Adapter)."""
     return feats, None
 

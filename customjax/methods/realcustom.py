@@ -53,7 +53,7 @@ class ScoringVisual:
     gamma_num: float = GAMMA_INFERENCE
 
     def __call__(self, adapter_params: Any, feats: jax.Array, text_ctx: jax.Array, z: jax.Array,
-                 sqrt_abar: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 sqrt_abar: jax.Array, t: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         B, R = feats.shape[:2]
         flat = feats.reshape(B * R, *feats.shape[2:])
         rep = lambda a: jnp.repeat(a, R, axis=0)

@@ -13,6 +13,7 @@ MODULES = (
     "realcustom",        # RealCustom (seed 003)
     "realcustompp",      # RealCustom++ (seed 004)
     "ip_adapter",        # IP-Adapter (Ye et al. 2023), the unmasked baseline
+    "customcontrast",    # CustomContrast (seed 000)
 )
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in
                               (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)}

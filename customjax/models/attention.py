@@ -50,11 +50,15 @@ class Attention(nn.Module):
         v = split_heads(self._dense(inner, "to_v", False)(context), self.heads)
 
         want_probs = self.factor in (cap.cross_probs if self.is_cross else cap.self_probs)
+        text_mask = None if control is None or not self.is_cross else control.text
         if not self.is_cross and self.factor in cap.self_qk:
             self.sow("attention", "self_qk", (q, k))
-        if want_probs:
+        if want_probs or text_mask is not None:
             probs = attention_probs(q, k)
-            self.sow("attention", "cross_probs" if self.is_cross else "self_probs", probs.mean(axis=1))
+            if want_probs:
+                self.sow("attention", "cross_probs" if self.is_cross else "self_probs", probs.mean(axis=1))
+            if text_mask is not None:
+                probs = probs * self._text_factor(text_mask, hw)[:, None].astype(probs.dtype)
             out = attend(probs, v)
         else:
             out = multihead_attention(q, k, v)
@@ -70,10 +74,17 @@ class Attention(nn.Module):
                     if self.is_initializing():  # create the parameters
                         kp(jnp.zeros((1, 1, spec.dim), self.dtype)), vp(jnp.zeros((1, 1, spec.dim), self.dtype))
                     continue
-                out = out + self._extra(q, kp, vp, given, hw)
+                out = out + self._extra(q, kp, vp, given, hw, spec.name if self.factor in cap.extra_probs else None)
         return self._dense(self.out_dim, "to_out_0", True)(out)
 
-    def _extra(self, q, kp, vp, given, hw) -> jax.Array:
+    @staticmethod
+    def _text_factor(text_mask, hw) -> jax.Array:
+        """(B, T, N): 1 + sum_j tokens_j[n] (mask_j(q) - 1), the factor on each text probability."""
+        m = resize_mask(text_mask.mask.astype(jnp.float32), hw)              # (B, J, h, w)
+        B, J = m.shape[:2]
+        return 1.0 + jnp.einsum("bjq,bjn->bqn", m.reshape(B, J, -1) - 1.0, text_mask.tokens.astype(jnp.float32))
+
+    def _extra(self, q, kp, vp, given, hw, capture: str | None = None) -> jax.Array:
         """sum_r mask_r * Attn(Q, K(tokens_r), V(tokens_r)), times the scale."""
         B, T = q.shape[:2]
         toks = given.tokens
@@ -85,7 +96,12 @@ class Attention(nn.Module):
         keep = None
         if given.token_mask is not None:
             keep = given.token_mask.reshape(B * R, 1, 1, -1).astype(bool)
-        o = multihead_attention(qr, k, v, mask=keep).reshape(B, R, T, -1)
+        if capture is not None:            # the visual maps themselves (Capture.extra_probs)
+            probs = attention_probs(qr, k, mask=keep)
+            self.sow("attention", f"extra_probs_{capture}", probs.mean(axis=1).reshape(B, R, T, -1))
+            o = attend(probs, v).reshape(B, R, T, -1)
+        else:
+            o = multihead_attention(qr, k, v, mask=keep).reshape(B, R, T, -1)
         if keep is not None:  # a reference with no kept token contributes nothing
             o = o * jnp.any(keep, axis=-1).reshape(B, R, 1, 1).astype(o.dtype)
         if given.mask is not None:

@@ -229,7 +229,8 @@ class CLIPTextOutput:
 class CLIPTextEmbeddings(nn.Module):
     """Token plus learned position embeddings. ``replace``: ``(where (B, T) bool, embeds (B, D))``,
     the token embedding at ``where`` replaced by ``embeds`` (a learnt word: S*, CustomContrast's S+
-    tokens), before the position embeddings are added."""
+    tokens), before the position embeddings are added; or, for several words, ``(where (B, T) int,
+    embeds (B, J, D))`` with ``where`` = j + 1 at word j's tokens and 0 elsewhere."""
 
     vocab_size: int
     max_positions: int
@@ -244,7 +245,12 @@ class CLIPTextEmbeddings(nn.Module):
         tok = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
         if replace is not None:
             where, embeds = replace
-            tok = jnp.where(where[..., None], embeds[:, None].astype(tok.dtype), tok)
+            if embeds.ndim == 3:    # several words: where (B, T) int, j + 1 at word j's tokens, 0 elsewhere
+                idx = jnp.clip(where.astype(jnp.int32) - 1, 0, embeds.shape[1] - 1)
+                sel = jnp.take_along_axis(embeds.astype(tok.dtype), idx[..., None], axis=1)
+                tok = jnp.where((where > 0)[..., None], sel, tok)
+            else:
+                tok = jnp.where(where[..., None], embeds[:, None].astype(tok.dtype), tok)
         pos = nn.Embed(self.max_positions, self.hidden_size, dtype=self.dtype, name="position_embedding")(
             jnp.arange(t))
         return tok + pos

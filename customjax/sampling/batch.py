@@ -86,13 +86,13 @@ def job_masks(jobs: Sequence[Job], m0: np.ndarray) -> np.ndarray:
 
 
 def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job], batch_size: int, mesh,
-                   image_hw: tuple[int, int], *, init_mask: float = 0.0, negative_prompt: str = ""
-                   ) -> Iterator[tuple[list[Job], dict[str, np.ndarray]]]:
+                   image_hw: tuple[int, int], *, init_mask: float = 0.0, negative_prompt: str = "",
+                   text_tokens=None) -> Iterator[tuple[list[Job], dict[str, np.ndarray]]]:
     """Samples ``jobs`` in batches of ``batch_size`` (a multiple of the mesh's batch divisor), one
     compiled shape per (J, tokens shape) group, groups in order of first appearance.
 
     ``unet``, ``sampler``, ``gcfg``, ``visual``, ``params``: as for ``dual_branch_sample`` (params
-    replicated over ``mesh``); ``image_hw``: the image size (H, W); ``init_mask``: the value of the
+    replicated over ``mesh``), ``text_tokens``; ``image_hw``: the image size (H, W); ``init_mask``: the value of the
     constant initial masks; ``negative_prompt``: the unconditional branch's text (empty: for SDXL
     zero embeddings, as diffusers). Yields per batch (its jobs, without the padding; the sampler's outputs
     as numpy arrays for those jobs: ``images`` (n, H, W, 3) in [0, 1], ``masks`` (n, J, h, w) and,
@@ -116,7 +116,8 @@ def sample_batches(pipe, unet, sampler, gcfg, visual, params, jobs: Sequence[Job
             data = shard_batch(x, mesh)
             res = dual_branch_sample(pipe, unet, sampler, gcfg, visual, params, data["ids"], data["neg"],
                                      data["wm"], data["feats"], data["lat"], data["m0"],
-                                     zero_uncond=pipe.is_sdxl and not negative_prompt, null_feats=data.get("null"))
+                                     zero_uncond=pipe.is_sdxl and not negative_prompt, null_feats=data.get("null"),
+                                     text_tokens=text_tokens)
             res = jax.tree_util.tree_map(np.asarray, res)
             n = len(real)
             out = {k: v[:, :n] if k == "mask_steps" else v[:n] for k, v in res.items()}

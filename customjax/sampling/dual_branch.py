@@ -16,7 +16,10 @@ Guidance formulas (``cfg``), named by formula:
   ``"one_scale"`` z = e_u + w (e_g - e_u)                          (RealCustom++ Eq. 15, IP-Adapter)
   ``"two_scale"`` z = e_u + w_t (e_t - e_u) + w_i (e_g - e_t)      (RealCustom Eq. 13)
 
-The image side is a static callable ``visual(params, feats, text_ctx, z_masked, sqrt_abar)`` ->
+With ``location`` masks (CustomContrast Sec. 3.4) there is no guidance branch: every step runs
+[u; g] with g's attention captured, and the mask for the next step comes from it.
+
+The image side is a static callable ``visual(params, feats, text_ctx, z_masked, sqrt_abar, t)`` ->
 ``(tokens (B, R, N, D), token_mask (B, R, N) | None)``: constant tokens for RealCustom++ and
 IP-Adapter, the adaptive scoring module for RealCustom (which sees z_t times the mask).
 """
@@ -31,10 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from customjax import schedulers as S
-from customjax.control.spec import Capture, Control, ExtraTokens
-from customjax.guidance.mask import MaskConfig, guidance_mask
+from customjax.control.spec import Capture, Control, ExtraTokens, TextMask
+from customjax.guidance.location import location_maps
+from customjax.guidance.mask import MaskConfig, guidance_mask, select
 from customjax.models.vae import unscale_latents
-from customjax.pipeline import StableDiffusion, encode_cfg_text, sdxl_time_ids
+from customjax.pipeline import StableDiffusion, encode_cfg_text, encode_splus, sdxl_time_ids
 from customjax.sampling.common import Sampler
 
 VisualFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]
@@ -63,6 +67,12 @@ class DualBranchConfig:
     masked: bool = True
     uncond_image: str = "none"
     record_masks: bool = False
+    location: bool = False
+
+    # ``location`` (CustomContrast Sec. 3.4): no guidance branch; the mask is the generation branch's
+    # own visual and target-word attention (``customjax.guidance.location``) of the previous step,
+    # Top-K selected as ``mask``, injected into the visual attention and the target words' text
+    # attention at the next step; ``mask.cross_factors``: the layers it reads.
 
     def __post_init__(self):
         if self.cfg not in FORMULAS:
@@ -85,7 +95,10 @@ def reuse_branches(cfg: DualBranchConfig) -> str:
 
 
 def unet_evaluations(cfg: DualBranchConfig, steps: int) -> int:
-    """UNet evaluations per image: 3 per guided step, then 2 (3 for the two-scale formula)."""
+    """UNet evaluations per image: 3 per guided step, then 2 (3 for the two-scale formula); with
+    ``location`` masks, 2 (3) at every step."""
+    if cfg.location:
+        return len(reuse_branches(cfg)) * steps
     g = guided_steps(cfg, steps)
     return 3 * g + len(reuse_branches(cfg)) * (steps - g)
 
@@ -102,11 +115,24 @@ def _reference_masks(masks: jax.Array, cfg: DualBranchConfig) -> jax.Array:
     return masks.sum(axis=1, keepdims=True) if cfg.references == "one2many" else masks
 
 
-@functools.partial(jax.jit, static_argnames=("pipe", "unet", "sampler", "cfg", "visual", "zero_uncond", "on_eval"))
+def splus_context(pipe: StableDiffusion, text_params: tuple, ids: tuple, word_masks: jax.Array,
+                  tokens: jax.Array) -> jax.Array:
+    """The per-layer text (L, B, 77, D) of prompts whose target words (``word_masks`` (B, J, 77)) are
+    each replaced by its reference's S+ tokens ``tokens`` (B, R, L, D_in) (word j: reference
+    min(j, R - 1)), CustomContrast Eq. 5."""
+    J, R = word_masks.shape[1], tokens.shape[1]
+    where = jnp.einsum("bjn,j->bn", word_masks.astype(jnp.int32), jnp.arange(1, J + 1, dtype=jnp.int32))
+    ctx, _ = encode_splus(pipe, text_params, ids, where, tokens[:, jnp.minimum(jnp.arange(J), R - 1)])
+    return jnp.swapaxes(ctx, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("pipe", "unet", "sampler", "cfg", "visual", "zero_uncond", "on_eval",
+                                             "text_tokens"))
 def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: DualBranchConfig,
                        visual: VisualFn, params: dict, ids: tuple, neg_ids: tuple, word_masks: jax.Array,
                        feats: Any, latents: jax.Array, init_masks: jax.Array, zero_uncond: bool = False,
-                       on_eval: Callable[[Any], None] | None = None, null_feats: Any = None) -> dict:
+                       on_eval: Callable[[Any], None] | None = None, null_feats: Any = None,
+                       text_tokens: Callable | None = None) -> dict:
     """Samples B images. ``unet``: the UNet module with the method's extra K/V set (its first);
     ``params``: {"unet", "vae", "text_encoders", "adapter"}; ``word_masks`` (B, J, 77) target-word
     tokens; ``feats`` (B, R, N, D) reference tokens; ``null_feats`` the unconditional branch's
@@ -114,7 +140,9 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
     the first guidance mask, and throughout when ``t_stop == 0``).
 
     Returns {"images" (B, H, W, 3) in [0, 1], "masks" (B, J, H, W) final, "mask_steps"
-    (steps, B, J, H, W) when ``cfg.record_masks``}.
+    (steps, B, J, H, W) when ``cfg.record_masks``}. ``text_tokens`` (static): the method's per-step S+
+    tokens (:meth:`~customjax.methods.protocol.Method.text_tokens`); the generation branch's target
+    words are then replaced by them in each layer's text (:func:`splus_context`).
     """
     if (null_feats is None) != (cfg.uncond_image == "none"):
         raise ValueError(f"guidance.uncond_image={cfg.uncond_image!r} needs null_feats "
@@ -141,7 +169,7 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
                  else jnp.ones((B, *latent_hw, 1), jnp.float32))
         rmask = _reference_masks(masks, cfg) if cfg.masked else None
         z, sa = x * zmask, jnp.sqrt(abar[t])
-        side = {k: visual(params.get("adapter"), v, ctx[k], z, sa) for k, v in image_feats.items()
+        side = {k: visual(params.get("adapter"), v, ctx[k], z, sa, t) for k, v in image_feats.items()
                 if v is not None and (k in parts or k == "g")}
         toks, tmasks, scales = [], [], []
         for p in parts:
@@ -151,14 +179,29 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
             scales.append(jnp.full((B,), cfg.visual_scale if p in side else 0.0, jnp.float32))
         cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs)
         tile = lambda a: None if a is None else jnp.tile(a, (len(parts),) + (1,) * (a.ndim - 1))
-        return Control({kv: ExtraTokens(cat(toks), tile(rmask), jnp.concatenate(scales), cat(tmasks))})
+        text = None
+        if cfg.location:      # the mask on the target words' text attention, generation branch only
+            wm = jnp.concatenate([word_masks if p == "g" else jnp.zeros_like(word_masks) for p in parts])
+            text = TextMask(wm, tile(masks))
+        return Control({kv: ExtraTokens(cat(toks), tile(rmask), jnp.concatenate(scales), cat(tmasks))}, text)
+
+    def contexts(parts, t):
+        """The text of the branches ``parts``, concatenated: (n B, 77, D), or per layer (L, n B, 77, D)
+        when the generation branch reads S+ tokens."""
+        cs = [ctx[p] for p in parts]
+        if text_tokens is not None and "g" in parts:
+            g = splus_context(pipe, params["text_encoders"], ids, word_masks,
+                              text_tokens(params.get("adapter"), feats, t))
+            cs = [g if p == "g" else jnp.broadcast_to(c, (g.shape[0], *c.shape)) for p, c in zip(parts, cs)]
+            return jnp.concatenate(cs, axis=1)
+        return jnp.concatenate(cs)
 
     def run(module, x, t, parts, masks=None, mutable=False):
         """One UNet call on the concatenation of branches ``parts``; {branch: output}."""
         n = len(parts)
         if on_eval is not None:
             jax.debug.callback(on_eval, n * B)
-        c = jnp.concatenate([ctx[p] for p in parts])
+        c = contexts(parts, t)
         extra = {}
         if pipe.is_sdxl:
             extra = dict(text_embeds=jnp.concatenate([pool[p] for p in parts]), time_ids=jnp.tile(tids, (n, 1)))
@@ -182,6 +225,17 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
         x, st = sampler.step(combine(cfg, {**e, **e2}), x, st, i)
         return x, st, masks, None if strip is None else strip.at[i].set(masks)
 
+    def located(i, carry):
+        """Sec. 3.4: the mask of step i - 1 injected at step i; this step's attention gives the next."""
+        x, st, masks, strip = carry
+        parts = reuse_branches(cfg)
+        e, state = run(loc_unet, x, ts[i], parts, masks, mutable=["attention"])
+        j = parts.index("g")
+        state = jax.tree_util.tree_map(lambda a: a[j * B:(j + 1) * B], state)
+        new = select(location_maps(state, kv, word_masks, latent_hw, masks.shape[2:]), cfg.mask)
+        x, st = sampler.step(combine(cfg, e), x, st, i)
+        return x, st, new, None if strip is None else strip.at[i].set(new)
+
     def reuse(i, carry):
         x, st, masks, strip = carry
         e, _ = run(unet, x, ts[i], reuse_branches(cfg), masks)
@@ -192,7 +246,11 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
     strip = jnp.zeros((n_steps, *init_masks.shape), jnp.float32) if cfg.record_masks else None
     carry = (x, sampler.init(x), init_masks.astype(jnp.float32), strip)
     if n_guided:            # static: a loop that never runs is not traced (nor compiled)
-        carry = jax.lax.fori_loop(0, n_guided, guided, carry)
+        if cfg.location:
+            fs = cfg.mask.cross_factors
+            loc_unet = unet.clone(control=dataclasses.replace(unet.control, capture=Capture(cross_probs=fs,
+                                                                                            extra_probs=fs)))
+        carry = jax.lax.fori_loop(0, n_guided, located if cfg.location else guided, carry)
     if n_guided < n_steps:
         carry = jax.lax.fori_loop(n_guided, n_steps, reuse, carry)
     x, _, masks, strip = carry

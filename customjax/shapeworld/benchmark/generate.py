@@ -76,7 +76,8 @@ def generate(model: Model, gcfg, jobs: list[tuple[Case, int]], init_mask: float,
     images, masks = [], []
     for done, res in sample_batches(pipe, model.built.unet, smp, gcfg, model.side.visual, model.params, work, batch,
                                     mesh, (size, size), init_mask=init_mask,
-                                    negative_prompt=cfg.sample.get("negative_prompt", "")):
+                                    negative_prompt=cfg.sample.get("negative_prompt", ""),
+                                    text_tokens=model.side.text_tokens):
         images.append(to_uint8(res["images"]))
         masks.append(res["masks"])
         on_batch(len(done))

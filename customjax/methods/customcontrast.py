@@ -1,0 +1,228 @@
+"""CustomContrast (seed 000): the MFI encoder (Sec. 3.2, Eqs. 2-3) on CLIP features of K image
+layers gives m visual tokens for a parallel visual cross-attention (gamma = 1) and l S+ tokens, one
+per cross-attention layer, that replace the placeholder word in that layer's text (Eq. 5); the
+contrastive losses CSCL (Eq. 4) and MACL (Eq. 7) and the location loss (Eq. 8) join the diffusion
+loss (Eq. 9). Sampling (Sec. 3.4): the textual Q-former's queries depend on the timestep, so the S+
+text is made at every step; the location mask of step t + 1 narrows the visual attention and the
+placeholder's text attention at step t (``customjax.guidance.location``).
+
+Trainable: the MFI encoder (``mfi``) and the visual K/V ``to_k_vision`` / ``to_v_vision``, which
+start as copies of the layer's ``to_k`` / ``to_v`` (as IP-Adapter's; the paper does not say).
+Data (``needs``): the reference view and the target's subject mask. The placeholder is the caption's
+last word (a multiview record's caption is its category, "a star"; "a photo of a dog"). Each example
+brings two views of its subject, the reference and the target cut to its mask on a grey fill, so
+MACL's positive of every view is in the same example and therefore on the same device; r_ij is the
+CLIP image-embedding cosine of the two segmented views.
+
+Where the paper is silent (docs/customcontrast.md): the CLIP layers (``encoders.clip_layers``, thirds of
+the encoder), the Q-former width, m, the MACL temperature (0.07), the aggregation of the location
+maps (:mod:`customjax.guidance.location`), and the inference mask's Top-K (``guidance.gamma_scope``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from customjax import contrastive
+from customjax.adapters.mfi import MFIConfig, MFIEncoder
+from customjax.control.params import duplicate_kv
+from customjax.control.spec import Capture, ExtraKV
+from customjax.guidance.location import location_maps
+from customjax.methods.common import abstract, encoder, init
+from customjax.methods.protocol import Condition, ImageSide, Method, jit_method
+from customjax.models.pixels import normalize, resize_images
+from customjax.models.vit import CLIP_MEAN, CLIP_STD
+from customjax.pipeline import encode_splus
+
+GREY = 0.5          # the fill around a segmented view
+_WORD = re.compile(r"[^\W_]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Losses:
+    """Eq. 9's weights and the switches of Table 4 (``cscl`` / ``macl`` off: the "w/o" rows)."""
+
+    lambda1: float = 1e-2
+    lambda2: float = 1e-3
+    cscl: bool = True
+    macl: bool = True
+    cscl_temperature: float = 1.0
+    macl_temperature: float = 0.07
+    min_similarity: float = 0.05
+    location_factors: tuple[int, ...] = (1, 2, 4, 8)
+    mask_factor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Modules:
+    """Static: the CLIP image encoder, the CLIP ``layers`` (indices into its hidden states, 0 = the
+    embeddings) whose features are concatenated, the MFI encoder, the base pipeline (its text
+    encoders make the S+ text in training) and the loss settings."""
+
+    clip: Any
+    layers: tuple[int, ...]
+    mfi: MFIEncoder
+    pipe: Any
+    losses: Losses
+
+
+def clip_outputs(modules: Modules, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(f_I (B, N, K * C): the K layers' hidden states concatenated, the image embedding (B, P):
+    ``image_embeds`` with a projection, else the pooled CLS) of images (B, H, W, 3) in [0, 1]."""
+    px = normalize(resize_images(images, modules.clip.config.image_size), CLIP_MEAN, CLIP_STD)
+    out = modules.clip.apply({"params": params["clip"]}, px)
+    f = jnp.concatenate([out.hidden_states[i] for i in modules.layers], axis=-1)
+    return f, out.image_embeds if out.image_embeds is not None else out.pooler_output
+
+
+def segmented_view(image: jax.Array, mask: jax.Array, size: int) -> jax.Array:
+    """The target (B, H, W, 3) in [-1, 1] cut to its subject mask (B, H, W) on grey, (B, size, size, 3) in [0, 1]."""
+    m = mask[..., None]
+    view = ((image + 1.0) / 2.0) * m + GREY * (1.0 - m)
+    return jax.image.resize(view, (view.shape[0], size, size, 3), method="linear")
+
+
+def placeholder_mask(tokenizer, captions) -> np.ndarray:
+    """(B, 77) bool: the tokens of each caption's last word, the placeholder the S+ tokens replace."""
+    from customjax.tokenizer import word_token_mask
+
+    words = []
+    for c in captions:
+        found = _WORD.findall(str(c))
+        if not found:
+            raise ValueError(f"customcontrast: caption {str(c)!r} has no word to serve as the placeholder "
+                             "(the caption's last word, e.g. 'a photo of a dog')")
+        words.append(found[-1])
+    return word_token_mask(tokenizer, [str(c) for c in captions], words)
+
+
+@dataclasses.dataclass(frozen=True)
+class MFIVisual:
+    """The sampler's per-step visual tokens: the MFI encoder at timestep t (TV fusion reads f_t)."""
+
+    mfi: MFIEncoder
+
+    def __call__(self, adapter_params, feats, text_ctx, z, sqrt_abar, t=None):
+        B, R = feats.shape[:2]
+        out = self.mfi.apply({"params": adapter_params}, feats.reshape(B * R, *feats.shape[2:]),
+                             jnp.broadcast_to(t, (B * R,)))
+        return out["visual_tokens"].reshape(B, R, *out["visual_tokens"].shape[1:]), None
+
+
+@dataclasses.dataclass(frozen=True)
+class MFIText:
+    """The sampler's per-step S+ tokens (B, R, l, D_in) at timestep t."""
+
+    mfi: MFIEncoder
+
+    def __call__(self, adapter_params, feats, t):
+        B, R = feats.shape[:2]
+        out = self.mfi.apply({"params": adapter_params}, feats.reshape(B * R, *feats.shape[2:]),
+                             jnp.broadcast_to(t, (B * R,)))
+        return out["text_tokens"].reshape(B, R, *out["text_tokens"].shape[1:])
+
+
+class CustomContrast(Method):
+    name = "customcontrast"
+    paper = "CustomContrast (seed 000)"
+    adapter = "mfi"
+    needs = ("reference", "mask")
+    location = True
+
+    def image_side(self, config, pipe, keys):
+        m = config.mfi
+        clip, cp = encoder(config, "clip", config.encoders.clip, keys[0])
+        layers = tuple(int(i) for i in config.encoders.clip_layers)
+        n_hidden = clip.config.num_hidden_layers
+        if not layers or max(layers) > n_hidden or min(layers) < 0:
+            raise ValueError(f"config.encoders.clip_layers={layers}: the CLIP image encoder has hidden states "
+                             f"0..{n_hidden} (0 = the embeddings)")
+        u = pipe.unet.config
+        cross = u.cross_attention_dim[0]
+        c = MFIConfig(image_dim=len(layers) * clip.config.hidden_size, dim=m.dim, heads=m.heads, dim_head=m.dim_head,
+                      layers=m.layers, visual_tokens=m.visual_tokens, cross_layers=u.num_cross_layers,
+                      text_dim=sum(e.config.hidden_size for e in pipe.text_encoders), cross_dim=cross,
+                      fusion=bool(m.fusion), textual=bool(m.textual))
+        mfi = MFIEncoder(c)
+        n = (clip.config.image_size // clip.config.patch_size) ** 2 + 1
+        p = init(mfi, keys[2], jnp.zeros((1, n, c.image_dim)), jnp.zeros((1,), jnp.int32), shapes_only=abstract(config))
+        lc = config.losses
+        g = config.guidance
+        losses = Losses(lambda1=float(lc.lambda1), lambda2=float(lc.lambda2), cscl=bool(lc.cscl), macl=bool(lc.macl),
+                        macl_temperature=float(lc.macl_temperature), min_similarity=float(lc.min_similarity),
+                        location_factors=tuple(g.cross_factors), mask_factor=int(g.mask_factor))
+        return ImageSide(Modules(clip, layers, mfi, pipe, losses), {"clip": cp, "mfi": p}, ExtraKV(self.kv_name, cross))
+
+    def init_extra_kv(self, unet_params):
+        flat = traverse_util.flatten_dict(duplicate_kv(unet_params, self.kv_name))
+        own = lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, copy=True)  # noqa: E731
+        names = (f"to_k_{self.kv_name}", f"to_v_{self.kv_name}")
+        return traverse_util.unflatten_dict({k: own(v) if any(n in k for n in names) else v for k, v in flat.items()})
+
+    def host_inputs(self, batch, tokenizers):
+        return {"placeholder": placeholder_mask(tokenizers[0], batch["caption"])}
+
+    # -- training ------------------------------------------------------------------------------
+    def condition(self, modules, frozen, trainable, batch, x, key, config):
+        if "image" not in batch or "mask" not in batch or "placeholder" not in batch:
+            raise ValueError("customcontrast trains on images with subject masks (config.data: multiview records "
+                             "with masks; not precomputed latents) and the captions' placeholder")
+        ref = batch["reference"]
+        B, S = ref.shape[0], ref.shape[1]
+        views = jnp.concatenate([ref, segmented_view(batch["image"], batch["mask"], S)])      # (2B, S, S, 3)
+        f, emb = jax.lax.stop_gradient(clip_outputs(modules, frozen, views))
+        out = modules.mfi.apply({"params": trainable["mfi"]}, f, jnp.concatenate([x.t, x.t]))
+        tokens = out["visual_tokens"][:B, None]
+        lc, losses, text = modules.losses, {}, None
+        if modules.mfi.config.textual:
+            s_plus = out["text_tokens"]                                       # (2B, l, D_in)
+            ctx, _ = encode_splus(modules.pipe, frozen["text_encoders"], batch["ids"], batch["placeholder"], s_plus[:B])
+            ctx = jnp.swapaxes(ctx, 0, 1)                                     # (l, B, 77, D)
+            plain = jnp.broadcast_to(x.ctx, ctx.shape)
+            text = jnp.where(x.drop_image[None, :, None, None], plain, ctx)   # no image: the caption's own text
+            if lc.cscl:                                                       # Eq. 4 over the references
+                losses["cscl"] = lc.lambda1 * contrastive.cscl_loss(out["visual_cls"][:B], out["text_cls"][:B],
+                                                                    lc.cscl_temperature)
+            if lc.macl:                                                       # Eq. 7 over both views
+                r = contrastive.cosine_matrix(emb, emb)
+                subject = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
+                losses["macl"] = lc.lambda1 * contrastive.macl_loss(s_plus, subject, r, lc.macl_temperature,
+                                                                    lc.min_similarity)
+        return Condition(tokens, losses=losses, text=text)
+
+    def capture(self, modules):
+        fs = modules.losses.location_factors
+        return Capture(cross_probs=fs, extra_probs=fs) if modules.losses.lambda2 else Capture()
+
+    def attention_losses(self, modules, state, batch, x, config):
+        """Eq. 8 (as :func:`customjax.contrastive.location_loss`) on the examples that keep both conditions."""
+        lat = x.z_t.shape[1:3]
+        hw = (lat[0] // modules.losses.mask_factor, lat[1] // modules.losses.mask_factor)
+        a = location_maps(state, self.kv_name, batch["placeholder"][:, None], lat, hw)[:, 0]     # (B, h, w)
+        m = jax.image.resize(batch["mask"].astype(jnp.float32), (a.shape[0], *hw), method="linear", antialias=True)
+        per = jax.vmap(contrastive.location_loss)(a, m)
+        keep = ~x.drop_image if x.drop_text is None else ~(x.drop_image | x.drop_text)
+        w = keep.astype(jnp.float32)
+        return {"location": modules.losses.lambda2 * jnp.sum(per * w) / jnp.maximum(w.sum(), 1.0)}
+
+    # -- sampling ------------------------------------------------------------------------------
+    @jit_method
+    def reference_tokens(self, modules, params, images):
+        """f_I (B, N, K * C): the MFI encoder runs per step (its textual queries read the timestep)."""
+        return clip_outputs(modules, params, images)[0]
+
+    def visual(self, modules, config):
+        return MFIVisual(modules.mfi)
+
+    def text_tokens(self, modules, config):
+        return MFIText(modules.mfi) if modules.mfi.config.textual else None
+
+
+METHOD = CustomContrast()
