@@ -36,11 +36,16 @@ def _run_processes(args: dict, n: int = 2, devices: int = 2) -> list[dict]:
     return [json.loads(so.strip().splitlines()[-1]) for so, _ in outs]
 
 
+# The two-process test trains CustomContrast: beside the shared trainer it has the losses taken over the
+# global batch (CSCL's negatives, MACL's appearance weights), which must not depend on how it is split.
+METHOD, STEPS = "customcontrast", 5
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """``customjax.train.train`` of the probe config on 1 device, 3 steps: (export, result)."""
+    """``customjax.train.train`` of the probe config on 1 device, STEPS steps: (export, result)."""
     workdir = tmp_path_factory.mktemp("single")
-    out = train_probe.run(workdir, steps=3)
+    out = train_probe.run(workdir, steps=STEPS, method=METHOD)
     return train_probe.exported(workdir), out
 
 
@@ -75,26 +80,27 @@ def test_two_processes_of_two_devices_data_by_fsdp_preempted_and_resumed_equal_o
     """``customjax.train.train`` in two processes on localhost, each with 2 simulated devices: a 2
     (data) x 2 (fsdp) mesh over 4 devices (every parameter of >= 256 elements split over fsdp),
     each process loading half of every global batch. Process 1 gets SIGTERM after step 1: both
-    stop at the one step JAX's preemption service agrees on and save it. Resumed, both run to step
-    3 and process 0 exports the gathered (fsdp-split) EMA parameters: equal to the 1-device run."""
+    stop at the one step JAX's preemption service agrees on (a step or two later: it may not be the
+    last, so the run has 5) and save it. Resumed, both run to the end and process 0 exports the
+    gathered (fsdp-split) EMA parameters: equal to the 1-device run."""
     ref, ref_out = single
     workdir = tmp_path / "run"
-    args = {"steps": 3, "fsdp": 2, "workdir": str(workdir)}
+    args = {"steps": STEPS, "fsdp": 2, "workdir": str(workdir), "method": METHOD}
     first = _run_processes(dict(args, term_at=[1, 1]))
     assert all(o["devices"] == 4 and o["processes"] == 2 for o in first)
     stopped = first[0]["step"]
-    assert [o["step"] for o in first] == [stopped] * 2 and 1 <= stopped < 3, first
+    assert [o["step"] for o in first] == [stopped] * 2 and 1 <= stopped < STEPS, first
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(stopped)]
     assert not (workdir / "export").exists()
     second = _run_processes(args)
-    assert [o["step"] for o in second] == [3, 3]
+    assert [o["step"] for o in second] == [STEPS, STEPS]
     assert second[0]["loss"] == second[1]["loss"]
     np.testing.assert_allclose(second[0]["loss"], ref_out["loss"], rtol=1e-5)
     got = train_probe.exported(workdir)
     assert got.keys() == ref.keys()
     err = max(float(np.max(np.abs(np.asarray(got[k]) - np.asarray(ref[k])))) for k in ref)
-    print(f"\n[sharding] 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), SIGTERM to process 1 "
-          f"after step 1 (both stopped at {stopped}), resumed to 3 steps: max abs parameter difference {err:.2e}")
+    print(f"\n[sharding] {METHOD}: 1 device vs 2 processes x 2 devices (2 data x 2 fsdp), SIGTERM to process 1 "
+          f"after step 1 (both stopped at {stopped}), resumed to {STEPS} steps: max abs parameter difference {err:.2e}")
     assert err < 1e-5
 
 

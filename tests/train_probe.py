@@ -64,7 +64,7 @@ def batches(n, batch, seed=0):
                "caption": ["a red toy on a blue mat"] * batch}
 
 
-def run(workdir, steps=3, fsdp=1, term_at=None):
+def run(workdir, steps=3, fsdp=1, term_at=None, method="realcustompp"):
     """``customjax.train.train`` of :func:`run_config` in ``workdir`` (resuming what is there).
     ``term_at`` (process, step): that process sends itself SIGTERM after that step. Returns
     train's result plus the process count."""
@@ -79,7 +79,7 @@ def run(workdir, steps=3, fsdp=1, term_at=None):
         if sent:   # after the signal, every step waits: the notice and JAX's agreed stop step must reach the
             time.sleep(2)   # other process before the run can end (on a loaded machine that took > 2 steps)
 
-    out = train.train(run_config(steps, fsdp), str(workdir), on_step=on_step)
+    out = train.train(run_config(steps, fsdp, method=method), str(workdir), on_step=on_step)
     return dict(out, processes=jax.process_count(), devices=jax.device_count())
 
 
@@ -93,5 +93,6 @@ if __name__ == "__main__":
     if args.get("distributed"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
-    out = run(args["workdir"], steps=args["steps"], fsdp=args.get("fsdp", 1), term_at=args.get("term_at"))
+    out = run(args["workdir"], steps=args["steps"], fsdp=args.get("fsdp", 1), term_at=args.get("term_at"),
+              method=args.get("method", "realcustompp"))
     print(json.dumps(out))
