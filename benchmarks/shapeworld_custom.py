@@ -34,6 +34,9 @@ config_flags.DEFINE_config_file("realcustom_config", None, "RealCustom config (t
                                 "skipped without it)", lock_config=False)
 flags.DEFINE_string("checkpoint", None, "RealCustom++ adapter folder (adapter.safetensors); none = random adapter")
 flags.DEFINE_string("realcustom_checkpoint", None, "RealCustom adapter folder; none = random adapter")
+flags.DEFINE_multi_string("model", [], "a further trained model, NAME=CONFIG_FILE:VARIANT[,PRESET...]@CHECKPOINT "
+                          "(e.g. cc=configs/customcontrast.py:shapeworld@runs/sw_cc/export), sampled with its "
+                          "config's own settings as settings NAME and NAME_two; repeatable")
 flags.DEFINE_integer("cases", 20, "single-subject cases")
 flags.DEFINE_integer("prompts_per_subject", 2, "consecutive cases sharing one held-out subject")
 flags.DEFINE_integer("pairs", None, "two-subject cases (default: cases // 2)")
@@ -45,6 +48,18 @@ flags.DEFINE_list("settings", None, f"settings to run (default: all): {','.join(
 flags.DEFINE_bool("fast", False, "2 cases, 1 pair, seed 0, 4 steps, the fast settings (explicit flags win)")
 flags.DEFINE_string("out", "docs/shapeworld/customization_benchmark", "output folder")
 flags.DEFINE_bool("progress", True, "progress bar")
+
+
+def parse_model(text: str, steps: int):
+    """``NAME=CONFIG_FILE:ARG@CHECKPOINT`` (``@CHECKPOINT`` optional: a random adapter) -> (name, config
+    with ``steps`` sampling steps, checkpoint)."""
+    from customjax.api import load_config
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise app.UsageError(f"--model {text!r}: expected NAME=CONFIG_FILE:VARIANT[,PRESET...]@CHECKPOINT")
+    spec, _, checkpoint = rest.partition("@")
+    return name, with_steps(load_config(spec), steps), checkpoint or None
 
 
 def main(argv) -> None:
@@ -62,10 +77,11 @@ def main(argv) -> None:
     cfg = with_steps(FLAGS.config, steps)
     rc = None if FLAGS.realcustom_config is None else with_steps(FLAGS.realcustom_config, cfg.sample.steps)
     config_file = FLAGS["config"].config_filename
+    models = [parse_model(m, cfg.sample.steps) for m in FLAGS.model]
     report, extra = run_benchmark(
         cfg, checkpoint=FLAGS.checkpoint, apply_variant=config_apply_variant(config_file), settings=settings,
         rc_cfg=rc, rc_checkpoint=FLAGS.realcustom_checkpoint, cases=cases, prompts_per_subject=pps, pairs=pairs,
-        case_seed=FLAGS.case_seed, seeds=seeds, batch=FLAGS.batch, progress=FLAGS.progress)
+        case_seed=FLAGS.case_seed, seeds=seeds, batch=FLAGS.batch, progress=FLAGS.progress, models=models)
     report["command"] = " ".join(sys.argv)
     paths = write_report(report, extra, FLAGS.out)
     print(markdown(report))

@@ -47,6 +47,7 @@ def get_config(arg: str = "shapeworld"):
     c.guidance.update(dict(cross_factors=common._all_factors(c), self_factors=(), t_stop=None, init_mask=1.0))
     c = common.add_train(c)
     c.data.recipe = "table10_no2"           # multiview records only: two views and masks per subject
+    c.data.subject_reference = True         # the reference cut to its subject, as the second view (the target)
     if not tiny and not sw:
         c.optim.lr = 3e-5                   # Sec. 4.1
     if sw:                                  # as configs/realcustompp.py: the subject's appearance is a few

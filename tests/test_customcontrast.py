@@ -3,7 +3,6 @@ mask of Sec. 3.4), the location maps against a hand computation, the training co
 layer, the caption's own text where the image is dropped, each loss term by name, the Table 3-4
 presets), and the sampler (the location mask carried from step to step, one and two subjects)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +42,10 @@ def _batch(built, captions=("a red star",) * 4, seed=0):
     B = len(captions)
     mask = np.zeros((B, 32, 32), np.float32)
     mask[:, 8:24, 4:20] = 1
-    host = built.method.host_inputs({"caption": list(captions)}, built.pipe.tokenizers)
-    return {"image": jnp.asarray(rng.uniform(-1, 1, (B, 32, 32, 3)), jnp.float32),
-            "reference": jnp.asarray(rng.uniform(0, 1, (B, 28, 28, 3)), jnp.float32), "mask": jnp.asarray(mask),
+    b = {"image": rng.uniform(-1, 1, (B, 32, 32, 3)).astype(np.float32), "mask": mask,
+         "reference": rng.uniform(0, 1, (B, 28, 28, 3)).astype(np.float32), "caption": list(captions)}
+    host = built.method.host_inputs(b, built.pipe.tokenizers)
+    return {**{k: jnp.asarray(v) for k, v in b.items() if k != "caption"},
             "ids": tuple(jnp.asarray(tokenize(t, list(captions))) for t in built.pipe.tokenizers),
             **{k: jnp.asarray(v) for k, v in host.items()}}
 
@@ -119,6 +119,23 @@ def test_location_maps_by_hand():
                       (4, 4), (4, 4))
 
 
+def test_second_view_is_the_targets_subject_cut_out():
+    """The target's subject, object-centric on a neutral fill (as the references), at the reference side;
+    an empty mask keeps the whole target."""
+    from customjax.methods.customcontrast import segmented_views
+
+    img = -np.ones((2, 32, 32, 3), np.float32)
+    img[:, 4:8, 20:28] = [1.0, -1.0, -1.0]                       # a red 4 x 8 box on black
+    mask = np.zeros((2, 32, 32), np.float32)
+    mask[0, 4:8, 20:28] = 1
+    v = segmented_views(img, mask, 20)
+    assert v.shape == (2, 20, 20, 3)
+    red = (v[0, ..., 0] > 0.8) & (v[0, ..., 1] < 0.2)
+    assert 0.05 < red.mean() < 0.15 and abs(np.argwhere(red).mean(0) - 9.5).max() < 1.5   # centred: 8 px of 18
+    assert not np.any((v[0].sum(-1) < 0.05))                     # no black: the background is the fill
+    assert np.abs(v[1].mean() - ((img[1] + 1) / 2).mean()) < 0.02       # empty mask: the whole target
+
+
 def test_placeholder_is_the_captions_last_word(tiny):
     from customjax.methods.customcontrast import placeholder_mask
     from customjax.tokenizer import word_token_mask
@@ -150,9 +167,9 @@ def test_condition_gives_per_layer_text_and_the_captions_own_text_without_image(
     np.testing.assert_allclose(np.asarray(cond.text[:, 1]), np.broadcast_to(np.asarray(ctx[1]), cond.text[:, 1].shape))
     assert set(cond.losses) == {"cscl", "macl"}
     # the S+ text of example 0 is the caption with its placeholder embedded as each layer's token
-    from customjax.methods.customcontrast import clip_outputs, segmented_view
+    from customjax.methods.customcontrast import clip_outputs
 
-    views = jnp.concatenate([b["reference"], segmented_view(b["image"], b["mask"], 28)])
+    views = jnp.concatenate([b["reference"], b["view"]])
     f, _ = clip_outputs(built.image_side, frozen, views)
     out = built.image_side.mfi.apply({"params": train["mfi"]}, f, jnp.concatenate([t, t]))
     want, _ = encode_splus(built.pipe, frozen["text_encoders"], b["ids"], b["placeholder"], out["text_tokens"][:B])

@@ -104,7 +104,9 @@ def test_one_training_step(real):
              "ids": tuple(jax.ShapeDtypeStruct((1, 77), jnp.int32) for _ in s.built.pipe.tokenizers)}
     if "mask" in built.method.needs:
         batch["mask"] = jax.ShapeDtypeStruct((1, size, size), jnp.float32)
-    host = built.method.host_inputs({"caption": ["a photo of a dog"]}, built.pipe.tokenizers)
+    host = built.method.host_inputs({"caption": ["a photo of a dog"], "image": np.zeros((1, size, size, 3), np.float32),
+                                     "mask": np.zeros((1, size, size), np.float32),
+                                     "reference": np.zeros((1, ref, ref, 3), np.float32)}, built.pipe.tokenizers)
     batch.update({k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in host.items()})
     state, metrics = jax.eval_shape(s.step, s.state, s.frozen, batch)
     assert shapes(state.params) == shapes(s.state.params)

@@ -288,12 +288,12 @@ def test_fast_benchmark_end_to_end(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")       # with conftest's fast-compile XLA_FLAGS
     t0 = time.time()
     r = subprocess.run([sys.executable, "benchmarks/shapeworld_custom.py", "--config", "configs/realcustompp.py:tiny",
-                        "--fast", "--noprogress", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--model", "cc=configs/customcontrast.py:tiny", "--fast", "--noprogress", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     print(f"\n[benchmark] fast run {time.time() - t0:.1f} s")
     assert r.returncode == 0, r.stderr[-4000:]
     rep = json.loads((out / "results.json").read_text())
-    assert [s["name"] for s in rep["settings"]] == FAST
+    assert [s["name"] for s in rep["settings"]] == FAST + ["cc", "cc_two"]
     assert rep["steps"] == 4 and rep["seeds"] == [0] and rep["image_size"] == 32 and rep["device"]["platform"] == "cpu"
     assert any("no CLIP" in n for n in rep["notes"])
     heldout = {s.key for s in sw.heldout_subjects()}
@@ -326,7 +326,13 @@ def test_fast_benchmark_end_to_end(tmp_path):
     # the layout oracle: t2i's compiled sampler, its fixed masks (1 on the named place) reach the output
     assert not by["layout"]["compiled"] and by["layout"]["summary"]["mask_on_place"]["mean"] == 1.0
     assert 0.1 < by["layout"]["summary"]["mask_mean"]["mean"] < 0.35        # one of five places
-    assert len(rep["images"]) == 7 * 2 + 1 and {i["setting"] for i in rep["images"]} == set(FAST)
+    # a further model (--model): CustomContrast with its own location masks, 2 UNet evaluations a step
+    cc, cc2 = by["cc"], by["cc_two"]
+    assert (cc["method"], cc["group"], cc2["subjects"], cc2["group"]) == ("cc", "models", 2, "models_two")
+    assert cc["unet_evaluations_per_image"] == 2 * 4 and cc["summary"]["mask_on_place"]["n"] == 2
+    assert cc2["summary"]["mask_overlap"]["n"] == 1 and rep["models"][0]["config"]["method"] == "customcontrast"
+    assert len(rep["images"]) == 7 * 2 + 1 + 2 + 1
+    assert {i["setting"] for i in rep["images"]} == set(FAST) | {"cc", "cc_two"}
     md = (out / "results.md").read_text()
     assert all(by[n]["label"] in md for n in FAST)
     # the frontier plot: the ground-truth point (drawn last, black) where its figures put it

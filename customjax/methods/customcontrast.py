@@ -10,9 +10,10 @@ Trainable: the MFI encoder (``mfi``) and the visual K/V ``to_k_vision`` / ``to_v
 start as copies of the layer's ``to_k`` / ``to_v`` (as IP-Adapter's; the paper does not say).
 Data (``needs``): the reference view and the target's subject mask. The placeholder is the caption's
 last word (a multiview record's caption is its category, "a star"; "a photo of a dog"). Each example
-brings two views of its subject, the reference and the target cut to its mask on a grey fill, so
-MACL's positive of every view is in the same example and therefore on the same device; r_ij is the
-CLIP image-embedding cosine of the two segmented views.
+brings two views of its subject, the reference (cut to its subject: ``data.subject_reference``) and the
+target cut to its mask the same way (on the host, :meth:`CustomContrast.host_inputs`), so MACL's
+positive of every view is in the same example and therefore on the same device; r_ij is the CLIP
+image-embedding cosine of the segmented views.
 
 Where the paper is silent (docs/customcontrast.md): the CLIP layers (``encoders.clip_layers``, thirds of
 the encoder), the Q-former width, m, the MACL temperature (0.07), the aggregation of the location
@@ -41,7 +42,6 @@ from customjax.models.pixels import normalize, resize_images
 from customjax.models.vit import CLIP_MEAN, CLIP_STD
 from customjax.pipeline import encode_splus
 
-GREY = 0.5          # the fill around a segmented view
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -82,11 +82,21 @@ def clip_outputs(modules: Modules, params: dict, images: jax.Array) -> tuple[jax
     return f, out.image_embeds if out.image_embeds is not None else out.pooler_output
 
 
-def segmented_view(image: jax.Array, mask: jax.Array, size: int) -> jax.Array:
-    """The target (B, H, W, 3) in [-1, 1] cut to its subject mask (B, H, W) on grey, (B, size, size, 3) in [0, 1]."""
-    m = mask[..., None]
-    view = ((image + 1.0) / 2.0) * m + GREY * (1.0 - m)
-    return jax.image.resize(view, (view.shape[0], size, size, 3), method="linear")
+def segmented_views(images: np.ndarray, masks: np.ndarray, size: int) -> np.ndarray:
+    """The targets (B, H, W, 3) in [-1, 1] cut to their subject masks (B, H, W) in [0, 1], object-centric
+    on a neutral fill as the references are (:func:`customjax.data.images.subject_cutout`), (B, size,
+    size, 3) in [0, 1]; a target whose mask is empty stays whole."""
+    from PIL import Image
+
+    from customjax.data.images import subject_cutout
+
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for i, (im, m) in enumerate(zip(images, masks)):
+        rgb = Image.fromarray(np.clip((np.asarray(im) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
+        cut = subject_cutout(rgb, Image.fromarray((np.asarray(m) * 255.0 + 0.5).astype(np.uint8)))
+        view = rgb if cut is None else cut[0]
+        out[i] = np.asarray(view.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+    return out
 
 
 def placeholder_mask(tokenizer, captions) -> np.ndarray:
@@ -167,16 +177,21 @@ class CustomContrast(Method):
         return traverse_util.unflatten_dict({k: own(v) if any(n in k for n in names) else v for k, v in flat.items()})
 
     def host_inputs(self, batch, tokenizers):
-        return {"placeholder": placeholder_mask(tokenizers[0], batch["caption"])}
+        """``placeholder`` (B, 77) bool, the caption's last word; ``view`` (B, S, S, 3), the target's
+        segmented subject at the reference side S: the second view of each example (MACL's positive)."""
+        if "image" not in batch or "mask" not in batch:
+            raise ValueError("customcontrast trains on images with subject masks (config.data: multiview records "
+                             "with masks, not precomputed latents); the batch holds "
+                             f"{sorted(k for k in batch if not k.startswith('_'))}")
+        size = np.shape(batch["reference"])[1]
+        return {"placeholder": placeholder_mask(tokenizers[0], batch["caption"]),
+                "view": segmented_views(np.asarray(batch["image"]), np.asarray(batch["mask"]), size)}
 
     # -- training ------------------------------------------------------------------------------
     def condition(self, modules, frozen, trainable, batch, x, key, config):
-        if "image" not in batch or "mask" not in batch or "placeholder" not in batch:
-            raise ValueError("customcontrast trains on images with subject masks (config.data: multiview records "
-                             "with masks; not precomputed latents) and the captions' placeholder")
         ref = batch["reference"]
-        B, S = ref.shape[0], ref.shape[1]
-        views = jnp.concatenate([ref, segmented_view(batch["image"], batch["mask"], S)])      # (2B, S, S, 3)
+        B = ref.shape[0]
+        views = jnp.concatenate([ref, batch["view"]])                      # (2B, S, S, 3): both views
         f, emb = jax.lax.stop_gradient(clip_outputs(modules, frozen, views))
         out = modules.mfi.apply({"params": trainable["mfi"]}, f, jnp.concatenate([x.t, x.t]))
         tokens = out["visual_tokens"][:B, None]

@@ -69,10 +69,11 @@ def _font(size: int):
 
 
 COLORS = {"frontier": (40, 90, 200), "mask": (210, 40, 40), "gamma": (230, 140, 20), "early_stop": (40, 160, 60),
-          "realcustom": (130, 40, 170), "described": (120, 120, 120), "layout": (0, 150, 150),
+          "realcustom": (130, 40, 170), "described": (120, 120, 120), "layout": (0, 150, 150), "models": (0, 120, 60),
           "ground_truth": (0, 0, 0)}
 LEGEND = {"frontier": "unmasked frontier", "mask": "AMG / mask ablations", "gamma": "gamma_scope",
           "early_stop": "early stop", "realcustom": "RealCustom", "described": "appearance in the prompt",
+          "models": "further models (--model)",
           "layout": "mask on the named place (oracle)",
           "ground_truth": "rendered target (ceiling)"}
 

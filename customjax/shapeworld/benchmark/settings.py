@@ -17,6 +17,9 @@ config, the papers' ablation presets (``configs/common.py: ABLATIONS``) where th
     scoring module, Eq. 13 two-scale CFG, its own mask settings);
   * ``two_algorithm1`` / ``two_overlap``: two-subject cases, Many2Many references, disjoint masks
     (Algorithm 1) or independent, possibly overlapping Top-K;
+  * a further trained model (``--model NAME=CONFIG@CHECKPOINT``, :func:`model_settings`): ``NAME`` (one
+    subject) and ``NAME_two`` (two subjects, Many2Many references), each with its config's own
+    sampling (CustomContrast: location masks, Sec. 3.4), in the ``models`` group;
   * ``layout`` / ``two_layout``: no attention masks; each subject's mask is fixed to its named place
     (:func:`~customjax.shapeworld.benchmark.cases.place_masks`, value 1, ``t_stop=0``): what mask guidance gives
     when the masks are right (an oracle of the mask, not of the image). ``layout`` shares ``t2i``'s
@@ -68,6 +71,8 @@ GROUPS = {
     "described": "No reference, the subject's appearance named in the prompt (what the base renders from words)",
     "two_subject": "Two subjects, Many2Many references (RealCustom++ Algorithm 1 vs overlapping masks)",
     "layout": "Masks fixed to the named places (an oracle of the mask: what guidance gives when the masks are right)",
+    "models": "Further trained models (--model), each sampled with its config's own settings",
+    "models_two": "Further trained models, two subjects (Many2Many references)",
 }
 _NOMASK = (("t_stop", 0), ("visual_scale", 1.0))
 SETTINGS: tuple[Setting, ...] = (
@@ -93,6 +98,15 @@ SETTINGS: tuple[Setting, ...] = (
             guidance=(("references", "many2many"), *_NOMASK), subjects=2, layout=True),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
+
+
+def model_settings(name: str, cfg) -> tuple[Setting, Setting]:
+    """The two settings of a further model ``name`` (its key in the benchmark's configs): its config
+    as given on the single-subject cases, and on the two-subject cases with one reference per word."""
+    label = f"{name} ({cfg.method}" + (f", {cfg.ablations}" if cfg.get("ablations") else "") + ")"
+    return (Setting(name, "models", label, method=name),
+            Setting(f"{name}_two", "models_two", label, method=name, guidance=(("references", "many2many"),),
+                    subjects=2))
 
 
 NOT_ABLATIONS = ("public",)   # config extras that are no ablation (the released projector)

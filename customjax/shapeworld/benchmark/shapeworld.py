@@ -19,17 +19,19 @@ from customjax.shapeworld.benchmark.generate import generate, load_model
 from customjax.provenance import CompileCounter, git_state
 from customjax.shapeworld.benchmark.scoring import (CONTROLLABILITY, METRICS, UNIT, clip_scorer, clip_scores, mask_scores,
                                          reference_embeddings, score)
-from customjax.shapeworld.benchmark.settings import SETTING_NAMES, SETTINGS, setting_config
+from customjax.shapeworld.benchmark.settings import SETTING_NAMES, SETTINGS, model_settings, setting_config
 from customjax.shapeworld import world as sw
 from customjax.shapeworld.metrics import summarise
 
 def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Sequence[str] = SETTING_NAMES,
                   rc_cfg=None, rc_checkpoint: str | None = None, cases: int = 20, prompts_per_subject: int = 2,
                   pairs: int = 10, case_seed: int = 0, seeds: Sequence[int] = (0, 1), batch: int | None = None,
-                  progress: bool = True) -> tuple[dict, dict]:
+                  progress: bool = True, models: Sequence[tuple[str, object, str | None]] = ()) -> tuple[dict, dict]:
     """Samples and scores every setting: (the report, JSON-ready; the images, cases and per-setting image
     indices for :func:`customjax.shapeworld.benchmark.report.write_report`). ``apply_variant``: the config's
-    (``configs/common.py``, :func:`~customjax.shapeworld.benchmark.settings.config_apply_variant`)."""
+    (``configs/common.py``, :func:`~customjax.shapeworld.benchmark.settings.config_apply_variant`).
+    ``models``: further trained models ``(name, config, checkpoint)``, each sampled as its config gives
+    (:func:`~customjax.shapeworld.benchmark.settings.model_settings`)."""
     import jax
     from tqdm import tqdm
 
@@ -57,6 +59,15 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     chosen = [s for s in chosen if s.method in configs]
     if rc_cfg is not None and (rc_cfg.sample.height, rc_cfg.model.path) != (size, cfg.model.path):
         raise ValueError("--realcustom_config must use the same base model and image size as --config")
+    further, extra = tuple(models), {}
+    for name, mcfg, _ in further:
+        if name in configs or name in SETTING_NAMES or name in extra:
+            raise ValueError(f"--model {name}: the name is taken (a method or a setting); choose another")
+        if (mcfg.sample.height, mcfg.model.path) != (size, cfg.model.path):
+            raise ValueError(f"--model {name}: it must use the same base model and image size as --config")
+        configs[name] = mcfg
+        extra.update({s.name: s for s in model_settings(name, mcfg)})
+    chosen += list(extra.values())
     two_subject = [s.name for s in chosen if s.subjects == 2]
     single, two = make_cases(cases, case_seed, size, prompts_per_subject=prompts_per_subject,
                              pairs=pairs if two_subject else 0)
@@ -67,7 +78,12 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     # Resolve every setting; identical (method, sampler config, mask, subjects) are sampled once.
     plan, first = [], {}
     for s in chosen:
-        c = setting_config(configs[s.method], s, apply_variant)
+        if s.name in extra:      # a further model: its config as trained and given (its presets are no ablation)
+            c = configs[s.method].copy_and_resolve_references()
+            c.guidance.update(dict(s.guidance))
+            c.sample.record_masks = False
+        else:
+            c = setting_config(configs[s.method], s, apply_variant)
         gcfg = guidance_config(c)
         key = (s.method, gcfg, float(s.init_mask), s.subjects, s.described, s.layout)
         plan.append((s, c, gcfg, first.setdefault(key, s.name)))
@@ -87,7 +103,8 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     ground_truth = {str(k): summarise([truth(c) for c in pool], UNIT) for k, pool in ((1, single), (2, two)) if pool}
     mesh = data_mesh()
     ndev = mesh.shape["data"]
-    checkpoints = {cfg.method: checkpoint, **({} if rc_cfg is None else {rc_cfg.method: rc_checkpoint})}
+    checkpoints = {cfg.method: checkpoint, **({} if rc_cfg is None else {rc_cfg.method: rc_checkpoint}),
+                   **{name: ck for name, _, ck in further}}
     models = {m: load_model(configs[m], checkpoints[m], mesh) for m in dict.fromkeys(s.method for s, *_ in plan)}
     scorer, clip_note = clip_scorer(cfg)
     notes.append(clip_note)
@@ -136,6 +153,7 @@ def run_benchmark(cfg, *, checkpoint: str | None, apply_variant, settings: Seque
     report = dict(
         benchmark="shapeworld_custom", config=cfg.to_dict(), checkpoint=checkpoint,
         realcustom_config=None if rc_cfg is None else rc_cfg.to_dict(), realcustom_checkpoint=rc_checkpoint,
+        models=[dict(name=n, config=c.to_dict(), checkpoint=ck) for n, c, ck in further],
         device=dict(kind=dev.device_kind, platform=dev.platform, count=jax.device_count()), **git_state(),
         jax=jax.__version__, steps=cfg.sample.steps, sampler=cfg.sample.sampler, image_size=size,
         seeds=[int(s) for s in seeds], case_seed=case_seed, prompts_per_subject=prompts_per_subject,
