@@ -8,13 +8,14 @@ masks (``--config.data.multiview``); the placeholder is each caption's last word
 
 Presets: Table 3's MFI rows (``visual_only``: ID-0; ``no_fusion``: ID-1, visual + textual without TV
 fusion; the default is ID-2), Table 4's loss rows (``no_contrast``: ID-2; ``no_macl``: ID-3, CSCL
-only; ``no_cscl``: ID-4, MACL only; the default is ID-5), ``no_location`` (lambda2 = 0), and the
+only; ``no_cscl``: ID-4, MACL only; the default is ID-5), ``no_location`` (lambda2 = 0), ``per_block``
+(one S+ token per transformer model: SDXL's text passes fall from 54% to 15% of the step), and the
 guidance presets of ``configs/common.py`` (``gamma010`` ..., ``binary``).
 """
 
 from configs import common
 
-REAL_VARIANTS = ("sd15", "sdxl")       # traced at the real sizes by tests/test_real_sizes.py
+REAL_VARIANTS = ("sd15", "sdxl")       # traced at the real sizes by tests/test_real_sizes.py (per_block: benchmarks/splus_cost.py)
 REAL_ENCODERS = {"clip": "clip_l"}     # CLIP ViT-L/14 (openai/clip-vit-large-patch14)
 
 PRESETS = {
@@ -26,6 +27,8 @@ PRESETS = {
     "no_macl": lambda c: c.losses.update(dict(macl=False)),
     "no_cscl": lambda c: c.losses.update(dict(cscl=False)),
     "no_location": lambda c: c.losses.update(dict(lambda2=0.0)),
+    # Not in the paper: one S+ token per transformer model, shared by its layers (the SDXL cost).
+    "per_block": lambda c: c.mfi.update(dict(tokens="block")),
 }
 
 
@@ -40,7 +43,10 @@ def get_config(arg: str = "shapeworld"):
     # The MFI encoder (Sec. 3.2); the paper gives 4 layers; width, heads and m are ours (docs/customcontrast.md).
     c.mfi = dict(dim=32 if tiny else (128 if sw else 768), heads=2 if tiny else (4 if sw else 12),
                  dim_head=16 if tiny else (32 if sw else 64), layers=2 if tiny else 4,
-                 visual_tokens=4 if tiny else 16, textual=True, fusion=True)
+                 visual_tokens=4 if tiny else 16, textual=True, fusion=True,
+                 # "layer": one S+ token per cross-attention layer (the paper); "block": one per transformer
+                 # model (SDXL: 11 text passes instead of 70, benchmarks/splus_cost.py)
+                 tokens="layer")
     c.losses = dict(lambda1=1e-2, lambda2=1e-3, cscl=True, macl=True, macl_temperature=0.07, min_similarity=0.05)
     # Sampling (Sec. 3.4): the location mask from every cross-attention resolution, at every step; the
     # first step has no mask yet (1 everywhere).

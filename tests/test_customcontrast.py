@@ -240,3 +240,52 @@ def test_sampler_carries_the_location_mask_and_samples_two_subjects(tiny):
     assert np.all(kept <= int(np.ceil(0.2 * 256)))                    # gamma_scope 0.2 of the mask grid
     np.testing.assert_array_equal(out.masks[1], steps[-1])
     assert out.record["unet_evaluations_per_image"] == unet_evaluations(p.guidance, 3) == 6
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_cross_layer_blocks_follow_the_unets_transformer_models(model):
+    """``UNetConfig.cross_layer_blocks``: per cross-attention layer in UNet order (down, mid, up), its
+    transformer model, read off the parameter tree of the published architecture."""
+    import re
+
+    from flax import traverse_util
+
+    from customjax.pipeline import load_stable_diffusion
+    from real_sizes import config_folder
+
+    pipe, params = load_stable_diffusion(config_folder(model), abstract=True)
+    paths = {k[:k.index("attn2")] for k in traverse_util.flatten_dict(params["unet"]) if "attn2" in k}
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    num = lambda s: int(re.findall(r"\d+", s)[-1]) if re.search(r"\d", s) else 0     # noqa: E731
+    order = sorted(paths, key=lambda p: (rank[re.sub(r"_\d+$", "", p[0])], num(p[0]), num(p[1]), num(p[2])))
+    models = {m: i for i, m in enumerate(dict.fromkeys(p[:2] for p in order))}
+    got = pipe.unet.config.cross_layer_blocks()
+    assert got == tuple(models[p[:2]] for p in order)
+    assert (len(got), max(got) + 1) == {"sd15": (16, 16), "sdxl": (70, 11)}[model]
+
+
+def test_per_block_tokens_are_shared_by_the_layers_of_a_transformer_model():
+    """``mfi.tokens = "block"``: one S+ token per transformer model (tiny SDXL layout: layers of one
+    model read the same text), the MFI encoder makes that many tokens, and sampling runs."""
+    from customjax import trainer
+    from customjax.methods.build import build
+    from customjax.methods.objective import ObjectiveConfig
+    from customjax.methods.protocol import TrainInputs
+    from customjax.pipeline import encode_text
+
+    c = _config("per_block")
+    c.model.random = "sdxl"
+    built = build(c)
+    frozen, train = trainer.split(built)
+    blocks = built.unet.config.cross_layer_blocks()
+    assert built.image_side.token_of_layer == blocks and len(set(blocks)) < len(blocks)
+    assert train["mfi"]["layer_queries"].shape[0] == max(blocks) + 2          # + the textual CLS
+    b = _batch(built)
+    ctx, _ = encode_text(built.pipe, frozen["text_encoders"], b["ids"])
+    B = ctx.shape[0]
+    x = TrainInputs(None, ctx, None, jnp.array([10, 500, 900, 999]), jnp.zeros((B,), bool), jnp.zeros((B,), bool))
+    text = built.method.condition(built.image_side, frozen, train, b, x, jax.random.key(0), ObjectiveConfig()).text
+    assert text.shape[0] == len(blocks)
+    for i, j in zip(range(len(blocks)), range(1, len(blocks))):
+        same = np.allclose(np.asarray(text[i]), np.asarray(text[j]))
+        assert same == (blocks[i] == blocks[j]), (i, j)

@@ -64,13 +64,16 @@ class Losses:
 class Modules:
     """Static: the CLIP image encoder, the CLIP ``layers`` (indices into its hidden states, 0 = the
     embeddings) whose features are concatenated, the MFI encoder, the base pipeline (its text
-    encoders make the S+ text in training) and the loss settings."""
+    encoders make the S+ text in training), the loss settings and which S+ token each cross-attention
+    layer reads (``config.mfi.tokens``: ``"layer"``, one token per layer as the paper; ``"block"``, one
+    per transformer model, shared by its layers: SDXL 11 instead of 70 text passes)."""
 
     clip: Any
     layers: tuple[int, ...]
     mfi: MFIEncoder
     pipe: Any
     losses: Losses
+    token_of_layer: tuple[int, ...] = ()      # the S+ token each cross-attention layer reads (mfi.tokens)
 
 
 def clip_outputs(modules: Modules, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -128,9 +131,11 @@ class MFIVisual:
 
 @dataclasses.dataclass(frozen=True)
 class MFIText:
-    """The sampler's per-step S+ tokens (B, R, l, D_in) at timestep t."""
+    """The sampler's per-step S+ tokens (B, R, n, D_in) at timestep t; ``layers``: the token each
+    cross-attention layer reads."""
 
     mfi: MFIEncoder
+    layers: tuple[int, ...]
 
     def __call__(self, adapter_params, feats, t):
         B, R = feats.shape[:2]
@@ -156,8 +161,13 @@ class CustomContrast(Method):
                              f"0..{n_hidden} (0 = the embeddings)")
         u = pipe.unet.config
         cross = u.cross_attention_dim[0]
+        share = m.get("tokens", "layer")
+        if share not in ("layer", "block"):
+            raise ValueError(f"config.mfi.tokens={share!r}: 'layer' (one S+ token per cross-attention layer, the "
+                             "paper) or 'block' (one per transformer model)")
+        of_layer = tuple(range(u.num_cross_layers)) if share == "layer" else u.cross_layer_blocks()
         c = MFIConfig(image_dim=len(layers) * clip.config.hidden_size, dim=m.dim, heads=m.heads, dim_head=m.dim_head,
-                      layers=m.layers, visual_tokens=m.visual_tokens, cross_layers=u.num_cross_layers,
+                      layers=m.layers, visual_tokens=m.visual_tokens, cross_layers=max(of_layer) + 1,
                       text_dim=sum(e.config.hidden_size for e in pipe.text_encoders), cross_dim=cross,
                       fusion=bool(m.fusion), textual=bool(m.textual))
         mfi = MFIEncoder(c)
@@ -168,7 +178,8 @@ class CustomContrast(Method):
         losses = Losses(lambda1=float(lc.lambda1), lambda2=float(lc.lambda2), cscl=bool(lc.cscl), macl=bool(lc.macl),
                         macl_temperature=float(lc.macl_temperature), min_similarity=float(lc.min_similarity),
                         location_factors=tuple(g.cross_factors), mask_factor=int(g.mask_factor))
-        return ImageSide(Modules(clip, layers, mfi, pipe, losses), {"clip": cp, "mfi": p}, ExtraKV(self.kv_name, cross))
+        return ImageSide(Modules(clip, layers, mfi, pipe, losses, of_layer), {"clip": cp, "mfi": p},
+                         ExtraKV(self.kv_name, cross))
 
     def init_extra_kv(self, unet_params):
         flat = traverse_util.flatten_dict(duplicate_kv(unet_params, self.kv_name))
@@ -197,9 +208,9 @@ class CustomContrast(Method):
         tokens = out["visual_tokens"][:B, None]
         lc, losses, text = modules.losses, {}, None
         if modules.mfi.config.textual:
-            s_plus = out["text_tokens"]                                       # (2B, l, D_in)
+            s_plus = out["text_tokens"]                                       # (2B, n, D_in)
             ctx, _ = encode_splus(modules.pipe, frozen["text_encoders"], batch["ids"], batch["placeholder"], s_plus[:B])
-            ctx = jnp.swapaxes(ctx, 0, 1)                                     # (l, B, 77, D)
+            ctx = jnp.swapaxes(ctx[:, jnp.asarray(modules.token_of_layer)], 0, 1)   # (L, B, 77, D)
             plain = jnp.broadcast_to(x.ctx, ctx.shape)
             text = jnp.where(x.drop_image[None, :, None, None], plain, ctx)   # no image: the caption's own text
             if lc.cscl:                                                       # Eq. 4 over the references
@@ -237,7 +248,7 @@ class CustomContrast(Method):
         return MFIVisual(modules.mfi)
 
     def text_tokens(self, modules, config):
-        return MFIText(modules.mfi) if modules.mfi.config.textual else None
+        return MFIText(modules.mfi, modules.token_of_layer) if modules.mfi.config.textual else None
 
 
 METHOD = CustomContrast()

@@ -35,8 +35,9 @@ from customjax.control.spec import Capture, ExtraKV
 # The sampler's per-step image side: visual(adapter_params, feats (B, R, N, D), text_ctx, z_masked,
 # sqrt_abar, t) -> (tokens (B, R, N', D), token_mask (B, R, N') | None).
 VisualFn = Callable[..., tuple[jax.Array, jax.Array | None]]
-# The sampler's per-step S+ text tokens: text_tokens(adapter_params, feats (B, R, N, D), t) -> (B, R, l, D_in),
-# each of the l tokens the placeholder's input embedding in one cross-attention layer (CustomContrast Eq. 5).
+# The sampler's per-step S+ text tokens: text_tokens(adapter_params, feats (B, R, N, D), t) -> (B, R, n, D_in),
+# each the placeholder's input embedding in one cross-attention layer (CustomContrast Eq. 5), or, when the
+# callable has a ``layers`` tuple, in the layers i with layers[i] == k for token k.
 TextTokensFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 

@@ -78,6 +78,21 @@ class UNetConfig:
                 n += sum(per_res)
         return n
 
+    def cross_layer_blocks(self) -> tuple[int, ...]:
+        """For each cross-attention layer in UNet order, the index of the transformer model (diffusers'
+        ``Transformer2DModel``) holding it: SD-1.5 16 models of 1 layer, SDXL 11 models of 2 or 10 layers."""
+        out, g = [], 0
+        for b, n, t in zip(self.down_block_types, self.layers_per_block, self.transformer_layers):
+            if b.startswith("CrossAttn"):
+                for _ in range(n):
+                    out, g = out + [g] * t, g + 1
+        out, g = out + [g] * self.transformer_layers[-1], g + 1
+        for b, per_res in zip(self.up_block_types, self.up_layers()):
+            if b.startswith("CrossAttn"):
+                for t in per_res:
+                    out, g = out + [g] * t, g + 1
+        return tuple(out)
+
     def up_layers(self) -> tuple[tuple[int, ...], ...]:
         """Transformer layers of each up block's resnet positions (layers_per_block + 1 each)."""
         rev_lpb = self.layers_per_block[::-1]

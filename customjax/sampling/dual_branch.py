@@ -116,13 +116,15 @@ def _reference_masks(masks: jax.Array, cfg: DualBranchConfig) -> jax.Array:
 
 
 def splus_context(pipe: StableDiffusion, text_params: tuple, ids: tuple, word_masks: jax.Array,
-                  tokens: jax.Array) -> jax.Array:
+                  tokens: jax.Array, layers: tuple[int, ...] | None = None) -> jax.Array:
     """The per-layer text (L, B, 77, D) of prompts whose target words (``word_masks`` (B, J, 77)) are
-    each replaced by its reference's S+ tokens ``tokens`` (B, R, L, D_in) (word j: reference
-    min(j, R - 1)), CustomContrast Eq. 5."""
+    each replaced by its reference's S+ tokens ``tokens`` (B, R, n, D_in) (word j: reference
+    min(j, R - 1)), CustomContrast Eq. 5; ``layers``: the token each layer reads (None: layer i, token i)."""
     J, R = word_masks.shape[1], tokens.shape[1]
     where = jnp.einsum("bjn,j->bn", word_masks.astype(jnp.int32), jnp.arange(1, J + 1, dtype=jnp.int32))
     ctx, _ = encode_splus(pipe, text_params, ids, where, tokens[:, jnp.minimum(jnp.arange(J), R - 1)])
+    if layers is not None:
+        ctx = ctx[:, jnp.asarray(layers)]
     return jnp.swapaxes(ctx, 0, 1)
 
 
@@ -191,7 +193,7 @@ def dual_branch_sample(pipe: StableDiffusion, unet: Any, sampler: Sampler, cfg: 
         cs = [ctx[p] for p in parts]
         if text_tokens is not None and "g" in parts:
             g = splus_context(pipe, params["text_encoders"], ids, word_masks,
-                              text_tokens(params.get("adapter"), feats, t))
+                              text_tokens(params.get("adapter"), feats, t), getattr(text_tokens, "layers", None))
             cs = [g if p == "g" else jnp.broadcast_to(c, (g.shape[0], *c.shape)) for p, c in zip(parts, cs)]
             return jnp.concatenate(cs, axis=1)
         return jnp.concatenate(cs)
