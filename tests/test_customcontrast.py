@@ -289,3 +289,19 @@ def test_per_block_tokens_are_shared_by_the_layers_of_a_transformer_model():
     for i, j in zip(range(len(blocks)), range(1, len(blocks))):
         same = np.allclose(np.asarray(text[i]), np.asarray(text[j]))
         assert same == (blocks[i] == blocks[j]), (i, j)
+
+
+def test_export_names_and_roundtrip(tiny, tmp_path):
+    """The export holds the MFI encoder and the visual K/V under PyTorch names, and loads back strictly."""
+    from customjax.methods.build import load_adapter, save_adapter, trainable_tree, with_trainable
+    from customjax.weights.safetensors_io import load_file
+
+    built = tiny[0]
+    bumped = with_trainable(built, jax.tree_util.tree_map(lambda a: a + 0.5, trainable_tree(built)))
+    path = save_adapter(bumped, tmp_path)
+    keys = set(load_file(path))
+    assert any(k.startswith("mfi.visual_qformer.") for k in keys)
+    assert any(k.endswith("attn2.to_k_vision.weight") for k in keys) and all(k.split(".")[0] in ("mfi", "unet") for k in keys)
+    back = trainable_tree(load_adapter(built, tmp_path))
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(trainable_tree(bumped))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
