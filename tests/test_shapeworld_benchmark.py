@@ -23,7 +23,7 @@ from customjax.shapeworld.benchmark.cases import make_cases, place_masks, place_
 from customjax.shapeworld.benchmark.report import COLORS, markdown, plot, plot_points
 from customjax.shapeworld.benchmark.scoring import (CONTROLLABILITY, METRICS, clip_scorer, clip_scores, mask_scores,
                                          reference_embeddings, score)
-from customjax.shapeworld.benchmark.settings import (GROUPS, SETTING_NAMES, SETTINGS, config_apply_variant, setting_config,
+from customjax.shapeworld.benchmark.settings import (SETTING_NAMES, SETTINGS, config_apply_variant, setting_config,
                                          with_steps)
 from customjax.shapeworld import world as sw
 from customjax.sampling.batch import Job, job_masks
@@ -198,7 +198,7 @@ def test_report_from_figures(tmp_path):
                   checkpoint="x", definition=CONTROLLABILITY, notes=[], settings=entries,
                   ground_truth={"1": dict(controllability=fig(0.97), similarity=fig(0.95))})
     md = markdown(report)
-    assert all(s.label in md for s in SETTINGS) and md.count("## ") == len(GROUPS)
+    assert all(s.label in md for s in SETTINGS) and md.count("## ") == len({s.group for s in SETTINGS})
     assert "(= amg)" in md and "CLIP-T" in md and "0.100 [0.070, 0.130]" in md
     plot(report, tmp_path / "p.png")
     img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
