@@ -26,6 +26,10 @@ def _run_processes(args: dict, n: int = 2, devices: int = 2) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = cpu_env(devices, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))   # this checkout's customjax
+    # Without the persistent compilation cache: executables that the first (preempted) run's processes
+    # wrote, loaded by the resumed run's, deadlock CustomContrast's first resumed step (a gloo collective
+    # mismatch or a hang, 3 of 3 runs; 0 of 2 without the cache).
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs = [subprocess.Popen([sys.executable, str(HERE / "train_probe.py"), json.dumps(dict(
         args, distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=i))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
@@ -36,38 +40,17 @@ def _run_processes(args: dict, n: int = 2, devices: int = 2) -> list[dict]:
     return [json.loads(so.strip().splitlines()[-1]) for so, _ in outs]
 
 
-METHOD, STEPS = "realcustompp", 5
-
-
-def _single(tmp_path_factory, method):
-    workdir = tmp_path_factory.mktemp(f"single_{method}")
-    out = train_probe.run(workdir, steps=STEPS, method=method)
-    return train_probe.exported(workdir), out
+# The two-process test trains CustomContrast: beside the shared trainer it has the losses taken over the
+# global batch (CSCL's negatives, MACL's appearance weights), which must not depend on how it is split.
+METHOD, STEPS = "customcontrast", 5
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """``customjax.train.train`` of the probe config on 1 device, STEPS steps: (export, result)."""
-    return _single(tmp_path_factory, METHOD)
-
-
-def test_customcontrast_on_two_devices_equals_one_device(tmp_path_factory, tmp_path):
-    """CustomContrast's losses are taken over the global batch (CSCL's negatives, MACL's appearance
-    weights): trained on 2 simulated devices (the batch split over ``data``), one process, its
-    parameters equal the 1-device run's."""
-    ref, ref_out = _single(tmp_path_factory, "customcontrast")
-    env = cpu_env(2, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
-    r = subprocess.run([sys.executable, str(HERE / "train_probe.py"), json.dumps(dict(
-        steps=STEPS, workdir=str(tmp_path / "run"), method="customcontrast"))], env=env, capture_output=True,
-        text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 2 and out["step"] == STEPS
-    np.testing.assert_allclose(out["loss"], ref_out["loss"], rtol=1e-5)
-    got = train_probe.exported(tmp_path / "run")
-    err = max(float(np.max(np.abs(np.asarray(got[k]) - np.asarray(ref[k])))) for k in ref)
-    print(f"\n[sharding] customcontrast: 1 device vs 2 devices (data 2): max abs parameter difference {err:.2e}")
-    assert got.keys() == ref.keys() and err < 1e-5
+    workdir = tmp_path_factory.mktemp("single")
+    out = train_probe.run(workdir, steps=STEPS, method=METHOD)
+    return train_probe.exported(workdir), out
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
