@@ -59,6 +59,18 @@ def encoder(config, kind: str, path: str, key: jax.Array, tiny: Any = None) -> t
     return cls(tiny, dtype), shapes if abstract(config) else random_tree(shapes, key, 0.05)
 
 
+def kv_copies(unet_params: Any, kv: str) -> Any:
+    """``unet_params`` with every ``to_k_<kv>`` / ``to_v_<kv>`` a copy of the layer's ``to_k`` / ``to_v``
+    in its own buffer (the trainable copy is donated to the train step, the frozen original is not);
+    shapes stay shapes in abstract builds."""
+    from customjax.control.params import duplicate_kv
+
+    flat = traverse_util.flatten_dict(duplicate_kv(unet_params, kv))
+    own = lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, copy=True)  # noqa: E731
+    names = (f"to_k_{kv}", f"to_v_{kv}")
+    return traverse_util.unflatten_dict({k: own(v) if any(n in k for n in names) else v for k, v in flat.items()})
+
+
 def with_control(unet: Any, params: Any, control: ControlConfig, key: jax.Array,
                  std: float = 0.02, shapes_only: bool = False) -> tuple[Any, Any]:
     """(controlled module, params): ``unet.clone(control=control)`` and the loaded ``params`` plus

@@ -29,14 +29,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from customjax import contrastive
 from customjax.adapters.mfi import MFIConfig, MFIEncoder
-from customjax.control.params import duplicate_kv
 from customjax.control.spec import Capture, ExtraKV
 from customjax.guidance.location import location_maps
-from customjax.methods.common import abstract, encoder, init
+from customjax.methods.common import abstract, encoder, init, kv_copies
 from customjax.methods.protocol import Condition, ImageSide, Method, jit_method
 from customjax.models.pixels import normalize, resize_images
 from customjax.models.vit import CLIP_MEAN, CLIP_STD
@@ -182,10 +180,7 @@ class CustomContrast(Method):
                          ExtraKV(self.kv_name, cross))
 
     def init_extra_kv(self, unet_params):
-        flat = traverse_util.flatten_dict(duplicate_kv(unet_params, self.kv_name))
-        own = lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, copy=True)  # noqa: E731
-        names = (f"to_k_{self.kv_name}", f"to_v_{self.kv_name}")
-        return traverse_util.unflatten_dict({k: own(v) if any(n in k for n in names) else v for k, v in flat.items()})
+        return kv_copies(unet_params, self.kv_name)
 
     def host_inputs(self, batch, tokenizers):
         """``placeholder`` (B, 77) bool, the caption's last word; ``view`` (B, S, S, 3), the target's

@@ -32,9 +32,8 @@ import numpy as np
 from flax import traverse_util
 
 from customjax.models.pixels import normalize, resize_images
-from customjax.control.params import duplicate_kv
 from customjax.control.spec import ExtraKV
-from customjax.methods.common import TINY_CLIP, abstract, encoder, init
+from customjax.methods.common import TINY_CLIP, abstract, encoder, init, kv_copies
 from customjax.methods.protocol import Condition, ImageSide, Method, jit_method
 from customjax.models.vit import CLIP_MEAN, CLIP_STD
 from customjax.weights.convert import KeyedMismatchError
@@ -138,12 +137,8 @@ class IPAdapter(Method):
         return ImageSide(Modules(clip, proj), {"clip": cp, "image_proj": p}, ExtraKV(KV, cross))
 
     def init_extra_kv(self, unet_params):
-        """``to_k_ip`` / ``to_v_ip`` start as copies of the layer's ``to_k`` / ``to_v`` (own buffers:
-        the trainable copy is donated to the train step, the frozen original is not)."""
-        flat = traverse_util.flatten_dict(duplicate_kv(unet_params, KV))
-        own = lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, copy=True)  # noqa: E731
-        return traverse_util.unflatten_dict({k: own(v) if f"to_k_{KV}" in k or f"to_v_{KV}" in k else v
-                                             for k, v in flat.items()})
+        """``to_k_ip`` / ``to_v_ip`` start as copies of the layer's ``to_k`` / ``to_v``."""
+        return kv_copies(unet_params, KV)
 
     def reference_size(self, config) -> int:
         return int(config.encoders.image_size)
