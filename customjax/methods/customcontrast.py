@@ -114,6 +114,13 @@ def placeholder_mask(tokenizer, captions) -> np.ndarray:
     return word_token_mask(tokenizer, [str(c) for c in captions], words)
 
 
+def mfi_at(mfi: MFIEncoder, params, feats: jax.Array, t: jax.Array) -> dict:
+    """The MFI outputs for reference features (B, R, N, D) at one timestep t, each (B, R, ...)."""
+    B, R = feats.shape[:2]
+    out = mfi.apply({"params": params}, feats.reshape(B * R, *feats.shape[2:]), jnp.broadcast_to(t, (B * R,)))
+    return {k: v.reshape(B, R, *v.shape[1:]) for k, v in out.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class MFIVisual:
     """The sampler's per-step visual tokens: the MFI encoder at timestep t (TV fusion reads f_t)."""
@@ -121,25 +128,21 @@ class MFIVisual:
     mfi: MFIEncoder
 
     def __call__(self, adapter_params, feats, text_ctx, z, sqrt_abar, t=None):
-        B, R = feats.shape[:2]
-        out = self.mfi.apply({"params": adapter_params}, feats.reshape(B * R, *feats.shape[2:]),
-                             jnp.broadcast_to(t, (B * R,)))
-        return out["visual_tokens"].reshape(B, R, *out["visual_tokens"].shape[1:]), None
+        return mfi_at(self.mfi, adapter_params, feats, t)["visual_tokens"], None
 
 
 @dataclasses.dataclass(frozen=True)
 class MFIText:
     """The sampler's per-step S+ tokens (B, R, n, D_in) at timestep t; ``layers``: the token each
-    cross-attention layer reads."""
+    cross-attention layer reads. The sampler calls it beside :class:`MFIVisual` with the same inputs
+    in one jitted program: the encoder is written twice per step (XLA may merge the identical
+    computations; not checked), small beside the UNet calls."""
 
     mfi: MFIEncoder
     layers: tuple[int, ...]
 
     def __call__(self, adapter_params, feats, t):
-        B, R = feats.shape[:2]
-        out = self.mfi.apply({"params": adapter_params}, feats.reshape(B * R, *feats.shape[2:]),
-                             jnp.broadcast_to(t, (B * R,)))
-        return out["text_tokens"].reshape(B, R, *out["text_tokens"].shape[1:])
+        return mfi_at(self.mfi, adapter_params, feats, t)["text_tokens"]
 
 
 class CustomContrast(Method):
