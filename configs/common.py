@@ -159,3 +159,46 @@ def add_train(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         subject_reference=sw,
         latents=""))
     return c
+
+
+# Per-concept fine-tuning (python -m customjax.finetune): Contrastive Inversion's appendix A settings for
+# every method on SD-1.5 (AdamW, weight decay 0.01, batch 4, 512 px; DDIM 50, guidance 5).
+FINETUNE_VARIANTS = ("tiny", "shapeworld", "sd15")
+TEMPLATES = {   # captions: "{}" = the concept's phrase (Textual Inversion's templates, abridged)
+    "sd15": ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a photo of the {}",
+             "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}"),
+    "shapeworld": ("a {}",), "tiny": ("a photo of a {}", "a {}"),
+}
+PREVIEWS = {"sd15": ("a photo of {}", "{} on the beach", "a painting of {}", "{} in the snow"),
+            "shapeworld": ("a large {} on the left, on a blue background", "a small {} at the top, on a white background"),
+            "tiny": ("a photo of {}",)}
+
+
+def finetune_base(method: str, variant: str, stages: dict, *, phrase: str = "{token}", init_word: str = "",
+                  hflip: bool | None = None) -> ml_collections.ConfigDict:
+    """A per-concept config: ``stages`` = {name: (trainable parts, lr, steps at sd15)} in order
+    (parts: customjax.methods.finetune.PARTS); ShapeWorld and tiny scale the steps down."""
+    if variant not in FINETUNE_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} for per-concept fine-tuning; choose from {FINETUNE_VARIANTS}")
+    c = add_train(base(method, variant))
+    tiny, sw = variant == "tiny", variant == "shapeworld"
+    c.train.update(dict(batch=4, image_size=32 if tiny else (64 if sw else 512), log_every=1 if tiny else (25 if sw else 50),
+                        save_every=50 if tiny else (500 if sw else 250), preview_every=0 if tiny else (500 if sw else 250),
+                        preview_count=4))
+    c.optim.update(dict(schedule="constant", warmup_steps=0, weight_decay=0.01))
+    c.objective.update(dict(p_drop_text=0.0, p_drop_image=0.0, p_drop_both=0.0))
+    scale = {"tiny": 0.002, "shapeworld": 1.0, "sd15": 1.0}[variant]
+    c.stages = ml_collections.ConfigDict({name: dict(parts=parts, lr=lr, steps=max(int(steps * scale), 2))
+                                          for name, (parts, lr, steps) in stages.items()})
+    c.stage_order = ",".join(stages)
+    # token: the learnt word; phrase: how prompts name the concept ({token}, {class}); init_word: S*'s
+    # initializer ("" = the concept's class word, else "object"); class_word: when concept.json names none.
+    c.concept = ml_collections.ConfigDict(dict(
+        token="<s*>", phrase=phrase, init_word=init_word, class_word="", templates=TEMPLATES[variant],
+        hflip=(not sw) if hflip is None else hflip,
+        # Contrastive Inversion: images = N (set from the concept folder), aux_vectors = n, the auxiliary
+        # words' initializer ("" = the mean token embedding), Eq. 2's temperature and weight, Eq. 3's lambda
+        images=0, aux_vectors=4, aux_init_word="", temperature=0.07, contrastive_weight=1.0, aux_scale=1.0))
+    c.sample.update(dict(steps=4 if tiny else (25 if sw else 50), guidance=5.0, batch=4))
+    c.finetune = ml_collections.ConfigDict(dict(preview_prompts=PREVIEWS[variant]))
+    return c

@@ -71,7 +71,7 @@ def _preemption_service() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-class _Preemption:
+class Preemption:
     """When to stop for a preemption (SIGTERM). With JAX's preemption service (multi-process runs)
     all processes stop at the step it agrees on (:meth:`Checkpointer.reached_preemption`), so none
     enters the collective save while another runs a step; its SIGTERM notifier must keep the
@@ -103,7 +103,7 @@ def json_safe(record: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
 
 
-class _JsonLines:
+class JsonLines:
     """``metrics.jsonl``, appended to (a bucket cannot append: there the file is rewritten whole).
     ``after``: the step the run resumes from; lines of later steps (logged after that checkpoint by
     the interrupted run, to be logged again) are dropped first."""
@@ -133,7 +133,7 @@ class _JsonLines:
             self.file.close()
 
 
-def _metrics_writer(workdir: epath.Path):
+def metrics_writer(workdir: epath.Path):
     if jax.process_index() != 0:
         return None
     try:
@@ -198,9 +198,9 @@ def _export(method, params, folder: epath.Path, step: int) -> None:
         (folder / ADAPTER_FILE).write_bytes(epath.Path(f"{tmp}/{ADAPTER_FILE}").read_bytes())
 
 
-def _every(step: int, every: int) -> bool:
-    """Whether ``step`` is a multiple of ``every`` (0: never)."""
-    return bool(every) and step % every == 0
+def every(step: int, n: int) -> bool:
+    """Whether ``step`` is a multiple of ``n`` (0: never)."""
+    return bool(n) and step % n == 0
 
 
 def check_resume(ckpt: Checkpointer, workdir: epath.Path, config, allow_changes=()) -> None:
@@ -269,14 +269,14 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
     if jax.process_index() == 0:            # after a successful restore: the intact run's config stays until then
         write_config(workdir, config)
 
-    writer = _metrics_writer(workdir)
+    writer = metrics_writer(workdir)
     preview = make_preview(config, built, mesh, first, workdir, writer)
     if preview is not None:
         t0 = time.time()
         preview.compile(_sampling_params(state), frozen)
         say(f"preview sampler compiled in {time.time() - t0:.0f} s (previews in {workdir / 'previews'})")
-    preemption = _Preemption(ckpt)
-    metrics_file = _JsonLines(workdir / "metrics.jsonl", after=start) if jax.process_index() == 0 else None
+    preemption = Preemption(ckpt)
+    metrics_file = JsonLines(workdir / "metrics.jsonl", after=start) if jax.process_index() == 0 else None
     total, max_bad = config.train.steps, int(config.train.get("max_bad_steps", 5))
     last, t_log, n_log = {}, time.time(), 0
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
@@ -296,7 +296,7 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
             if on_step is not None:
                 on_step(step)
             preempted = preemption.reached(step)
-            if _every(step, config.train.log_every) or step == total:
+            if every(step, config.train.log_every) or step == total:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # replicated
                 dt = time.time() - t_log
                 m.update(skipped_records=loader.skips.records, steps_per_s=n_log / dt,
@@ -315,10 +315,10 @@ def train(config, workdir: str, stop_after: int | None = None, on_step=None, all
                         f"training diverged: {int(m['bad_steps'])} consecutive steps up to step {step} had a non-finite "
                         f"loss, gradient or update (lr {m['lr']:.3g}; train.max_bad_steps={max_bad}); they were skipped. "
                         f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.dir}; nothing was exported.")
-            if preview is not None and not preempted and (_every(step, config.train.preview_every) or step == total):
+            if preview is not None and not preempted and (every(step, config.train.preview_every) or step == total):
                 preview(step, _sampling_params(state), frozen)
             done = step == total or preempted or (stop_after is not None and step - start >= stop_after)
-            if _every(step, config.train.save_every) or done:
+            if every(step, config.train.save_every) or done:
                 ckpt.save(step, state, loader.get_state(), {"step": step, "config": saved_config}, force=True)
             if done:
                 status = "finished" if step == total else ("preempted" if preempted else "stopped")

@@ -69,7 +69,7 @@ def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule | None
 def split(built: Built) -> tuple[dict, dict]:
     """(frozen, trainable): the trainable tree and everything else the objective reads."""
     train = trainable_tree(built)
-    unet_train = traverse_util.flatten_dict(train["unet"])
+    unet_train = traverse_util.flatten_dict(train.get("unet", {}))
     frozen_unet = {k: v for k, v in traverse_util.flatten_dict(built.params["unet"]).items() if k not in unet_train}
     frozen = {"unet": traverse_util.unflatten_dict(frozen_unet), "vae": built.params["vae"],
               "text_encoders": built.params["text_encoders"],

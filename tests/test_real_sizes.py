@@ -20,13 +20,17 @@ import pytest
 import configs
 from customjax import trainer
 from customjax.methods.build import build, guidance_config, sampler_params, sampling_side
+from customjax.methods.registry import get as get_method
 from customjax.sampling.common import make_sampler
 from customjax.sampling.dual_branch import dual_branch_sample, guided_steps
 from real_sizes import config_folder
 
 SIZE = {"sd15": 512, "sdxl": 1024}          # the papers' resolutions (RealCustom++ Sec. IV-A)
-CASES = [(m.name, v) for m in pkgutil.iter_modules(configs.__path__)
-         for v in getattr(importlib.import_module(f"configs.{m.name}"), "REAL_VARIANTS", ())]
+ALL_CASES = [(m.name, v) for m in pkgutil.iter_modules(configs.__path__)
+             for v in getattr(importlib.import_module(f"configs.{m.name}"), "REAL_VARIANTS", ())]
+# adapter methods (reference encoders, the dual-branch sampler) and per-concept fine-tuning (customjax.finetune)
+CASES = [(n, v) for n, v in ALL_CASES if not get_method(importlib.import_module(f"configs.{n}").get_config(v).method).per_concept]
+CONCEPT_CASES = [c for c in ALL_CASES if c not in CASES]
 # (method config, variant) -> (reference tokens N, token width D): RealCustom++ Sec. III-C1 (729 deep
 # tokens, + 729 cross-layer tokens, the high-resolution path added element-wise; the released
 # projector: 729), RealCustom (CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, width 1024), IP-Adapter
@@ -60,8 +64,10 @@ def test_every_method_config_is_traced():
     """Every registered method has a config file with real variants, so it is traced below."""
     from customjax.methods.registry import METHODS
 
-    assert set(METHODS) <= {n for n, _ in CASES}
+    assert set(METHODS) <= {importlib.import_module(f"configs.{n}").get_config(v).method for n, v in ALL_CASES}
     assert set(PAPER) <= set(CASES)
+    assert {n for n, _ in CONCEPT_CASES} == {"textual_inversion", "custom_diffusion", "dreambooth",
+                                             "contrastive_inversion"}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}:{v}" for n, v in CASES])
@@ -194,3 +200,44 @@ def test_public_preset_reads_the_released_layers():
     assert (g.uncond_image, g.mask.gamma_scope, g.w, g.t_stop, c.sample.sampler, c.sample.steps) == (
         "zero", 0.25, 3.5, 12, "dpm++2s_shifted", 25)
     assert np.array_equal(np.asarray(g.mask.cross_factors), [2, 4]) and g.mask.self_factors == ()
+
+
+@pytest.mark.parametrize("name,arg", CONCEPT_CASES, ids=[f"{n}:{v}" for n, v in CONCEPT_CASES])
+def test_concept_stages_at_real_size(name, arg):
+    """Per-concept fine-tuning (customjax.finetune) at SD-1.5's sizes: every stage's stacked step for 2
+    concepts of 4 images at 512 px (Contrastive Inversion Appendix A), with the words' rows, the
+    auxiliary words and Eq. 2's CLIP ViT-L/14 where the method has them; then the text encoder with the
+    learnt words appended, as text-to-image reads it."""
+    from customjax.concepts import stack as S
+    from customjax.concepts.tokens import wider_pipe, with_table
+    from customjax.finetune import stage_setup, stages
+
+    c = real_config(name, arg)
+    with c.unlocked():
+        c.concept.images = 4
+    built = build(c)
+    sds = jax.ShapeDtypeStruct
+    rows = built.params["image"]["tokens"]["rows"]
+    K, D = rows.shape
+    assert D == 768 and K == (1 + 4 * c.concept.aux_vectors if name == "contrastive_inversion" else 1)
+    C, B, size = 2, c.train.batch, c.train.image_size
+    assert (size, B) == (512, 4)
+    batch = {"image": sds((C, B, size, size, 3), jnp.float32), "ids": (sds((C, B, 77), jnp.int32),)}
+    if built.method.auxiliary:
+        P = built.image_side.clip.vision.config.projection_dim
+        batch.update(index=sds((C, B), jnp.int32), target_ids=(sds((C, B, 77), jnp.int32),),
+                     aux_ids=(sds((C, B, 4, 77), jnp.int32),), image_embeds=sds((C, B, 4, P), jnp.float32))
+    for st in stages(c):
+        b, frozen, state, tx, step = stage_setup(built, st, c, sds((C, K, D), jnp.float32))
+        new, metrics = jax.eval_shape(S.stacked_step(step), state, frozen, batch)
+        assert shapes(new.params) == shapes(state.params) and metrics["loss"].shape == (C,)
+        trains = set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a.shape, state.params)))
+        assert trains, st.name
+        if built.method.auxiliary and st.name == "inversion":
+            assert "loss/contrastive" in metrics
+    pipe = wider_pipe(built.pipe, K)
+    vocab = built.pipe.text_encoders[0].config.vocab_size
+    out = jax.eval_shape(lambda p, r, i: pipe.text_encoders[0].apply(
+        {"params": with_table(p, r, vocab)["text_encoders"][0]}, i).last_hidden_state,
+        {"text_encoders": built.params["text_encoders"]}, sds((K, D), jnp.float32), sds((1, 77), jnp.int32))
+    assert out.shape == (1, 77, 768)

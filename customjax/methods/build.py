@@ -48,10 +48,12 @@ def build(config: ml_collections.ConfigDict) -> Built:
     k_ctrl, k_a, k_b, k_c = jax.random.split(key, 4)
     pipe, params = base_pipeline(config)
     side = method.image_side(config, pipe, (k_a, k_b, k_c))
-    unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=(side.extra_kv,)),
+    extra = () if side.extra_kv is None else (side.extra_kv,)
+    unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=extra),
                                 k_ctrl, std=config.init_std, shapes_only=abstract(config))
     unet_p = method.init_extra_kv(unet_p)
-    return Built(method, pipe, unet, side.modules, dict(params, unet=unet_p, image=side.params))
+    image = method.init_image(side.modules, side.params, params, pipe)
+    return Built(method, pipe, unet, side.modules, dict(params, unet=unet_p, image=image))
 
 
 def guidance_config(config: ml_collections.ConfigDict) -> DualBranchConfig:

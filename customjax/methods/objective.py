@@ -91,8 +91,9 @@ def loss_fn(trainable: dict, frozen: dict, batch: dict, key: jax.Array, *, built
     if pipe.is_sdxl:
         extra = dict(text_embeds=pooled, time_ids=sdxl_time_ids(H, W, B))
     if cond.text is not None:      # a context per cross-attention layer (S+); dropped text: the empty prompt's
-        ctx = jnp.where(drop_text[None, :, None, None], jnp.broadcast_to(e_ctx, cond.text.shape), cond.text)
-    params = merge(frozen["unet"], trainable["unet"])
+        drop = drop_text[:, None, None] if cond.text.ndim == 3 else drop_text[None, :, None, None]
+        ctx = jnp.where(drop, jnp.broadcast_to(e_ctx, cond.text.shape), cond.text)
+    params = merge(frozen["unet"], trainable.get("unet", {}))
     cap = method.capture(built.image_side)
     if cap == Capture():
         pred, state = unet.apply({"params": params}, z_t, t, ctx, control=control, **extra), None

@@ -49,7 +49,7 @@ class ImageSide:
 
     modules: Any
     params: dict
-    extra_kv: ExtraKV
+    extra_kv: ExtraKV | None         # None: the method adds no K/V set (per-concept fine-tuning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,9 @@ class Condition:
     scale per example; None = the objective's (0 where the image condition is dropped, else 1), set
     it when the method drops the image its own way (IP-Adapter: a zero image embedding). ``text``: a
     text context per cross-attention layer (L, B, 77, D) in UNet order, in place of the caption's
-    (CustomContrast's S+ space, Eq. 5; :func:`customjax.pipeline.encode_splus`); examples whose text is
-    dropped get the empty prompt's context in every layer. None: the caption's context everywhere."""
+    (CustomContrast's S+ space, Eq. 5; :func:`customjax.pipeline.encode_splus`), or one context (B, 77, D)
+    for every layer (a caption with learnt words); examples whose text is dropped get the empty
+    prompt's context. None: the caption's context everywhere."""
 
     tokens: jax.Array
     token_mask: jax.Array | None = None
@@ -97,6 +98,7 @@ class Method:
     masked: bool = True                  # sampling narrows the visual condition by a target word's mask
     kv_name: str = "vision"              # the UNet's extra K/V set: to_k_<kv_name> / to_v_<kv_name>
     location: bool = False               # sampling masks from the generation branch's own attention (CustomContrast)
+    per_concept: bool = False            # optimised per concept (customjax.finetune), sampled by text-to-image
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
@@ -106,6 +108,11 @@ class Method:
         """The reference encoder(s), the adapter (initialised) and the extra K/V set for ``config``
         on the base pipeline ``pipe``; ``keys``: three PRNG keys."""
         raise NotImplementedError
+
+    def init_image(self, modules, image_params: dict, base_params: dict, pipe) -> dict:
+        """The image-side parameters once the base's are loaded (default: as :meth:`image_side` made
+        them); per-concept methods start their learnt words from the base's token embeddings."""
+        return image_params
 
     def is_trainable(self, path: tuple[str, ...]) -> bool:
         """Whether the parameter at ``path`` trains: under ``params["image"][adapter]`` (path

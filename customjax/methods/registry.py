@@ -14,9 +14,11 @@ MODULES = (
     "realcustompp",      # RealCustom++ (seed 004)
     "ip_adapter",        # IP-Adapter (Ye et al. 2023), the unmasked baseline
     "customcontrast",    # CustomContrast (seed 000)
+    "finetune",          # per-concept: Textual Inversion, Custom Diffusion, DreamBooth, Contrastive Inversion (seed 001)
 )
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in
-                              (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)}
+# a module holds one METHOD, or several (METHODS)
+METHODS: dict[str, Method] = {m.name: m for mod in (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)
+                              for m in getattr(mod, "METHODS", None) or (mod.METHOD,)}
 
 
 def get(name: str) -> Method:

@@ -1,0 +1,138 @@
+"""Concept folders and the per-step batches of per-concept fine-tuning.
+
+A concept folder holds a few images of one concept (``*.png`` / ``*.jpg`` / ``*.jpeg`` / ``*.webp``,
+read in name order), optionally ``masks/<image stem>.png`` (the concept's pixels) and
+``concept.json`` (``{"class": "dog"}``: the class word of DreamBooth / Custom Diffusion prompts).
+Images are centre-cropped to a square and resized.
+
+Batches are a pure function of (seed, step) (:class:`ConceptBatches`): a resumed run continues with
+exactly the batches it would have seen, and every concept of a stack draws the same image indices,
+templates and flips, so a concept trained in a stack sees what it sees alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from customjax.data.images import ImageError, open_mask, open_rgb
+from customjax.tokenizer import tokenize
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclasses.dataclass
+class Concept:
+    name: str                      # the folder's name
+    images: np.ndarray             # (N, S, S, 3) float32 in [0, 1]
+    masks: np.ndarray | None       # (N, S, S) float32 in [0, 1], or None
+    class_word: str                # "" when the folder names none
+    files: tuple[str, ...]
+
+
+def _square(im: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return im.crop(box).resize((size, size), resample)
+
+
+def read_concept(folder: str | Path, size: int, class_word: str = "") -> Concept:
+    """The images (and masks) of a concept folder at ``size`` px; errors name the file at fault."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"concept folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"concept folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    images, masks = [], []
+    mask_dir = folder / "masks"
+    for f in files:
+        try:
+            im, _ = open_rgb(f.read_bytes(), str(f))
+        except ImageError as e:
+            raise ValueError(f"concept image {f}: {e}") from None
+        images.append(np.asarray(_square(im, size), np.float32) / 255.0)
+        if mask_dir.is_dir():
+            m = mask_dir / f"{f.stem}.png"
+            if not m.is_file():
+                raise FileNotFoundError(f"{mask_dir} has masks but none for {f.name} (expected {m})")
+            mk = open_mask(m.read_bytes(), str(m))
+            if mk.size != im.size:
+                raise ValueError(f"mask {m} is {mk.size[0]}x{mk.size[1]}, its image {f} {im.size[0]}x{im.size[1]}")
+            masks.append(np.asarray(_square(mk, size, Image.BILINEAR), np.float32) / 255.0)
+    meta = folder / "concept.json"
+    if meta.is_file():
+        d = json.loads(meta.read_text())
+        unknown = sorted(set(d) - {"class"})
+        if unknown:
+            raise ValueError(f"{meta}: unknown keys {unknown} (known: class)")
+        class_word = class_word or str(d.get("class", ""))
+    return Concept(folder.name, np.stack(images), np.stack(masks) if masks else None, class_word,
+                   tuple(str(f) for f in files))
+
+
+def concept_phrase(form: str, token: str, class_word: str) -> str:
+    """The words that name the concept in a prompt: ``form`` with ``{token}`` and ``{class}``
+    ("{token}": Textual Inversion; "{token} {class}": DreamBooth, Custom Diffusion)."""
+    if "{class}" in form and not class_word:
+        raise ValueError(f"concept.phrase={form!r} needs the concept's class word (--class_word or concept.json)")
+    return form.replace("{token}", token).replace("{class}", class_word).strip()
+
+
+class ConceptBatches:
+    """Host batches for a stack of C concepts: ``batches(step)`` -> arrays with leading axes (C, B).
+
+    Entries: ``image`` (C, B, S, S, 3), ``ids`` (one (C, B, T) array), ``caption`` (B strings, concept
+    0's, for logs); with auxiliary words (Contrastive Inversion): ``index`` (C, B) the image of each
+    example, ``target_ids`` (the caption without A_i*), ``aux_ids`` (C, B, N, T) the prompts of the
+    words A_j* alone; ``extra`` entries (e.g. ``image_embeds``, (C, N, P)) are repeated over B."""
+
+    def __init__(self, concepts: Sequence[Concept], tokenizer, config, *, aux: Sequence[Sequence[str]] = (),
+                 extra: dict | None = None):
+        c = config.concept
+        self.concepts, self.tokenizer, self.seed = list(concepts), tokenizer, int(config.seed)
+        self.batch, self.templates, self.hflip = int(config.train.batch), tuple(c.templates), bool(c.hflip)
+        self.phrases = [concept_phrase(c.phrase, c.token, k.class_word) for k in self.concepts]
+        self.aux = [list(a) for a in aux]
+        self.extra = extra or {}
+        counts = {len(k.images) for k in self.concepts}
+        if self.aux and len(counts) > 1:
+            raise ValueError(f"concepts stacked with auxiliary words need equal image counts; got "
+                             f"{ {k.name: len(k.images) for k in self.concepts} }")
+        if self.aux:
+            self.aux_ids = tokenize(tokenizer, [" ".join(a) for a in self.aux])        # (N, T): A_j* alone
+
+    def __call__(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, 7, step])
+        B = self.batch
+        u_img, tmpl = rng.random(B), rng.integers(len(self.templates), size=B)
+        flip = (rng.random(B) < 0.5) & self.hflip
+        out: dict = {"image": [], "ids": [], "index": [], "target_ids": []}
+        captions = []
+        for c, k in enumerate(self.concepts):
+            idx = (u_img * len(k.images)).astype(np.int64)
+            img = k.images[idx]
+            out["image"].append(np.where(flip[:, None, None, None], img[:, :, ::-1], img))
+            target = [self.templates[t].format(self.phrases[c]) for t in tmpl]
+            if self.aux:
+                caps = [self.templates[t].format(f"{self.phrases[c]} {' '.join(self.aux[i])}") for t, i in zip(tmpl, idx)]
+                out["target_ids"].append(tokenize(self.tokenizer, target))
+            else:
+                caps = target
+            out["ids"].append(tokenize(self.tokenizer, caps))
+            out["index"].append(idx.astype(np.int32))
+            captions.append(caps)
+        arrays = {"image": np.stack(out["image"]).astype(np.float32), "ids": (np.stack(out["ids"]),)}
+        if self.aux:
+            arrays.update(index=np.stack(out["index"]), target_ids=(np.stack(out["target_ids"]),),
+                          aux_ids=(np.broadcast_to(self.aux_ids, (len(self.concepts), B) + self.aux_ids.shape).copy(),))
+        for name, v in self.extra.items():      # (C, ...) -> (C, B, ...)
+            arrays[name] = np.repeat(np.asarray(v)[:, None], B, axis=1)
+        arrays["caption"] = captions[0]
+        return arrays

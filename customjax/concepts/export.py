@@ -1,0 +1,118 @@
+"""A fine-tuned concept as files other tools read, and back into a pipeline.
+
+``export_concept`` writes ``<out>/concept.json`` (method, token, the prompt phrase, class word) and, as
+the method trained them:
+  * ``learned_embeds.safetensors``: {token: (1, D)}, what diffusers' ``load_textual_inversion`` reads
+    (Textual Inversion, Custom Diffusion, Contrastive Inversion; the auxiliary words are dropped);
+  * ``pytorch_custom_diffusion_weights.safetensors``: every cross-attention K / V under diffusers'
+    Custom Diffusion processor names (``pipe.unet.load_attn_procs``; Custom Diffusion, Contrastive
+    Inversion's stage 2 without K^a, V^a);
+  * ``model/``: a whole diffusers pipeline folder with the word in its tokenizer (DreamBooth).
+
+``load_concept`` reads such a folder into a (pipeline, params) pair for text-to-image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+
+from customjax.concepts import files
+from customjax.concepts.tokens import add_placeholders, with_rows
+from customjax.control.params import merge
+
+TOKEN_FILE = "learned_embeds.safetensors"
+KV_FILE = "pytorch_custom_diffusion_weights.safetensors"
+CONCEPT_FILE = "concept.json"
+
+
+def export_concept(config, built, concept, rows: np.ndarray, unet_trained, out: Path) -> Path:
+    """Writes one concept's files to ``out`` (see the module docstring); ``rows``: its learnt rows (S*
+    first), ``unet_trained``: its trained UNet parameters (a partial tree) or None."""
+    from customjax.concepts.data import concept_phrase
+
+    c = config.concept
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = built.method
+    meta = {"method": method.name, "token": c.token, "phrase": concept_phrase(c.phrase, c.token, concept.class_word),
+            "class": concept.class_word, "images": list(concept.files), "base": config.model.path}
+    trained = set(p for st in config.stage_order.split(",") if st for p in config.stages[st].parts.split(","))
+    word = {c.token: np.asarray(rows[:1], np.float32)}
+    if "unet" in trained:
+        if not config.model.path:
+            raise ValueError("DreamBooth exports a whole pipeline folder: config.model.path must be a diffusers folder")
+        unet = _plain(merge(_frozen_unet(built, unet_trained), unet_trained))
+        files.write_pipeline(config.model.path, out / "model", unet_params=unet, added_tokens=word)
+        meta["model"] = "model"
+    else:
+        files.save_token_file(out / TOKEN_FILE, word, metadata={"method": method.name})
+        meta["token_file"] = TOKEN_FILE
+        if "kv" in trained:
+            kv = {k: v for k, v in traverse_util.flatten_dict(unet_trained).items() if not k[-2].endswith("_aux")}
+            unet = merge(_frozen_unet(built, traverse_util.unflatten_dict(kv)), traverse_util.unflatten_dict(kv))
+            from customjax.weights.safetensors_io import save_file
+            save_file(files.custom_diffusion_state(_plain(unet)), out / KV_FILE, metadata={"method": method.name})
+            meta["kv_file"] = KV_FILE
+    (out / CONCEPT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _frozen_unet(built, trained) -> dict:
+    """The built UNet's parameters minus the paths of ``trained``."""
+    have = set(traverse_util.flatten_dict(trained or {}))
+    flat = traverse_util.flatten_dict(built.params["unet"])
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in have})
+
+
+def _plain(unet: dict) -> dict:
+    """UNet parameters without the training-only extra K/V sets."""
+    from customjax.concepts.preview import sampling_unet
+    return sampling_unet(unet)
+
+
+def read_concept_meta(folder: str | Path) -> dict:
+    path = Path(folder) / CONCEPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONCEPT_FILE} (a folder written by customjax.finetune's export)")
+    return json.loads(path.read_text())
+
+
+def load_concept(pipe, params: dict, folder: str | Path):
+    """(pipeline, params) that sample the concept exported to ``folder``: its word added to the
+    tokenizer and the text encoder's table, its K / V loaded; DreamBooth's ``model/`` folder is a
+    whole pipeline (loaded in place of ``pipe``). Returns (pipe, params, meta)."""
+    folder = Path(folder)
+    meta = read_concept_meta(folder)
+    if meta.get("model"):
+        from customjax.pipeline import load_stable_diffusion
+        pipe, params = load_stable_diffusion(folder / meta["model"])
+        return pipe, params, meta
+    words = files.load_token_file(folder / meta["token_file"])
+    if set(words) & {"clip_l", "clip_g"}:
+        raise ValueError(f"{folder / meta['token_file']}: an SDXL token file; this pipeline has one text encoder")
+    tok = pipe.tokenizers[0]
+    vocab = pipe.text_encoders[0].config.vocab_size     # the table's rows, earlier loaded words included
+    names = list(words)
+    if any(np.shape(words[n])[0] != 1 for n in names):
+        raise ValueError(f"{folder / meta['token_file']}: multi-vector words are not supported here")
+    if len(tok) != vocab:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, the text encoder's table {vocab} rows")
+    ids = add_placeholders(tok, names)
+    if ids != list(range(vocab, vocab + len(names))):
+        raise ValueError(f"{folder}: the word(s) {names} are already loaded (ids {ids}); export concepts with "
+                         "distinct tokens (--token) to sample them together")
+    rows = np.concatenate([words[n] for n in names]).astype(np.float32)
+    if rows.shape[1] != pipe.text_encoders[0].config.hidden_size:
+        raise ValueError(f"{folder / meta['token_file']}: vectors of width {rows.shape[1]}, the text encoder's "
+                         f"{pipe.text_encoders[0].config.hidden_size}")
+    pipe, params = with_rows(pipe, params, rows)
+    if meta.get("kv_file"):
+        from customjax.weights.safetensors_io import load_file
+        unet = files.load_custom_diffusion(load_file(folder / meta["kv_file"]), params["unet"],
+                                           str(folder / meta["kv_file"]))
+        params = dict(params, unet=unet)
+    return pipe, params, meta

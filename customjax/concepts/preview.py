@@ -1,0 +1,65 @@
+"""Previews during per-concept fine-tuning: ``config.finetune.preview_prompts`` (``{}`` = the concept's
+phrase) sampled by text-to-image with each concept's current words and weights, the same noise every
+time; one row per concept (its first image beside the samples) in ``workdir/previews/<stage>_<step>.png``
+and TensorBoard ``preview/<stage>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from customjax.concepts.tokens import with_rows, with_table
+from customjax.control.params import merge
+from customjax.images import grid, save_png
+from customjax.sampling.common import seed_latents
+from customjax.sampling.t2i import txt2img
+
+
+def sampling_unet(unet_params) -> dict:
+    """The UNet parameters without the training-only extra K/V (Contrastive Inversion's K^a, V^a)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not any(n.endswith("_aux") for n in k)})
+
+
+class ConceptPreview:
+    def __init__(self, config, built, phrases: list[str], references: list[np.ndarray], workdir: Path, writer=None):
+        self.prompts = tuple(config.finetune.preview_prompts)
+        self.count = min(int(config.train.get("preview_count", 4)), len(phrases))
+        self.phrases, self.workdir, self.writer = phrases, Path(workdir), writer
+        self.config, self.built = config, built
+        K = int(built.params["image"]["tokens"]["rows"].shape[0])
+        self.vocab = built.image_side.vocab
+        D = built.pipe.text_encoders[0].config.hidden_size
+        self.pipe, _ = with_rows(built.pipe, built.params, np.zeros((K, D), np.float32))   # made once: one compile
+        s = config.sample
+        f = built.pipe.vae_scale
+        self.latents = seed_latents([int(s.seeds[0])] * len(self.prompts),
+                                    (s.height // f, s.width // f, built.pipe.unet.config.in_channels))
+        self.references = references
+
+    def __call__(self, stage: str, step: int, built, frozen: dict, state) -> None:
+        if not self.prompts or not self.count or jax.process_index() != 0:
+            return
+        s = self.config.sample
+        rows_out = []
+        trained = jax.device_get(state.params)
+        for c in range(self.count):
+            rows = (trained["tokens"] if "tokens" in trained else jax.device_get(frozen["tokens"]))["rows"][c]
+            unet = frozen["unet"] if "unet" not in trained else merge(
+                frozen["unet"], jax.tree_util.tree_map(lambda a: a[c], trained["unet"]))
+            params = with_table(dict(built.params, unet=sampling_unet(unet)), rows, self.vocab)
+            prompts = [p.format(self.phrases[c]) for p in self.prompts]
+            imgs = txt2img(self.pipe, params, prompts, None, steps=int(s.steps), guidance=float(s.guidance),
+                           sampler=s.sampler, height=s.height, width=s.width, latents=self.latents)
+            from customjax.images import resize_reference
+            ref = resize_reference(self.references[c], imgs.shape[1])
+            rows_out.append(np.concatenate([ref[None], imgs]))
+        sheet = grid(np.concatenate(rows_out), cols=len(self.prompts) + 1)
+        out = self.workdir / "previews"
+        out.mkdir(parents=True, exist_ok=True)
+        save_png(sheet, out / f"{stage}_{step:06d}.png")
+        if self.writer is not None:
+            self.writer.add_image(f"preview/{stage}", np.asarray(sheet), step, dataformats="HWC")

@@ -1,0 +1,66 @@
+"""Many concepts in one jitted step: the trainer's step (:func:`customjax.trainer.make_train_step`)
+vmapped over a leading concept axis of the state, the per-concept frozen entries (learnt words that
+a stage does not train) and the batch, the concept axis split over the mesh's ``data`` axis. Each
+concept's optimisation is exactly its own (no reduction crosses the axis), so a stack of C concepts
+gives the parameters of C separate runs (tests/test_finetune.py), in the time of fewer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+PER_CONCEPT = ("tokens",)          # frozen-tree entries with a concept axis
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Trees of equal structure -> one tree with a leading concept axis (PRNG keys too)."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def take(tree: Any, c: int) -> Any:
+    """Concept ``c``'s tree (host numpy) of a stacked tree."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a[c])), tree)
+
+
+def pad_to(n: int, devices: int) -> int:
+    """The stack size: ``n`` concepts rounded up to a multiple of the devices on the concept axis."""
+    return -(-n // devices) * devices
+
+
+def frozen_axes(frozen: dict) -> dict:
+    return {k: (0 if k in PER_CONCEPT else None) for k in frozen}
+
+
+def stacked_step(step):
+    """``step(state, frozen, batch)`` over a leading concept axis of the state, of ``frozen``'s
+    :data:`PER_CONCEPT` entries and of the batch; metrics get the axis too."""
+    def run(state, frozen, batch):
+        return jax.vmap(step, in_axes=(0, frozen_axes(frozen), 0))(state, frozen, batch)
+    return run
+
+
+def compile_stacked(step, mesh, state: Any, frozen: dict, batch_shapes: dict):
+    """jit of :func:`stacked_step` with the concept axis on ``data`` (state, per-concept frozen
+    entries, batch), shared frozen parameters replicated, metrics replicated; the state is donated.
+    Returns (jitted step, state shardings, frozen shardings)."""
+    on_axis = lambda tree: jax.tree_util.tree_map(   # noqa: E731
+        lambda a: NamedSharding(mesh, P("data", *([None] * (np.ndim(a) - 1)))), tree)
+    rep = NamedSharding(mesh, P())
+    state_sh = on_axis(state)
+    frozen_sh = {k: (on_axis(v) if k in PER_CONCEPT else jax.tree_util.tree_map(lambda a: rep, v))
+                 for k, v in frozen.items()}
+    batch_sh = on_axis(batch_shapes)
+    jitted = jax.jit(stacked_step(step), in_shardings=(state_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return jitted, state_sh, frozen_sh
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """Host arrays with a leading concept axis -> arrays split over ``data`` (one process)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P("data", *([None] * (np.ndim(a) - 1))))), batch)

@@ -1,0 +1,328 @@
+"""Per-concept fine-tuning: ``python -m customjax.finetune``.
+
+    python -m customjax.finetune --config configs/contrastive_inversion.py:sd15 \
+        --config.model.path /weights/sd15 --config.encoders.clip /weights/clip-vit-large-patch14 \
+        --concept data/teapot --token "<s*>" --workdir runs/teapot
+    python -m customjax.finetune --config configs/textual_inversion.py:sd15 --concepts data/concepts ...
+
+``--concept DIR`` (repeatable) or ``--concepts PARENT`` (every sub-folder): folders of a few images of
+one concept (:mod:`customjax.concepts.data`). All concepts train at once, stacked along a concept axis
+split over the devices (:mod:`customjax.concepts.stack`): one jitted step trains every concept. The
+method's stages (``config.stage_order``; Contrastive Inversion: ``inversion,finetune``) run in turn,
+each with its own optimizer (AdamW, ``config.stages.<stage>.lr`` / ``.steps``), checkpoints
+(``workdir/<stage>/checkpoints``, Orbax; a run resumes where it stopped, SIGTERM saves and exits 75),
+``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``; per concept ``concept/<name>/loss``), a
+progress bar and previews (``workdir/previews``: ``config.finetune.preview_prompts`` with each concept's
+phrase, every ``config.train.preview_every`` steps and at the end of each stage).
+
+Exports (``workdir/export/<concept>/``, :mod:`customjax.concepts.export`): ``learned_embeds.safetensors``
+(diffusers' ``load_textual_inversion``), ``pytorch_custom_diffusion_weights.safetensors`` (the
+cross-attention K/V under diffusers' Custom Diffusion processor names), DreamBooth's whole pipeline as
+a diffusers folder (``model/``), and ``concept.json`` (method, token, the prompt phrase). Sample with
+``python -m customjax.txt2img --model BASE --concept workdir/export/<concept> --prompt "a photo of <s*>"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from customjax import parallel, trainer
+from customjax.checkpoint import Checkpointer, run_path, write_config
+from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, fail, parse_flags
+from customjax.concepts import stack as S
+from customjax.concepts.data import ConceptBatches, concept_phrase, read_concept
+from customjax.concepts.tokens import init_rows
+from customjax.methods.build import build
+from customjax.methods.common import abstract
+from customjax.methods.finetune import aux_names
+from customjax.methods.objective import ObjectiveConfig
+from customjax.methods.registry import get as get_method
+from customjax.train import Diverged, JsonLines, Preemption, every, json_safe, metrics_writer
+
+FLAGS = flags.FLAGS
+PROG = "customjax.finetune"
+
+
+def define_flags() -> None:
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "method config file[:variant[,preset...]]", lock_config=True)
+    flags.DEFINE_multi_string("concept", [], "a concept folder (repeatable)")
+    flags.DEFINE_string("concepts", None, "a folder whose sub-folders are concept folders")
+    flags.DEFINE_string("token", None, "the learnt word (default: config.concept.token, '<s*>')")
+    flags.DEFINE_string("class_word", None, "the concepts' class word, when their concept.json names none")
+    flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, previews, export)", required=True)
+    flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
+
+
+def concept_dirs(concept: list[str], parent: str | None) -> list[Path]:
+    dirs = [Path(d) for d in concept]
+    if parent:
+        p = Path(parent)
+        if not p.is_dir():
+            raise FileNotFoundError(f"--concepts {parent}: no such folder")
+        dirs += sorted(d for d in p.iterdir() if d.is_dir())
+    if not dirs:
+        raise ValueError("give --concept DIR (repeatable) or --concepts PARENT")
+    names = [d.name for d in dirs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"concept folders must have distinct names (they name the exports): {dup}")
+    return dirs
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    parts: tuple[str, ...]
+    lr: float
+    steps: int
+
+
+def stages(config) -> list[Stage]:
+    out = []
+    for name in [s for s in config.stage_order.split(",") if s]:
+        if name not in config.stages:
+            raise ValueError(f"config.stage_order names {name!r}; config.stages has {sorted(config.stages)}")
+        st = config.stages[name]
+        out.append(Stage(name, tuple(p for p in st.parts.split(",") if p), float(st.lr), int(st.steps)))
+    return out
+
+
+def say(line: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(f"{PROG}: {line}", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every stage reads: the build, the concepts (padded to the stack size), their initial
+    words, the batches and the mesh."""
+
+    config: Any
+    built: Any
+    concepts: list                 # the user's concepts
+    stacked: list                  # padded with copies of the last to a multiple of the devices
+    rows: Any                      # (C, K, D) initial words per stacked concept
+    batches: ConceptBatches
+    mesh: Any
+
+
+def prepare(config, dirs: list[Path], mesh=None) -> Prepared:
+    """Reads the concept folders (``config.concept.images`` is set from them for the auxiliary words),
+    builds the model and initialises each concept's words from its initializer (the class word)."""
+    c = config.concept
+    concepts = [read_concept(d, int(config.train.image_size), class_word=c.class_word) for d in dirs]
+    if get_method(config.method).auxiliary:        # one auxiliary word per input image
+        with config.unlocked():
+            c.images = len(concepts[0].images)
+    built = build(config)
+    tok = built.pipe.tokenizers[0]
+    mesh = parallel.make_mesh(1) if mesh is None else mesh
+    C = S.pad_to(len(concepts), mesh.shape["data"])
+    stacked = concepts + [concepts[-1]] * (C - len(concepts))
+    table = np.asarray(built.params["text_encoders"][0]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    K = int(built.params["image"]["tokens"]["rows"].shape[0])
+    rows = np.stack([init_rows(tok, table, [c.init_word or k.class_word or "object"] + [c.aux_init_word] * (K - 1))
+                     for k in stacked])
+    aux, extra = [], {}
+    if built.method.auxiliary:
+        names = aux_names(c.token, int(c.images), int(c.aux_vectors))
+        n = int(c.aux_vectors)
+        aux = [names[i * n:(i + 1) * n] for i in range(int(c.images))]
+        extra["image_embeds"] = clip_embeddings(built, stacked)
+    return Prepared(config, built, concepts, stacked, rows, ConceptBatches(stacked, tok, config, aux=aux, extra=extra),
+                    mesh)
+
+
+def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = None) -> dict:
+    """Fine-tunes every concept of ``dirs`` through the config's stages; returns {"status", "step",
+    "stage", "concepts", "exports", "loss" (per concept, last logged)}. ``status``: "finished",
+    "preempted" or "stopped" (``stop_after`` steps of this run)."""
+    from customjax.concepts.export import export_concept
+    from customjax.concepts.preview import ConceptPreview
+
+    workdir_p = run_path(workdir)
+    c = config.concept
+    t0 = time.time()
+    p = prepare(config, dirs)
+    say(f"{config.method} ({config.variant}): {len(p.concepts)} concept(s) stacked as {len(p.stacked)} on "
+        f"{jax.device_count()} device(s), built in {time.time() - t0:.0f} s")
+    if jax.process_index() == 0:
+        write_config(workdir_p, config)
+    writer = metrics_writer(workdir_p)
+    log = JsonLines(workdir_p / "metrics.jsonl", after=10 ** 12) if jax.process_index() == 0 else None
+    preview = ConceptPreview(config, p.built, [concept_phrase(c.phrase, c.token, k.class_word) for k in p.concepts],
+                             [k.images[0] for k in p.concepts], workdir_p, writer)
+    trained: dict = {"tokens": p.rows}         # per-concept results carried from stage to stage
+    status, last, step, exports = "finished", {}, 0, []
+    try:
+        for st in stages(config):
+            status, step, state, last = _run_stage(p, st, trained, workdir_p, log, writer, preview, stop_after)
+            if status != "finished":
+                break
+            carry(trained, state)
+        if status == "finished" and jax.process_index() == 0:
+            for i, k in enumerate(p.concepts):
+                unet = jax.tree_util.tree_map(lambda a: a[i], trained["unet"]) if "unet" in trained else None
+                exports.append(str(export_concept(config, p.built, k, trained["tokens"][i], unet,
+                                                  workdir_p / "export" / k.name)))
+            say(f"exported {len(exports)} concept(s) to {workdir_p / 'export'}")
+    finally:
+        if log:
+            log.close()
+        if writer:
+            writer.close()
+    return {"status": status, "step": step, "concepts": [k.name for k in p.concepts], "exports": exports, **last}
+
+
+def carry(trained: dict, state) -> None:
+    """Keeps a finished stage's words and UNet parameters (host, per concept) for the next stage and export."""
+    params = jax.device_get(state.params)
+    if "tokens" in params:
+        trained["tokens"] = np.asarray(params["tokens"]["rows"])
+    if params.get("unet"):
+        trained["unet"] = params["unet"]
+
+
+def clip_embeddings(built, concepts) -> np.ndarray:
+    """(C, N, P): the frozen CLIP image embeddings of each concept's N images (Eq. 2's tau_I(x_j))."""
+    from customjax.models.pixels import resize_images
+    clip, p = built.image_side.clip, built.params["image"]["clip"]
+    s = clip.vision.config.image_size
+    fn = jax.jit(lambda im: clip.embed_image(p, resize_images(im, s)))
+    return np.stack([np.asarray(fn(jnp.asarray(k.images))) for k in concepts])
+
+
+def stage_setup(built, st: Stage, config, rows):
+    """(stage's built, frozen, initial stacked state, tx, step) for stacked words ``rows`` (C, K, D)
+    (shapes only when the build is abstract)."""
+    b = dataclasses.replace(built, method=built.method.stage(st.parts))
+    frozen, trainable = trainer.split(b)
+    optim = config.optim.copy_and_resolve_references()
+    with optim.unlocked():
+        optim.lr, optim.total_steps = st.lr, st.steps
+    tx = trainer.make_optimizer(optim)
+    key = jax.random.key(config.seed)
+
+    def make(trainable, rows):
+        per = []
+        for i in range(rows.shape[0]):
+            t = dict(trainable)
+            if "tokens" in t:
+                t["tokens"] = {"rows": rows[i]}
+            per.append(trainer.init_state(t, tx, key, ema=False))
+        return S.stack(per)
+
+    state = jax.eval_shape(make, trainable, rows) if abstract(config) else make(trainable, jnp.asarray(rows))
+    if "tokens" not in trainable:
+        frozen["tokens"] = {"rows": rows if abstract(config) else jnp.asarray(rows)}
+    return b, frozen, state, tx, trainer.make_train_step(b, tx, ObjectiveConfig(**config.objective))
+
+
+def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, stop_after):
+    config, mesh, batches = p.config, p.mesh, p.batches
+    names = [k.name for k in p.concepts]
+    b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"])
+    first = {k: v for k, v in batches(0).items() if k != "caption"}
+    jstep, state_sh, frozen_sh = S.compile_stacked(step_fn, mesh, state0, frozen,
+                                                   parallel.batch_shapes(first, whole=True))
+    ckpt = Checkpointer(workdir / st.name, config.train.max_to_keep, config.train.async_save)
+    start = 0
+    if ckpt.all_steps():
+        abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                          state0, state_sh)
+        start, state, _, _, unreadable = ckpt.restore_readable(abstract)
+        for s, err in unreadable:
+            logging.error("%s: checkpoint step %d cannot be read (%s); resuming from step %d", st.name, s, err, start)
+            ckpt.set_aside(s)
+        say(f"{st.name}: resumed from step {start} of {st.steps}")
+    else:
+        state = trainer.place(state0, state_sh)
+    frozen = trainer.place(frozen, frozen_sh)
+    preemption = Preemption(ckpt)
+    bar = tqdm(total=st.steps, initial=start, desc=st.name, unit="step", disable=jax.process_index() != 0)
+    step, status, last, t_log = start, "finished", {}, time.time()
+    max_bad = int(config.train.get("max_bad_steps", 5))
+    try:
+        while step < st.steps:
+            batch = S.place_batch({k: v for k, v in batches(step).items() if k != "caption"}, mesh)
+            state, metrics = jstep(state, frozen, batch)
+            step += 1
+            bar.update(1)
+            preempted = preemption.reached(step)
+            if every(step, config.train.log_every) or step == st.steps:
+                m = jax.device_get(metrics)
+                per = {k: np.asarray(v)[:len(names)] for k, v in m.items()}
+                last = {"stage": st.name, "loss": [float(x) for x in per["loss"]]}
+                rec = {"step": step, "stage": st.name, "seconds": time.time() - t_log,    # since the last record
+                       **{k: float(v.mean()) for k, v in per.items()},
+                       "concepts": {n: float(per["loss"][i]) for i, n in enumerate(names)}}
+                t_log = time.time()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if log:
+                    log.write(rec)
+                if writer:
+                    for k, v in rec.items():
+                        if isinstance(v, float):
+                            writer.add_scalar(f"{st.name}/{k}", v, step)
+                    for n_, v in rec["concepts"].items():
+                        writer.add_scalar(f"concept/{n_}/loss", v, step)
+                if per["bad_steps"].max() > max_bad:
+                    ckpt.wait()
+                    raise Diverged(f"{st.name}: {int(per['bad_steps'].max())} consecutive non-finite steps up to step "
+                                   f"{step} (lr {st.lr}); the last good checkpoint is kept, nothing was exported")
+            if not preempted and (every(step, config.train.preview_every) or step == st.steps):
+                preview(st.name, step, b, frozen, state)
+            done = step == st.steps or preempted or (stop_after is not None and step - start >= stop_after)
+            if every(step, config.train.save_every) or done:
+                ckpt.save(step, state, {"step": step}, {"step": step, "stage": st.name}, force=True)
+            if done:
+                status = "finished" if step == st.steps else ("preempted" if preempted else "stopped")
+                break
+    finally:
+        preemption.close()
+        bar.close()
+        ckpt.close()
+    return status, step, state, last
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.config is None:
+        fail(PROG, "--config is required, e.g. --config configs/textual_inversion.py:shapeworld")
+    config = FLAGS.config
+    try:
+        with config.unlocked():
+            if FLAGS.token:
+                config.concept.token = FLAGS.token
+            if FLAGS.class_word:
+                config.concept.class_word = FLAGS.class_word
+        dirs = concept_dirs(FLAGS.concept, FLAGS.concepts)
+        out = finetune(config, dirs, FLAGS.workdir, FLAGS.stop_after)
+    except (FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        sys.exit(EXIT_USAGE)
+    except Diverged as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        sys.exit(EXIT_DIVERGED)
+    print(json.dumps(json_safe({k: v for k, v in out.items() if not isinstance(v, list) or k != "loss"})))
+    sys.stdout.flush()
+    if out["status"] == "preempted":
+        logging.warning("preemption: saved and stopped (exit code %d: run the same command to resume)", EXIT_PREEMPTED)
+        sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags(PROG))
