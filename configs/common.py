@@ -200,5 +200,6 @@ def finetune_base(method: str, variant: str, stages: dict, *, phrase: str = "{to
         # words' initializer ("" = the mean token embedding), Eq. 2's temperature and weight, Eq. 3's lambda
         images=0, aux_vectors=4, aux_init_word="", temperature=0.07, contrastive_weight=1.0, aux_scale=1.0))
     c.sample.update(dict(steps=4 if tiny else (25 if sw else 50), guidance=5.0, batch=4))
-    c.finetune = ml_collections.ConfigDict(dict(preview_prompts=PREVIEWS[variant]))
+    # curve: steps of the last stage at which every concept is also exported, to workdir/curve/<step>/
+    c.finetune = ml_collections.ConfigDict(dict(preview_prompts=PREVIEWS[variant], curve=()))
     return c

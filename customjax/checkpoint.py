@@ -93,7 +93,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.dir}")
         keyed = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jax.numpy.uint32,
+            lambda a: jax.ShapeDtypeStruct(tuple(a.shape) + jax.random.key_data(jax.random.key(0)).shape, jax.numpy.uint32,
                                            sharding=getattr(a, "sharding", None)) if _is_key(a) else a, abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(keyed), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))

@@ -41,7 +41,7 @@ from customjax import parallel, trainer
 from customjax.checkpoint import Checkpointer, run_path, write_config
 from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, fail, parse_flags
 from customjax.concepts import stack as S
-from customjax.concepts.data import ConceptBatches, concept_phrase, read_concept
+from customjax.concepts.data import ConceptBatches, concept_phrase, concept_seed, posteriors, read_concept
 from customjax.concepts.tokens import init_rows
 from customjax.methods.build import build
 from customjax.methods.common import abstract
@@ -141,15 +141,15 @@ def prepare(config, dirs: list[Path], mesh=None) -> Prepared:
         n = int(c.aux_vectors)
         aux = [names[i * n:(i + 1) * n] for i in range(int(c.images))]
         extra["image_embeds"] = clip_embeddings(built, stacked)
-    return Prepared(config, built, concepts, stacked, rows, ConceptBatches(stacked, tok, config, aux=aux, extra=extra),
-                    mesh)
+    post = posteriors(built.pipe, built.params["vae"], stacked, bool(c.hflip))
+    return Prepared(config, built, concepts, stacked, rows, ConceptBatches(stacked, tok, config, post, aux=aux,
+                                                                           extra=extra), mesh)
 
 
 def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = None) -> dict:
     """Fine-tunes every concept of ``dirs`` through the config's stages; returns {"status", "step",
     "stage", "concepts", "exports", "loss" (per concept, last logged)}. ``status``: "finished",
     "preempted" or "stopped" (``stop_after`` steps of this run)."""
-    from customjax.concepts.export import export_concept
     from customjax.concepts.preview import ConceptPreview
 
     workdir_p = run_path(workdir)
@@ -173,10 +173,7 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
                 break
             carry(trained, state)
         if status == "finished" and jax.process_index() == 0:
-            for i, k in enumerate(p.concepts):
-                unet = jax.tree_util.tree_map(lambda a: a[i], trained["unet"]) if "unet" in trained else None
-                exports.append(str(export_concept(config, p.built, k, trained["tokens"][i], unet,
-                                                  workdir_p / "export" / k.name)))
+            exports = export_all(p, trained, workdir_p / "export")
             say(f"exported {len(exports)} concept(s) to {workdir_p / 'export'}")
     finally:
         if log:
@@ -186,13 +183,25 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
     return {"status": status, "step": step, "concepts": [k.name for k in p.concepts], "exports": exports, **last}
 
 
-def carry(trained: dict, state) -> None:
-    """Keeps a finished stage's words and UNet parameters (host, per concept) for the next stage and export."""
+def carry(trained: dict, state) -> dict:
+    """Keeps a finished stage's words and UNet parameters (host, per concept) for the next stage and
+    export; returns ``trained``."""
     params = jax.device_get(state.params)
     if "tokens" in params:
         trained["tokens"] = np.asarray(params["tokens"]["rows"])
     if params.get("unet"):
         trained["unet"] = params["unet"]
+    return trained
+
+
+def export_all(p: Prepared, trained: dict, folder: Path) -> list[str]:
+    """Every concept's files in ``folder/<concept>`` (:func:`customjax.concepts.export.export_concept`)."""
+    from customjax.concepts.export import export_concept
+    out = []
+    for i, k in enumerate(p.concepts):
+        unet = jax.tree_util.tree_map(lambda a: a[i], trained["unet"]) if "unet" in trained else None
+        out.append(str(export_concept(p.config, p.built, k, trained["tokens"][i], unet, Path(folder) / k.name)))
+    return out
 
 
 def clip_embeddings(built, concepts) -> np.ndarray:
@@ -204,16 +213,17 @@ def clip_embeddings(built, concepts) -> np.ndarray:
     return np.stack([np.asarray(fn(jnp.asarray(k.images))) for k in concepts])
 
 
-def stage_setup(built, st: Stage, config, rows):
-    """(stage's built, frozen, initial stacked state, tx, step) for stacked words ``rows`` (C, K, D)
-    (shapes only when the build is abstract)."""
+def stage_setup(built, st: Stage, config, rows, names):
+    """(stage's built, frozen, initial stacked state, tx, step) for the concepts ``names`` with stacked
+    words ``rows`` (C, K, D) (shapes only when the build is abstract); each concept's key is its own
+    (:func:`~customjax.concepts.data.concept_seed`)."""
     b = dataclasses.replace(built, method=built.method.stage(st.parts))
     frozen, trainable = trainer.split(b)
     optim = config.optim.copy_and_resolve_references()
     with optim.unlocked():
         optim.lr, optim.total_steps = st.lr, st.steps
     tx = trainer.make_optimizer(optim)
-    key = jax.random.key(config.seed)
+    keys = [jax.random.fold_in(jax.random.key(config.seed), concept_seed(n)) for n in names]
 
     def make(trainable, rows):
         per = []
@@ -221,7 +231,7 @@ def stage_setup(built, st: Stage, config, rows):
             t = dict(trainable)
             if "tokens" in t:
                 t["tokens"] = {"rows": rows[i]}
-            per.append(trainer.init_state(t, tx, key, ema=False))
+            per.append(trainer.init_state(t, tx, keys[i], ema=False))
         return S.stack(per)
 
     state = jax.eval_shape(make, trainable, rows) if abstract(config) else make(trainable, jnp.asarray(rows))
@@ -233,7 +243,9 @@ def stage_setup(built, st: Stage, config, rows):
 def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, stop_after):
     config, mesh, batches = p.config, p.mesh, p.batches
     names = [k.name for k in p.concepts]
-    b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"])
+    curve = {int(x) for x in config.finetune.get("curve", ())}
+    on_curve = st.name == stages(config)[-1].name and jax.process_index() == 0
+    b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"], [k.name for k in p.stacked])
     first = {k: v for k, v in batches(0).items() if k != "caption"}
     jstep, state_sh, frozen_sh = S.compile_stacked(step_fn, mesh, state0, frozen,
                                                    parallel.batch_shapes(first, whole=True))
@@ -284,6 +296,8 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
                                    f"{step} (lr {st.lr}); the last good checkpoint is kept, nothing was exported")
             if not preempted and (every(step, config.train.preview_every) or step == st.steps):
                 preview(st.name, step, b, frozen, state)
+            if on_curve and step in curve and step < st.steps:
+                export_all(p, carry(dict(trained), state), workdir / "curve" / str(step))
             done = step == st.steps or preempted or (stop_after is not None and step - start >= stop_after)
             if every(step, config.train.save_every) or done:
                 ckpt.save(step, state, {"step": step}, {"step": step, "stage": st.name}, force=True)

@@ -4,6 +4,9 @@
         --prompt "a photo of a red toy" --seeds 0,1,2,3 --out out/
 
 Writes one PNG per (prompt, seed), a grid, and record.json with every setting and seed.
+``--concept DIR`` (repeatable): a concept exported by ``python -m customjax.finetune`` (its learnt word
+and weights; each concept needs its own word); DreamBooth's export is a whole pipeline (``--model
+DIR/model``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def define_flags() -> None:
     """The command's flags (defined on use, so that importing this module defines none)."""
     flags.DEFINE_string("model", None, "diffusers pipeline folder (model_index.json, unet/, vae/, ...)", required=True)
     flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+    flags.DEFINE_multi_string("concept", [], "a concept folder exported by customjax.finetune (repeatable)")
     flags.DEFINE_string("prompts_file", None, "text file, one prompt per line")
     flags.DEFINE_string("negative_prompt", "", "negative prompt")
     flags.DEFINE_list("seeds", ["0"], "seeds; every prompt is sampled with every seed")
@@ -70,6 +74,12 @@ def main(argv) -> None:
     prompts = _prompts()
     seeds = [int(s) for s in FLAGS.seeds]      # integers: the flag's validator
     pipe, params = load_stable_diffusion(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
+    for folder in FLAGS.concept:
+        from customjax.concepts.export import load_concept
+        try:
+            pipe, params, _ = load_concept(pipe, params, folder)
+        except (FileNotFoundError, ValueError) as e:
+            fail(PROG, f"--concept {folder}: {e}")
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(p, s) for p in prompts for s in seeds]
@@ -91,7 +101,7 @@ def main(argv) -> None:
             records.append({"file": name, "prompt": p, "seed": s})
             images.append(img)
     save_png(grid(np.stack(images), cols=len(seeds)), out / "grid.png")
-    record = {"model": str(FLAGS.model), "steps": FLAGS.steps, "guidance": FLAGS.guidance,
+    record = {"model": str(FLAGS.model), "concepts": list(FLAGS.concept), "steps": FLAGS.steps, "guidance": FLAGS.guidance,
               "sampler": FLAGS.sampler, "negative_prompt": FLAGS.negative_prompt, "dtype": FLAGS.dtype,
               "device": str(jax.devices()[0]), "seconds": round(time.time() - t0, 2), "images": records}
     (out / "record.json").write_text(json.dumps(record, indent=2))

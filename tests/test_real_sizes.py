@@ -228,7 +228,7 @@ def test_concept_stages_at_real_size(name, arg):
         batch.update(index=sds((C, B), jnp.int32), target_ids=(sds((C, B, 77), jnp.int32),),
                      aux_ids=(sds((C, B, 4, 77), jnp.int32),), image_embeds=sds((C, B, 4, P), jnp.float32))
     for st in stages(c):
-        b, frozen, state, tx, step = stage_setup(built, st, c, sds((C, K, D), jnp.float32))
+        b, frozen, state, tx, step = stage_setup(built, st, c, sds((C, K, D), jnp.float32), ["a", "b"])
         new, metrics = jax.eval_shape(S.stacked_step(step), state, frozen, batch)
         assert shapes(new.params) == shapes(state.params) and metrics["loss"].shape == (C,)
         trains = set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a.shape, state.params)))

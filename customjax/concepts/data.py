@@ -5,9 +5,9 @@ read in name order), optionally ``masks/<image stem>.png`` (the concept's pixels
 ``concept.json`` (``{"class": "dog"}``: the class word of DreamBooth / Custom Diffusion prompts).
 Images are centre-cropped to a square and resized.
 
-Batches are a pure function of (seed, step) (:class:`ConceptBatches`): a resumed run continues with
-exactly the batches it would have seen, and every concept of a stack draws the same image indices,
-templates and flips, so a concept trained in a stack sees what it sees alone.
+Batches are a pure function of (seed, step, the concept's name) (:class:`ConceptBatches`): a resumed run
+continues with exactly the batches it would have seen, and a concept trained in a stack sees what it
+sees alone (its training noise too: :func:`concept_seed`).
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ def read_concept(folder: str | Path, size: int, class_word: str = "") -> Concept
                    tuple(str(f) for f in files))
 
 
+def concept_seed(name: str) -> int:
+    """A concept's own random stream (batches, noise), from its name: the same alone or in any stack."""
+    import zlib
+    return zlib.crc32(name.encode())
+
+
 def concept_phrase(form: str, token: str, class_word: str) -> str:
     """The words that name the concept in a prompt: ``form`` with ``{token}`` and ``{class}``
     ("{token}": Textual Inversion; "{token} {class}": DreamBooth, Custom Diffusion)."""
@@ -88,19 +94,24 @@ def concept_phrase(form: str, token: str, class_word: str) -> str:
 class ConceptBatches:
     """Host batches for a stack of C concepts: ``batches(step)`` -> arrays with leading axes (C, B).
 
-    Entries: ``image`` (C, B, S, S, 3), ``ids`` (one (C, B, T) array), ``caption`` (B strings, concept
+    Entries: ``latent_mean`` / ``latent_logvar`` (C, B, h, w, c): the VAE posterior of each example's
+    image (flipped or not), from ``posteriors`` = (mean, logvar) (C, N, F, h, w, c) made once
+    (:func:`posteriors`; F = 2 with ``concept.hflip``: [image, flipped]), ``ids`` (one (C, B, T) array), ``caption`` (B strings, concept
     0's, for logs); with auxiliary words (Contrastive Inversion): ``index`` (C, B) the image of each
     example, ``target_ids`` (the caption without A_i*), ``aux_ids`` (C, B, N, T) the prompts of the
     words A_j* alone; ``extra`` entries (e.g. ``image_embeds``, (C, N, P)) are repeated over B."""
 
-    def __init__(self, concepts: Sequence[Concept], tokenizer, config, *, aux: Sequence[Sequence[str]] = (),
-                 extra: dict | None = None):
+    def __init__(self, concepts: Sequence[Concept], tokenizer, config, posteriors, *,
+                 aux: Sequence[Sequence[str]] = (), extra: dict | None = None):
         c = config.concept
         self.concepts, self.tokenizer, self.seed = list(concepts), tokenizer, int(config.seed)
         self.batch, self.templates, self.hflip = int(config.train.batch), tuple(c.templates), bool(c.hflip)
         self.phrases = [concept_phrase(c.phrase, c.token, k.class_word) for k in self.concepts]
         self.aux = [list(a) for a in aux]
         self.extra = extra or {}
+        self.mean, self.logvar = (np.asarray(a) for a in posteriors)
+        if self.mean.shape[2] != (2 if self.hflip else 1):
+            raise ValueError(f"posteriors of {self.mean.shape[2]} flips; concept.hflip={self.hflip}")
         counts = {len(k.images) for k in self.concepts}
         if self.aux and len(counts) > 1:
             raise ValueError(f"concepts stacked with auxiliary words need equal image counts; got "
@@ -109,16 +120,16 @@ class ConceptBatches:
             self.aux_ids = tokenize(tokenizer, [" ".join(a) for a in self.aux])        # (N, T): A_j* alone
 
     def __call__(self, step: int) -> dict:
-        rng = np.random.default_rng([self.seed, 7, step])
         B = self.batch
-        u_img, tmpl = rng.random(B), rng.integers(len(self.templates), size=B)
-        flip = (rng.random(B) < 0.5) & self.hflip
-        out: dict = {"image": [], "ids": [], "index": [], "target_ids": []}
+        out: dict = {"latent_mean": [], "latent_logvar": [], "ids": [], "index": [], "target_ids": []}
         captions = []
         for c, k in enumerate(self.concepts):
+            rng = np.random.default_rng([self.seed, 7, step, concept_seed(k.name)])
+            u_img, tmpl = rng.random(B), rng.integers(len(self.templates), size=B)
+            flip = (rng.random(B) < 0.5) & self.hflip
             idx = (u_img * len(k.images)).astype(np.int64)
-            img = k.images[idx]
-            out["image"].append(np.where(flip[:, None, None, None], img[:, :, ::-1], img))
+            out["latent_mean"].append(self.mean[c, idx, flip.astype(np.int64)])
+            out["latent_logvar"].append(self.logvar[c, idx, flip.astype(np.int64)])
             target = [self.templates[t].format(self.phrases[c]) for t in tmpl]
             if self.aux:
                 caps = [self.templates[t].format(f"{self.phrases[c]} {' '.join(self.aux[i])}") for t, i in zip(tmpl, idx)]
@@ -128,7 +139,8 @@ class ConceptBatches:
             out["ids"].append(tokenize(self.tokenizer, caps))
             out["index"].append(idx.astype(np.int32))
             captions.append(caps)
-        arrays = {"image": np.stack(out["image"]).astype(np.float32), "ids": (np.stack(out["ids"]),)}
+        arrays = {"latent_mean": np.stack(out["latent_mean"]), "latent_logvar": np.stack(out["latent_logvar"]),
+                  "ids": (np.stack(out["ids"]),)}
         if self.aux:
             arrays.update(index=np.stack(out["index"]), target_ids=(np.stack(out["target_ids"]),),
                           aux_ids=(np.broadcast_to(self.aux_ids, (len(self.concepts), B) + self.aux_ids.shape).copy(),))
@@ -136,3 +148,19 @@ class ConceptBatches:
             arrays[name] = np.repeat(np.asarray(v)[:, None], B, axis=1)
         arrays["caption"] = captions[0]
         return arrays
+
+
+def posteriors(pipe, vae_params, concepts: Sequence[Concept], hflip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, logvar) (C, N, F, h, w, c): the VAE posterior of every concept image, F = 2 with its
+    horizontal flip; made once, so a training step runs no VAE encoder."""
+    import jax
+    import jax.numpy as jnp
+
+    enc = jax.jit(lambda x: pipe.vae.apply({"params": vae_params}, x * 2.0 - 1.0, method="encode"))
+    means, logvars = [], []
+    for k in concepts:
+        views = [k.images] + ([k.images[:, :, ::-1]] if hflip else [])
+        m, lv = zip(*(enc(jnp.asarray(np.ascontiguousarray(v))) for v in views))
+        means.append(np.stack([np.asarray(a) for a in m], 1))
+        logvars.append(np.stack([np.asarray(a) for a in lv], 1))
+    return np.stack(means), np.stack(logvars)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from customjax.concepts import files
-from customjax.concepts.tokens import add_placeholders, with_rows
+from customjax.concepts.tokens import add_placeholders, wider_pipe, with_table
 from customjax.control.params import merge
 
 TOKEN_FILE = "learned_embeds.safetensors"
@@ -81,38 +81,58 @@ def read_concept_meta(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_concept(pipe, params: dict, folder: str | Path):
-    """(pipeline, params) that sample the concept exported to ``folder``: its word added to the
-    tokenizer and the text encoder's table, its K / V loaded; DreamBooth's ``model/`` folder is a
-    whole pipeline (loaded in place of ``pipe``). Returns (pipe, params, meta)."""
-    folder = Path(folder)
-    meta = read_concept_meta(folder)
-    if meta.get("model"):
-        from customjax.pipeline import load_stable_diffusion
-        pipe, params = load_stable_diffusion(folder / meta["model"])
-        return pipe, params, meta
-    words = files.load_token_file(folder / meta["token_file"])
-    if set(words) & {"clip_l", "clip_g"}:
-        raise ValueError(f"{folder / meta['token_file']}: an SDXL token file; this pipeline has one text encoder")
-    tok = pipe.tokenizers[0]
-    vocab = pipe.text_encoders[0].config.vocab_size     # the table's rows, earlier loaded words included
-    names = list(words)
-    if any(np.shape(words[n])[0] != 1 for n in names):
-        raise ValueError(f"{folder / meta['token_file']}: multi-vector words are not supported here")
+def concept_pipe(pipe, token: str):
+    """A pipeline that reads the learnt word ``token`` (one vector): a copy of the tokenizer with the
+    word added, the text encoder's table one row wider. Make it once and sample any number of concepts
+    exported with that word through :func:`concept_params` (one compiled sampler)."""
+    import copy
+    import dataclasses
+
+    if pipe.is_sdxl:
+        raise ValueError("learnt words are supported on SD-1.x / 2.x pipelines (one text encoder)")
+    tok = copy.deepcopy(pipe.tokenizers[0])
+    vocab = pipe.text_encoders[0].config.vocab_size
     if len(tok) != vocab:
         raise ValueError(f"the tokenizer has {len(tok)} tokens, the text encoder's table {vocab} rows")
-    ids = add_placeholders(tok, names)
-    if ids != list(range(vocab, vocab + len(names))):
-        raise ValueError(f"{folder}: the word(s) {names} are already loaded (ids {ids}); export concepts with "
-                         "distinct tokens (--token) to sample them together")
-    rows = np.concatenate([words[n] for n in names]).astype(np.float32)
-    if rows.shape[1] != pipe.text_encoders[0].config.hidden_size:
-        raise ValueError(f"{folder / meta['token_file']}: vectors of width {rows.shape[1]}, the text encoder's "
-                         f"{pipe.text_encoders[0].config.hidden_size}")
-    pipe, params = with_rows(pipe, params, rows)
+    ids = add_placeholders(tok, [token])
+    if ids != [vocab]:
+        raise ValueError(f"the word {token!r} is already in the tokenizer (id {ids[0]})")
+    return dataclasses.replace(wider_pipe(pipe, 1), tokenizers=(tok,) + tuple(pipe.tokenizers[1:]))
+
+
+def concept_params(pipe, base_params: dict, folder: str | Path) -> tuple[dict, dict]:
+    """(params, meta): the base parameters with the concept exported to ``folder`` (its word's row, its
+    K / V; DreamBooth: its whole pipeline's UNet and text encoder) for ``pipe`` from :func:`concept_pipe`."""
+    folder = Path(folder)
+    meta = read_concept_meta(folder)
+    vocab = pipe.text_encoders[0].config.vocab_size - 1
+    tok = pipe.tokenizers[0]
+    if tok.convert_tokens_to_ids(meta["token"]) != vocab:
+        raise ValueError(f"{folder}: the concept's word is {meta['token']!r}; the pipeline reads "
+                         f"{tok.convert_ids_to_tokens(vocab)!r} (make it with concept_pipe(pipe, {meta['token']!r}))")
+    if meta.get("model"):
+        from customjax.pipeline import load_stable_diffusion
+        _, params = load_stable_diffusion(folder / meta["model"])
+        table = params["text_encoders"][0]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        if table.shape[0] != vocab + 1:
+            raise ValueError(f"{folder / meta['model']}: its text encoder has {table.shape[0]} rows, expected {vocab + 1}")
+        return dict(base_params, unet=params["unet"], text_encoders=params["text_encoders"]), meta
+    words = files.load_token_file(folder / meta["token_file"])
+    if list(words) != [meta["token"]] or np.shape(words[meta["token"]]) != (1, pipe.text_encoders[0].config.hidden_size):
+        raise ValueError(f"{folder / meta['token_file']}: expected one vector for {meta['token']!r} of width "
+                         f"{pipe.text_encoders[0].config.hidden_size}; got { {k: np.shape(v) for k, v in words.items()} }")
+    params = with_table(base_params, words[meta["token"]], vocab)
     if meta.get("kv_file"):
         from customjax.weights.safetensors_io import load_file
-        unet = files.load_custom_diffusion(load_file(folder / meta["kv_file"]), params["unet"],
+        unet = files.load_custom_diffusion(load_file(folder / meta["kv_file"]), base_params["unet"],
                                            str(folder / meta["kv_file"]))
         params = dict(params, unet=unet)
-    return pipe, params, meta
+    return params, meta
+
+
+def load_concept(pipe, params: dict, folder: str | Path):
+    """(pipe, params, meta) that sample the concept exported to ``folder`` with text-to-image."""
+    meta = read_concept_meta(folder)
+    wide = concept_pipe(pipe, meta["token"])
+    p, meta = concept_params(wide, params, folder)
+    return wide, p, meta

@@ -1,0 +1,55 @@
+"""ShapeWorld concept folders for per-concept fine-tuning (``python -m customjax.finetune``): the
+held-out subjects of the benchmark's single-subject cases (:func:`~customjax.shapeworld.benchmark.cases.make_cases`,
+never in the base's training data), each seen in ``views`` scenes: the subject alone at a drawn
+position, size and rotation on a drawn solid background (compatible with its colours; no held-out
+(category, background, position) combination), with its exact mask and its category as the class word."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from customjax.shapeworld import world as sw
+from customjax.shapeworld.benchmark.cases import Case, make_cases
+
+
+def concept_views(subject: sw.Subject, views: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``views`` (image uint8 (size, size, 3), mask bool (size, size)) of ``subject``, deterministic in ``seed``."""
+    rng = np.random.default_rng([seed, 9, *map(ord, subject.key)])
+    out = []
+    while len(out) < views:
+        bg = sw.Background(str(rng.choice([c for c in sw.COLORS if sw.compatible(subject.appearance, sw.Background(c))])))
+        position, size_name = str(rng.choice(list(sw.POSITIONS))), str(rng.choice(list(sw.SIZES)))
+        if sw.is_heldout_combo(subject.category, bg.color, position):
+            continue
+        image, masks = sw.render(sw.Scene(bg, (sw.place(rng, subject, position, size_name, size),)), size)
+        out.append((image, masks[0]))
+    return out
+
+
+def concept_cases(n: int, seed: int = 0, size: int = 64, prompts_per_subject: int = 2) -> tuple[list[Case], list[sw.Subject]]:
+    """(the benchmark's ``n`` single-subject cases, their distinct subjects in order)."""
+    cases, _ = make_cases(n, seed, size, prompts_per_subject=prompts_per_subject)
+    subjects = list(dict.fromkeys(c.subjects[0] for c in cases))
+    return cases, subjects
+
+
+def concept_name(subject: sw.Subject) -> str:
+    return subject.key.replace("|", "-")
+
+
+def write_concepts(out: str | Path, subjects: list[sw.Subject], views: int = 4, size: int = 64, seed: int = 0) -> list[Path]:
+    """One concept folder per subject under ``out`` (``<key>/NN.png``, ``masks/NN.png``, ``concept.json``)."""
+    folders = []
+    for s in subjects:
+        d = Path(out) / concept_name(s)
+        (d / "masks").mkdir(parents=True, exist_ok=True)
+        for i, (image, mask) in enumerate(concept_views(s, views, size, seed)):
+            Image.fromarray(image).save(d / f"{i:02d}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(d / "masks" / f"{i:02d}.png")
+        (d / "concept.json").write_text(json.dumps({"class": s.category}) + "\n")
+        folders.append(d)
+    return folders
