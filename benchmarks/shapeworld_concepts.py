@@ -316,8 +316,8 @@ def summary(rows: list[dict]) -> dict:
 
 def best_step(per_step: dict) -> int:
     """The curve point with the highest mean of similarity and controllability (the earliest on ties)."""
-    return max(sorted(per_step, key=int), key=lambda s: 0.5 * (per_step[s]["similarity"]["mean"]
-                                                               + per_step[s]["controllability"]["mean"]))
+    return int(max(sorted(per_step, key=int), key=lambda s: 0.5 * (per_step[s]["similarity"]["mean"]
+                                                                   + per_step[s]["controllability"]["mean"])))
 
 
 # ---------------------------------------------------------------------------------------------------------

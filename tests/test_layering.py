@@ -80,6 +80,9 @@ RULES = [
     (("customjax.methods",), ("customjax.trainer", "customjax.train", "customjax.sample", "customjax.preview",
                               "customjax.export", "customjax.shapeworld.benchmark")),
     (("customjax.control", "customjax.guidance", "customjax.adapters"), ("customjax.methods",)),
+    # learnt words and the formats of other tools sit below the methods that train them
+    (("customjax.concepts.tokens", "customjax.concepts.clip", "customjax.concepts.files"),
+     ("customjax.methods", "customjax.trainer", "customjax.sampling", "customjax.data", "customjax.finetune")),
 ]
 # ShapeWorld (world, metrics, pretraining, benchmark, shipped base) is a lab beside the library: no module
 # outside customjax.shapeworld reaches it (the loader finds its generated data through a registry).
