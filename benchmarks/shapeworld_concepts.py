@@ -173,7 +173,7 @@ def train(m: Method, p: dict, concepts: Path, names: list[str], workdir: Path, s
     return dict(rec, skipped=False)
 
 
-def run_seconds(workdir: Path) -> list[float]:
+def run_seconds(workdir: Path) -> dict[str, float]:
     """Seconds per logged training step of a finished run (``metrics.jsonl``), per stage."""
     out: dict = {}
     path = Path(workdir) / "metrics.jsonl"
@@ -337,6 +337,21 @@ def compare(a: dict, b: dict, key: str) -> str:
     return ">" if x["lo"] > y["hi"] else ("<" if x["hi"] < y["lo"] else "~")
 
 
+def paired(report: dict, a: str, b: str, key: str) -> dict | None:
+    """Mean [95% interval] of ``a``'s score minus ``b``'s over the images both have (the same concept,
+    case and seed), each method at its best step (normal approximation over the image pairs)."""
+    def at_best(n):
+        m = report["methods"][n]
+        return {(r["concept"], r["case"], r["seed"]): r.get(key) for r in report["rows"].get(n, [])
+                if r["step"] == m["best_step"] and r.get(key) is not None}
+    x, y = at_best(a), at_best(b)
+    d = np.array([float(x[k]) - float(y[k]) for k in x if k in y])
+    if d.size < 2:
+        return None
+    half = 1.959964 * d.std(ddof=1) / math.sqrt(d.size)
+    return dict(mean=float(d.mean()), lo=float(d.mean() - half), hi=float(d.mean() + half), n=int(d.size))
+
+
 def markdown(report: dict) -> str:
     r = report
     dev = r["device"]
@@ -377,6 +392,14 @@ def markdown(report: dict) -> str:
                 m = r["methods"][name]
                 s = m["per_step"][str(m["best_step"])]
                 lines.append(f"| {LABELS[name]} | " + " | ".join(compare(cs, s, c[0]) for c in COLUMNS) + " |")
+        lines += ["", "Paired differences, Contrastive Inversion minus each row over the same (concept, case, seed) "
+                  "images, mean [95% interval] (normal approximation over image pairs; the images of one subject "
+                  "are not independent, so these intervals are on the narrow side):", "",
+                  "| CI minus | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for name in TABLE_ORDER:
+            if name in r["methods"] and name != "ci" and name in r["rows"]:
+                lines.append(f"| {LABELS[name]} | " + " | ".join(
+                    fmt({c[0]: paired(r, "ci", name, c[0])}, c[0]) for c in COLUMNS) + " |")
     lines += ["", "## Along the steps", "",
               "Every method at every evaluated step of its last stage (CI: the LDM fine-tuning stage; CI w/o "
               "fine-tuning: the inversion stage); the best step is in bold.", "",
@@ -395,9 +418,13 @@ def markdown(report: dict) -> str:
         if name in r["methods"]:
             m = r["methods"][name]
             t = m.get("train") or {}
-            lines.append(f"| {LABELS[name]} | {m.get('steps', '-')} | {t.get('seconds', '-')} | "
-                         f"{t.get('seconds_per_step', '-')} | {m['eval_seconds']} |")
-    lines += ["", f"Total {r['seconds']} s. {r['clip_note']}.", ""]
+            steps = " + ".join(f"{k} {v}" for k, v in m["steps"].items()) if m.get("steps") else "-"
+            per = ", ".join(f"{k} {v:.3f}" for k, v in t["seconds_per_step"].items()) if t.get("seconds_per_step") else "-"
+            lines.append(f"| {LABELS[name]} | {steps} | {t.get('seconds', '-')} | {per} | {m['eval_seconds']} |")
+    lines += ["", f"Training wall time (all invocations) {r['train_seconds']} s; this invocation {r['seconds']} s "
+              f"(evaluation images are cached in WORK/<method>/eval/: a rerun re-scores them). Seconds per step: the "
+              f"median over `metrics.jsonl` records (every 25 steps; previews and curve exports included). "
+              f"{r['clip_note']}.", ""]
     lines += [f"Note: {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -417,7 +444,7 @@ def _font(size: int):
 def _panel(d, box, report: dict, x: str, y: str, xlabel: str, ylabel: str) -> None:
     L, T, R, B = box
     pts = {n: [(int(s), m["per_step"][s]) for s in sorted(m["per_step"], key=int)]
-           for n, m in report["methods"].items()}
+           for n, m in report["methods"].items() if n != "ground_truth"}     # the ceiling is in the table
     vals_x = [p[x]["mean"] for v in pts.values() for _, p in v if x in p]
     vals_y = [p[y]["mean"] for v in pts.values() for _, p in v if y in p]
     if not vals_x or not vals_y:
@@ -427,8 +454,8 @@ def _panel(d, box, report: dict, x: str, y: str, xlabel: str, ylabel: str) -> No
         lo, hi = math.floor(min(v) * 10) / 10, math.ceil(max(v) * 10) / 10
         return (lo, hi) if hi > lo else (lo - 0.1, hi + 0.1)
     (x0, x1), (y0, y1) = span(vals_x), span(vals_y)
-    X = lambda v: L + (v - x0) / (x1 - x0) * (R - L)
-    Y = lambda v: B - (v - y0) / (y1 - y0) * (B - T)
+    X = lambda v: L + (min(max(v, x0), x1) - x0) / (x1 - x0) * (R - L)      # clipped to the frame
+    Y = lambda v: B - (min(max(v, y0), y1) - y0) / (y1 - y0) * (B - T)
     font, small = _font(14), _font(11)
     d.rectangle([L, T, R, B], outline="black")
     for lo, hi, f, vert in ((x0, x1, X, True), (y0, y1, Y, False)):
@@ -473,7 +500,7 @@ def plot(report: dict, path: Path, width: int = 1200, height: int = 560) -> None
     _panel(d, (half + 70, 60, 2 * half - 20, height - 60), report, "clip_t", "clip_i", "CLIP-T (plain prompt)",
            "CLIP-I (concept views)")
     ly = 70
-    for n in TABLE_ORDER + ("ground_truth",):
+    for n in TABLE_ORDER:
         if n in report["methods"]:
             d.rectangle([2 * half + 10, ly + 3, 2 * half + 22, ly + 15], fill=COLORS[n])
             d.text((2 * half + 28, ly), n, fill="black", font=_font(12))
@@ -643,6 +670,7 @@ def main(argv) -> None:
     if scale != 1.0:
         report["notes"].append(f"steps scaled by {scale}: not the paper's step counts")
     report["seconds"] = round(time.time() - t_start, 1)
+    report["train_seconds"] = round(sum(sum(r["seconds"]) for r in runs.values()), 1)
 
     out.mkdir(parents=True, exist_ok=True)
     shown = [(n, [c.name for c in cases_by[n]]) for n in names[:2]]

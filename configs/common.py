@@ -202,4 +202,6 @@ def finetune_base(method: str, variant: str, stages: dict, *, phrase: str = "{to
     c.sample.update(dict(steps=4 if tiny else (25 if sw else 50), guidance=5.0, batch=4))
     # curve: steps of the last stage at which every concept is also exported, to workdir/curve/<step>/
     c.finetune = ml_collections.ConfigDict(dict(preview_prompts=PREVIEWS[variant], curve=()))
+    # DreamBooth's prior preservation (preset "prior"): images of the class word made by the base
+    c.prior = ml_collections.ConfigDict(dict(images=0, prompt="a photo of a {}" if variant != "shapeworld" else "a {}"))
     return c

@@ -118,9 +118,10 @@ class Prepared:
     mesh: Any
 
 
-def prepare(config, dirs: list[Path], mesh=None) -> Prepared:
+def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = None) -> Prepared:
     """Reads the concept folders (``config.concept.images`` is set from them for the auxiliary words),
-    builds the model and initialises each concept's words from its initializer (the class word)."""
+    builds the model, initialises each concept's words from its initializer (the class word) and, with
+    ``config.prior.images``, makes (or reads from ``class_dir``) the class images of prior preservation."""
     c = config.concept
     concepts = [read_concept(d, int(config.train.image_size), class_word=c.class_word) for d in dirs]
     if get_method(config.method).auxiliary:        # one auxiliary word per input image
@@ -142,8 +143,52 @@ def prepare(config, dirs: list[Path], mesh=None) -> Prepared:
         aux = [names[i * n:(i + 1) * n] for i in range(int(c.images))]
         extra["image_embeds"] = clip_embeddings(built, stacked)
     post = posteriors(built.pipe, built.params["vae"], stacked, bool(c.hflip))
+    prior = None
+    if int(config.prior.images):
+        prior = class_prior(config, built, stacked, Path(class_dir) if class_dir else None)
     return Prepared(config, built, concepts, stacked, rows, ConceptBatches(stacked, tok, config, post, aux=aux,
-                                                                           extra=extra), mesh)
+                                                                           extra=extra, prior=prior), mesh)
+
+
+def class_prior(config, built, concepts, folder: Path | None):
+    """DreamBooth's prior preservation (Ruiz et al. 2023, Eq. 2): ``config.prior.images`` images of each
+    concept's class made by the frozen base with ``config.prior.prompt`` (seeds 0, 1, ...; kept in
+    ``folder/<class>/`` and reused), as (mean, logvar, prompts) for :class:`ConceptBatches`. The loss is
+    the mean over the concept's and the class's examples, a prior weight of 1 (the diffusers default)."""
+    from customjax.concepts.data import posteriors as encode
+    from customjax.images import save_png
+    from customjax.sampling.common import seed_latents
+    from customjax.sampling.t2i import txt2img
+
+    pr, s, pipe = config.prior, config.sample, built.pipe
+    n, size, f = int(pr.images), int(config.train.image_size), pipe.vae_scale
+    made = {}
+    for cls in dict.fromkeys(k.class_word for k in concepts):
+        if not cls:
+            raise ValueError("prior preservation needs each concept's class word (concept.json or --class_word)")
+        prompt = pr.prompt.format(cls)
+        d = folder / cls if folder else None
+        files = sorted(d.glob("*.png")) if d and d.is_dir() else []
+        if len(files) < n:
+            say(f"making {n} class images of {prompt!r} with the base model")
+            imgs = []
+            for i in range(0, n, s.batch):
+                seeds = list(range(i, min(i + s.batch, n)))
+                lat = seed_latents(seeds, (size // f, size // f, pipe.unet.config.in_channels))
+                imgs.append(txt2img(pipe, built.params, [prompt] * len(seeds), None, steps=int(s.steps),
+                                    guidance=float(s.guidance), sampler=s.sampler, height=size, width=size, latents=lat))
+            imgs = np.concatenate(imgs)
+            if d:
+                d.mkdir(parents=True, exist_ok=True)
+                for i, im in enumerate(imgs):
+                    save_png(im, d / f"{i:04d}.png")
+        else:
+            imgs = np.stack([read_concept(d, size).images[i] for i in range(n)])
+        made[cls] = (prompt, imgs)
+    from customjax.concepts.data import Concept
+    fake = [Concept(k.name, made[k.class_word][1], None, k.class_word, ()) for k in concepts]
+    mean, logvar = encode(pipe, built.params["vae"], fake, False)
+    return mean[:, :, 0], logvar[:, :, 0], [made[k.class_word][0] for k in concepts]
 
 
 def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = None) -> dict:
@@ -155,7 +200,7 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
     workdir_p = run_path(workdir)
     c = config.concept
     t0 = time.time()
-    p = prepare(config, dirs)
+    p = prepare(config, dirs, class_dir=workdir_p / "class_images")
     say(f"{config.method} ({config.variant}): {len(p.concepts)} concept(s) stacked as {len(p.stacked)} on "
         f"{jax.device_count()} device(s), built in {time.time() - t0:.0f} s")
     if jax.process_index() == 0:

@@ -195,8 +195,8 @@ def test_exports_load_back(concepts, tmp_path):
     base = write_tiny_pipeline(tmp_path / "base")
     pipe, params = load_stable_diffusion(base)
     wide = concept_pipe(pipe, "<s*>")
-    for mod in (textual_inversion, custom_diffusion, dreambooth):
-        c = mod.get_config("tiny")
+    for mod, arg in ((textual_inversion, "tiny"), (custom_diffusion, "tiny"), (dreambooth, "tiny,prior")):
+        c = mod.get_config(arg)
         c.model.path = str(base)
         c.train.preview_every = 0
         work = tmp_path / c.method
@@ -210,6 +210,7 @@ def test_exports_load_back(concepts, tmp_path):
                    if max_abs(v, traverse_util.flatten_dict(params["unet"])[k]) > 0]
         if c.method == "dreambooth":
             assert meta["model"] == "model" and (folder / "model" / "model_index.json").is_file()
+            assert len(list((work / "class_images" / "dog").glob("*.png"))) == 4        # prior preservation
             assert max_abs(row, init_rows(pipe.tokenizers[0], base_row, ["sks"])[0]) < 1e-6    # frozen rare word
             assert any("attn1" in k for k in changed) and any("conv_in" in k for k in changed)
         elif c.method == "custom_diffusion":
@@ -220,6 +221,26 @@ def test_exports_load_back(concepts, tmp_path):
             assert max_abs(row, init_rows(pipe.tokenizers[0], base_row, ["dog"])[0]) > 1e-6   # the word trained
         img = txt2img(wide, p2, [f"a photo of {meta['phrase']}"], jax.random.key(0), steps=2, height=32, width=32)
         assert img.shape == (1, 32, 32, 3) and np.all(np.isfinite(img))
+
+
+def test_prior_preservation_batches(concepts):
+    """DreamBooth's prior preservation: B class images (made by the base with "a photo of a dog") follow
+    each concept's B examples, with the class prompt."""
+    from customjax.concepts.data import ConceptBatches, read_concept
+    from customjax.tokenizer import tokenize
+
+    c = dreambooth.get_config("tiny,prior")
+    c.concept.hflip = False
+    tok = build(c).pipe.tokenizers[0]
+    k = read_concept(concepts[0], 32)
+    post = (np.zeros((1, 3, 1, 4, 4, 4)), np.zeros((1, 3, 1, 4, 4, 4)))
+    prior = (np.ones((1, 4, 4, 4, 4)), np.full((1, 4, 4, 4, 4), 2.0), ["a photo of a dog"])
+    b = ConceptBatches([k], tok, c, post, prior=prior)(0)
+    assert b["latent_mean"].shape == (1, 8, 4, 4, 4)
+    assert np.all(b["latent_mean"][0, :4] == 0) and np.all(b["latent_mean"][0, 4:] == 1)
+    assert np.all(b["latent_logvar"][0, 4:] == 2)
+    assert np.array_equal(b["ids"][0][0, 4], tokenize(tok, ["a photo of a dog"])[0])
+    assert all("<s*> dog" in cap for cap in b["caption"])
 
 
 def test_bad_concepts_are_named(tmp_path):

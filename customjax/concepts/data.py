@@ -94,7 +94,7 @@ def concept_phrase(form: str, token: str, class_word: str) -> str:
 class ConceptBatches:
     """Host batches for a stack of C concepts: ``batches(step)`` -> arrays with leading axes (C, B).
 
-    Entries: ``latent_mean`` / ``latent_logvar`` (C, B, h, w, c): the VAE posterior of each example's
+    Entries: ``latent_mean`` / ``latent_logvar`` (C, B, h, w, c) (2B with ``prior``: B class images follow): the VAE posterior of each example's
     image (flipped or not), from ``posteriors`` = (mean, logvar) (C, N, F, h, w, c) made once
     (:func:`posteriors`; F = 2 with ``concept.hflip``: [image, flipped]), ``ids`` (one (C, B, T) array), ``caption`` (B strings, concept
     0's, for logs); with auxiliary words (Contrastive Inversion): ``index`` (C, B) the image of each
@@ -102,7 +102,7 @@ class ConceptBatches:
     words A_j* alone; ``extra`` entries (e.g. ``image_embeds``, (C, N, P)) are repeated over B."""
 
     def __init__(self, concepts: Sequence[Concept], tokenizer, config, posteriors, *,
-                 aux: Sequence[Sequence[str]] = (), extra: dict | None = None):
+                 aux: Sequence[Sequence[str]] = (), extra: dict | None = None, prior=None):
         c = config.concept
         self.concepts, self.tokenizer, self.seed = list(concepts), tokenizer, int(config.seed)
         self.batch, self.templates, self.hflip = int(config.train.batch), tuple(c.templates), bool(c.hflip)
@@ -118,6 +118,11 @@ class ConceptBatches:
                              f"{ {k.name: len(k.images) for k in self.concepts} }")
         if self.aux:
             self.aux_ids = tokenize(tokenizer, [" ".join(a) for a in self.aux])        # (N, T): A_j* alone
+        # DreamBooth's prior preservation: (mean, logvar) (C, M, h, w, c) of each concept's class images
+        # made by the base, and their prompts per concept; B of them follow the B examples
+        self.prior = prior
+        if prior is not None:
+            self.prior_ids = tokenize(tokenizer, list(prior[2]))                        # (C, T)
 
     def __call__(self, step: int) -> dict:
         B = self.batch
@@ -136,7 +141,13 @@ class ConceptBatches:
                 out["target_ids"].append(tokenize(self.tokenizer, target))
             else:
                 caps = target
-            out["ids"].append(tokenize(self.tokenizer, caps))
+            ids = tokenize(self.tokenizer, caps)
+            if self.prior is not None:
+                j = rng.integers(self.prior[0].shape[1], size=B)
+                out["latent_mean"][-1] = np.concatenate([out["latent_mean"][-1], self.prior[0][c, j]])
+                out["latent_logvar"][-1] = np.concatenate([out["latent_logvar"][-1], self.prior[1][c, j]])
+                ids = np.concatenate([ids, np.repeat(self.prior_ids[c:c + 1], B, axis=0)])
+            out["ids"].append(ids)
             out["index"].append(idx.astype(np.int32))
             captions.append(caps)
         arrays = {"latent_mean": np.stack(out["latent_mean"]), "latent_logvar": np.stack(out["latent_logvar"]),
