@@ -253,3 +253,38 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, **kwargs: Any) ->
     from customjax.export import export as _export
 
     return _export(os.fspath(workdir), os.fspath(out), **kwargs)
+
+
+def finetune(config, concepts, workdir: str | os.PathLike, **kwargs: Any) -> dict:
+    """Fine-tunes the concept folders ``concepts`` (paths) together with a per-concept method
+    (``config``: a ConfigDict or a spec, e.g. ``"configs/textual_inversion.py:sd15"``) in ``workdir`` and
+    exports each to ``workdir/export/<concept>`` (:func:`customjax.finetune.finetune`; ``stop_after``)."""
+    from pathlib import Path as _Path
+
+    from customjax.finetune import finetune as _finetune
+
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    return _finetune(config, [_Path(c) for c in concepts], os.fspath(workdir), **kwargs)
+
+
+def text_to_image(model: str | os.PathLike, prompts: list[str], concepts=(), seeds=(0,), **kwargs: Any):
+    """Images (N, H, W, 3) in [0, 1] of ``prompts`` x ``seeds`` from the diffusers folder ``model`` with the
+    fine-tuned ``concepts`` (export folders) loaded (:func:`customjax.sampling.t2i.txt2img` settings:
+    ``steps``, ``guidance``, ``sampler``, ``height``, ``width``)."""
+    import numpy as np
+
+    from customjax.concepts.export import load_concept
+    from customjax.pipeline import load_stable_diffusion
+    from customjax.sampling.common import seed_latents
+    from customjax.sampling.t2i import txt2img
+
+    pipe, params = load_stable_diffusion(model)
+    for folder in concepts:
+        pipe, params, _ = load_concept(pipe, params, folder)
+    f = pipe.vae_scale
+    h = kwargs.pop("height", None) or pipe.unet.config.sample_size * f
+    w = kwargs.pop("width", None) or pipe.unet.config.sample_size * f
+    jobs = [(p, s) for p in prompts for s in seeds]
+    lat = seed_latents([s for _, s in jobs], (h // f, w // f, pipe.unet.config.in_channels))
+    return np.asarray(txt2img(pipe, params, [p for p, _ in jobs], None, height=h, width=w, latents=lat, **kwargs))

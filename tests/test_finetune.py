@@ -221,6 +221,15 @@ def test_exports_load_back(concepts, tmp_path):
             assert max_abs(row, init_rows(pipe.tokenizers[0], base_row, ["dog"])[0]) > 1e-6   # the word trained
         img = txt2img(wide, p2, [f"a photo of {meta['phrase']}"], jax.random.key(0), steps=2, height=32, width=32)
         assert img.shape == (1, 32, 32, 3) and np.all(np.isfinite(img))
+        if c.method == "textual_inversion":      # the Python API: the same image from the export folder
+            from customjax import api
+            same = api.text_to_image(base, [f"a photo of {meta['phrase']}"], concepts=[folder], steps=2, height=32,
+                                     width=32, seeds=[0])
+            from customjax.sampling.common import seed_latents
+            f = wide.vae_scale
+            lat = seed_latents([0], (32 // f, 32 // f, wide.unet.config.in_channels))
+            ref = txt2img(wide, p2, [f"a photo of {meta['phrase']}"], None, steps=2, height=32, width=32, latents=lat)
+            assert max_abs(same, ref) < 1e-6
 
 
 def test_prior_preservation_batches(concepts):
