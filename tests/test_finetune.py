@@ -148,7 +148,7 @@ def test_cli_contrastive_inversion_resumes_exports_and_samples(tmp_path):
     write_concepts(tmp_path / "concepts", 2, images=2)
     work = tmp_path / "run"
     cmd = [sys.executable, "-m", "customjax.finetune", "--config", "configs/contrastive_inversion.py:tiny",
-           f"--config.model.path={base}",
+           f"--config.model.path={base}", "--config.train.preview_every=4",
            "--concepts", str(tmp_path / "concepts"), "--workdir", str(work), "--config.train.save_every=2",
            "--config.finetune.curve=(1,)"]
     r = subprocess.run(cmd + ["--stop_after=2"], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
@@ -167,6 +167,9 @@ def test_cli_contrastive_inversion_resumes_exports_and_samples(tmp_path):
     meta = json.loads((export / "concept.json").read_text())
     assert meta["method"] == "contrastive_inversion" and meta["phrase"] == "<s*>"
     assert (work / "curve" / "1" / "concept1" / "concept.json").is_file()
+    sheets = sorted(p.name for p in (work / "previews").glob("*.png"))     # each stage's end (and step 4)
+    assert sheets == ["finetune_000002.png", "inversion_000004.png"]
+    assert np.asarray(Image.open(work / "previews" / sheets[0])).shape[:2] == (70, 70)   # 2 concepts x (view, 1 prompt)
     from customjax.weights.safetensors_io import load_file
     assert list(load_file(export / "learned_embeds.safetensors")) == ["<s*>"]         # A_i* dropped
     kv = load_file(export / "pytorch_custom_diffusion_weights.safetensors")
