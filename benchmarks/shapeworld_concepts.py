@@ -2,7 +2,7 @@
 subjects (Textual Inversion, DreamBooth, Custom Diffusion, Contrastive Inversion with and without its
 LDM fine-tuning stage, and the pretrained base prompted with the class word).
 
-    python benchmarks/shapeworld_concepts.py                      # the paper's step counts (about 45 min on 2 cores)
+    python benchmarks/shapeworld_concepts.py                      # the paper's step counts (26 min on 2 CPU cores)
     python benchmarks/shapeworld_concepts.py --steps_scale 0.5    # half of every stage's steps
     python benchmarks/shapeworld_concepts.py --skip_train         # evaluate the runs already in --work
     python benchmarks/shapeworld_concepts.py --fast               # plumbing: 2 subjects, a few steps, 1 seed
@@ -149,8 +149,10 @@ def train(m: Method, p: dict, concepts: Path, names: list[str], workdir: Path, s
     if rec.get("status") == "finished" and complete:
         say(f"{m.name}: finished before ({sum(rec['seconds']):.0f} s), skipped")
         return dict(rec, skipped=True)
+    from customjax.provenance import git_state
     cmd = train_command(m, p, concepts, workdir)
     rec.update(status="running", command=" ".join(cmd))
+    rec.setdefault("git", []).append(git_state())      # the checkout each invocation trained with
     path.write_text(json.dumps(rec, indent=1))
     say(f"{m.name}: training {p['steps']} steps, exports at {p['curve']} (log {workdir / 'train.log'})")
     t0 = time.time()
@@ -360,7 +362,9 @@ def markdown(report: dict) -> str:
              f"stacked in one run; {r['cases']} single-subject cases (2 per subject) x seeds {r['seeds']}, "
              f"{r['steps']} DDIM steps, guidance {r['guidance']}, {r['image_size']} px. Steps: the configs' paper "
              f"step counts x {r['steps_scale']}. Device {dev['kind']} ({dev['platform']}, {dev['cpus']} CPUs), commit "
-             f"{(r.get('commit') or '?')[:12]}{' (dirty)' if r.get('dirty') else ''}. Command: `{r['command']}`.", "",
+             f"{(r.get('commit') or '?')[:12]}{' (dirty)' if r.get('dirty') else ''}. Command: `{r['command']}`"
+             + (" (the runs trained by an earlier invocation; their wall times below)" if r.get("skip_train") else "")
+             + ".", "",
              "Mean [95% interval] over cases x seeds (Wilson for yes / no scores, normal approximation otherwise). "
              "Similarity: ShapeWorld's exact appearance similarity of the detected subject to the held-out subject "
              "(0 when not found); Placement: the subject found with its category at the named position "
@@ -420,7 +424,8 @@ def markdown(report: dict) -> str:
             t = m.get("train") or {}
             steps = " + ".join(f"{k} {v}" for k, v in m["steps"].items()) if m.get("steps") else "-"
             per = ", ".join(f"{k} {v:.3f}" for k, v in t["seconds_per_step"].items()) if t.get("seconds_per_step") else "-"
-            lines.append(f"| {LABELS[name]} | {steps} | {t.get('seconds', '-')} | {per} | {m['eval_seconds']} |")
+            cached = " (images cached)" if m.get("sampler_calls") == 0 else ""
+            lines.append(f"| {LABELS[name]} | {steps} | {t.get('seconds', '-')} | {per} | {m['eval_seconds']}{cached} |")
     lines += ["", f"Training wall time (all invocations) {r['train_seconds']} s; this invocation {r['seconds']} s "
               f"(evaluation images are cached in WORK/<method>/eval/: a rerun re-scores them). Seconds per step: the "
               f"median over `metrics.jsonl` records (every 25 steps; previews and curve exports included). "
@@ -445,8 +450,11 @@ def _panel(d, box, report: dict, x: str, y: str, xlabel: str, ylabel: str) -> No
     L, T, R, B = box
     pts = {n: [(int(s), m["per_step"][s]) for s in sorted(m["per_step"], key=int)]
            for n, m in report["methods"].items() if n != "ground_truth"}     # the ceiling is in the table
-    vals_x = [p[x]["mean"] for v in pts.values() for _, p in v if x in p]
-    vals_y = [p[y]["mean"] for v in pts.values() for _, p in v if y in p]
+    best = {n: report["methods"][n]["best_step"] for n in pts}    # the axes hold the best steps' intervals
+    vals_x = [p[x][k] for n, v in pts.items() for s, p in v if x in p
+              for k in (("mean", "lo", "hi") if s == best[n] else ("mean",))]
+    vals_y = [p[y][k] for n, v in pts.items() for s, p in v if y in p
+              for k in (("mean", "lo", "hi") if s == best[n] else ("mean",))]
     if not vals_x or not vals_y:
         return
 
@@ -549,6 +557,18 @@ def samples_sheet(report: dict, images: dict, refs: dict, path: Path, scale: int
     img.save(path, optimize=True)
 
 
+def dump_json(report: dict) -> str:
+    """``report`` as JSON: indented, except the per-image rows (one line each, floats to 5 digits)."""
+    def small(r):
+        return {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
+    head = json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1, default=str)
+    rows = ",\n".join(f" {json.dumps(n)}: [\n" + ",\n".join("  " + json.dumps(small(r), default=str) for r in rs)
+                      + "]" for n, rs in report["rows"].items())
+    text = head[:-2] + ',\n "rows": {\n' + rows + "}\n}\n"
+    json.loads(text)
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The command.
 
@@ -617,7 +637,7 @@ def main(argv) -> None:
     say(ev.clip_note)
     report = dict(command=" ".join(sys.argv), subjects=subjects, steps_scale=scale, seeds=seeds, steps=steps,
                   guidance=ev.guidance, sampler=ev.sampler, image_size=ev.size, batch=ev.batch,
-                  curve_points=F.curve_points, work=str(work), clip_note=ev.clip_note,
+                  curve_points=F.curve_points, work=str(work), clip_note=ev.clip_note, skip_train=F.skip_train,
                   concepts=[dict(name=n, key=s.key, category=s.category) for n, s in zip(names, subs)],
                   cases=sum(len(v) for v in cases_by.values()),
                   case_list=[dict(c.to_dict(), concept=n) for n, cs in cases_by.items() for c in cs],
@@ -628,7 +648,7 @@ def main(argv) -> None:
     images: dict = {}
 
     def run_eval(name: str, points: list[tuple[int, str | None]]) -> None:
-        t0 = time.time()
+        t0, calls0 = time.time(), ev.calls
         per_step, rows_all = {}, []
         for step, run in points:
             rows, step_images = [], {}
@@ -648,12 +668,14 @@ def main(argv) -> None:
                 f"CLIP-T {fmt(s, 'clip_t')}, CLIP-I {fmt(s, 'clip_i')}")
         best = best_step(per_step)
         m = dict(per_step=per_step, best_step=best, last_step=points[-1][0], eval_seconds=round(time.time() - t0, 1),
+                 sampler_calls=ev.calls - calls0,
                  phrase=next((x["phrase"] for x in rows_all if x.get("phrase")), None))
         if name in plans:
             p, rec = plans[name], runs[name]
             m.update(steps=p["steps"], paper_steps=p["paper_steps"], curve=p["curve"], stage=p["stage"],
                      train=dict(seconds=round(sum(rec["seconds"]), 1), invocations=rec["seconds"],
                                 skipped_now=rec.get("skipped"), seconds_per_step=run_seconds(work / name),
+                                git=rec.get("git"),
                                 command=rec.get("command")))
         report["methods"][name] = m
         report["rows"][name] = rows_all
@@ -667,6 +689,10 @@ def main(argv) -> None:
     report["sampler_calls"] = ev.calls
     report["notes"].append("the pretrained row samples the plain case prompt with the base; the ground-truth row "
                            "scores the renders of the cases' own scenes (each case once)")
+    unrecorded = [n for n, r in runs.items() if not r.get("git")]
+    if unrecorded:
+        report["notes"].append(f"no git state recorded for the training of {unrecorded} (trained by an earlier "
+                               "version of this script); the commit above is this invocation's")
     if scale != 1.0:
         report["notes"].append(f"steps scaled by {scale}: not the paper's step counts")
     report["seconds"] = round(time.time() - t_start, 1)
@@ -681,7 +707,7 @@ def main(argv) -> None:
     from PIL import Image
     refs = {n: np.asarray(Image.open(folders[n] / "00.png").convert("RGB")) for n, _ in shown}
     samples_sheet(report, best_images, refs, out / "samples.png")
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "results.json").write_text(dump_json(report))
     print(markdown(report))
     say(f"wrote {out} ({report['seconds']} s)")
 

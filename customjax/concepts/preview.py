@@ -1,7 +1,7 @@
 """Previews during per-concept fine-tuning: ``config.finetune.preview_prompts`` (``{}`` = the concept's
 phrase) sampled by text-to-image with each concept's current words and weights, the same noise every
 time; one row per concept (its first image beside the samples) in ``workdir/previews/<stage>_<step>.png``
-and TensorBoard ``preview/<stage>``."""
+and TensorBoard ``preview/<stage>``, every ``train.preview_every`` steps and at each stage's end (0: none)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def sampling_unet(unet_params) -> dict:
 class ConceptPreview:
     def __init__(self, config, built, phrases: list[str], references: list[np.ndarray], workdir: Path, writer=None):
         self.prompts = tuple(config.finetune.preview_prompts)
-        self.count = min(int(config.train.get("preview_count", 4)), len(phrases))
+        on = bool(self.prompts) and int(config.train.preview_every) > 0       # 0: no previews (as customjax.train)
+        self.count = min(int(config.train.get("preview_count", 4)), len(phrases)) if on else 0
         self.phrases, self.workdir, self.writer = phrases, Path(workdir), writer
         self.config, self.built = config, built
         K = int(built.params["image"]["tokens"]["rows"].shape[0])
@@ -36,12 +37,12 @@ class ConceptPreview:
         self.pipe, _ = with_rows(built.pipe, built.params, np.zeros((K, D), np.float32))   # made once: one compile
         s = config.sample
         f = built.pipe.vae_scale
-        self.latents = seed_latents([int(s.seeds[0])] * len(self.prompts),
+        self.latents = seed_latents([int(s.seeds[0])] * max(len(self.prompts), 1),
                                     (s.height // f, s.width // f, built.pipe.unet.config.in_channels))
         self.references = references
 
     def __call__(self, stage: str, step: int, built, frozen: dict, state) -> None:
-        if not self.prompts or not self.count or jax.process_index() != 0:
+        if not self.count or jax.process_index() != 0:
             return
         s = self.config.sample
         rows_out = []
