@@ -63,6 +63,8 @@ def define_flags() -> None:
     flags.DEFINE_string("class_word", None, "the concepts' class word, when their concept.json names none")
     flags.DEFINE_string("workdir", None, "run folder (checkpoints, logs, previews, export)", required=True)
     flags.DEFINE_integer("stop_after", None, "exit (with a checkpoint) after this many steps of this run; for tests")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs: the concept "
+                      "axis spans every process's devices)")
 
 
 def concept_dirs(concept: list[str], parent: str | None) -> list[Path]:
@@ -208,7 +210,7 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
     writer = metrics_writer(workdir_p)
     log = JsonLines(workdir_p / "metrics.jsonl", after=10 ** 12) if jax.process_index() == 0 else None
     preview = ConceptPreview(config, p.built, [concept_phrase(c.phrase, c.token, k.class_word) for k in p.concepts],
-                             [k.images[0] for k in p.concepts], workdir_p, writer)
+                             [k.images[0] for k in p.concepts], workdir_p, writer, p.mesh)
     trained: dict = {"tokens": p.rows}         # per-concept results carried from stage to stage
     status, last, step, exports = "finished", {}, 0, []
     try:
@@ -216,7 +218,7 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
             status, step, state, last = _run_stage(p, st, trained, workdir_p, log, writer, preview, stop_after)
             if status != "finished":
                 break
-            carry(trained, state)
+            carry(trained, state, p.mesh)
         if status == "finished" and jax.process_index() == 0:
             exports = export_all(p, trained, workdir_p / "export")
             say(f"exported {len(exports)} concept(s) to {workdir_p / 'export'}")
@@ -228,10 +230,10 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
     return {"status": status, "step": step, "concepts": [k.name for k in p.concepts], "exports": exports, **last}
 
 
-def carry(trained: dict, state) -> dict:
+def carry(trained: dict, state, mesh) -> dict:
     """Keeps a finished stage's words and UNet parameters (host, per concept) for the next stage and
-    export; returns ``trained``."""
-    params = jax.device_get(state.params)
+    export; returns ``trained``. Every process calls it (the concept axis may span processes)."""
+    params = parallel.to_host(state.params, mesh)
     if "tokens" in params:
         trained["tokens"] = np.asarray(params["tokens"]["rows"])
     if params.get("unet"):
@@ -289,7 +291,7 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
     config, mesh, batches = p.config, p.mesh, p.batches
     names = [k.name for k in p.concepts]
     curve = {int(x) for x in config.finetune.get("curve", ())}
-    on_curve = st.name == stages(config)[-1].name and jax.process_index() == 0
+    on_curve = st.name == stages(config)[-1].name
     b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"], [k.name for k in p.stacked])
     first = {k: v for k, v in batches(0).items() if k != "caption"}
     jstep, state_sh, frozen_sh = S.compile_stacked(step_fn, mesh, state0, frozen,
@@ -342,7 +344,9 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
             if not preempted and (every(step, config.train.preview_every) or step == st.steps):
                 preview(st.name, step, b, frozen, state)
             if on_curve and step in curve and step < st.steps:
-                export_all(p, carry(dict(trained), state), workdir / "curve" / str(step))
+                now = carry(dict(trained), state, mesh)
+                if jax.process_index() == 0:
+                    export_all(p, now, workdir / "curve" / str(step))
             done = step == st.steps or preempted or (stop_after is not None and step - start >= stop_after)
             if every(step, config.train.save_every) or done:
                 ckpt.save(step, state, {"step": step}, {"step": step, "stage": st.name}, force=True)
@@ -358,6 +362,8 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
 
 def main(argv) -> None:
     del argv
+    if FLAGS.distributed:
+        jax.distributed.initialize()
     if FLAGS.config is None:
         fail(PROG, "--config is required, e.g. --config configs/textual_inversion.py:shapeworld")
     config = FLAGS.config

@@ -5,6 +5,7 @@ DIR...``) it trains the stack on every device of the process (2 simulated device
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -59,7 +60,20 @@ def separate(dirs, steps: int = 3) -> dict:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
+def cli_run(workdir, dirs) -> dict:
+    """``customjax.finetune.finetune`` of 4 steps with previews and a curve export (any process count)."""
+    from customjax.finetune import finetune
+    c = config(4)
+    c.train.preview_every, c.train.save_every, c.finetune.curve = 2, 2, (2,)
+    return finetune(c, [Path(d) for d in dirs], str(workdir))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--process":      # --process ID PORT WORKDIR DIR...: one of 2 jax.distributed processes
+        pid, port, work, *dirs = sys.argv[2:]
+        jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+        print(json.dumps({k: v for k, v in cli_run(work, dirs).items() if k in ("status", "exports")}))
+        sys.exit(0)
     out, *dirs = sys.argv[1:]
     assert jax.device_count() == 2, jax.devices()
     np.savez(out, **stacked([Path(d) for d in dirs]))

@@ -138,6 +138,35 @@ def test_stacked_concepts_equal_separate_runs(concepts, tmp_path):
         assert max_abs(two[k], alone[k]) < 2e-6, k
 
 
+@pytest.mark.slow
+def test_two_processes_equal_one(concepts, tmp_path):
+    """``finetune`` in 2 jax.distributed processes x 1 device (the concept axis across processes; previews
+    and curve exports gather it) exports what 1 process does, to 1e-6 (about 40 s)."""
+    import os
+    import socket
+
+    from customjax.weights.safetensors_io import load_file
+
+    finetune_probe.cli_run(tmp_path / "one", concepts)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = cpu_env(1)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)     # as tests/test_train.py's processes
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "finetune_probe.py"), "--process", str(i), str(port),
+                               str(tmp_path / "two"), *map(str, concepts)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert not any(p.returncode for p in procs), "\n".join(e[-2000:] for _, e in outs)
+    assert json.loads(outs[0][0].strip().splitlines()[-1])["status"] == "finished"
+    for sub in ("export", os.path.join("curve", "2")):
+        for k in concepts:
+            for f in ("learned_embeds.safetensors", "pytorch_custom_diffusion_weights.safetensors"):
+                a, b = (load_file(tmp_path / w / sub / k.name / f) for w in ("one", "two"))
+                assert set(a) == set(b) and all(max_abs(a[n], b[n]) < 1e-6 for n in a if a[n].size), (sub, k.name, f)
+    assert sorted(p.name for p in (tmp_path / "two" / "previews").glob("*.png")) == ["train_000002.png", "train_000004.png"]
+
+
 def test_cli_contrastive_inversion_resumes_exports_and_samples(tmp_path):
     """``python -m customjax.finetune`` through both stages of Contrastive Inversion: stopped inside stage 1,
     resumed to the end; metrics name the InfoNCE term; the export (word file, K/V without K^a, V^a) samples

@@ -12,7 +12,6 @@ import numpy as np
 from flax import traverse_util
 
 from customjax.concepts.tokens import with_rows, with_table
-from customjax.control.params import merge
 from customjax.images import grid, save_png
 from customjax.sampling.common import seed_latents
 from customjax.sampling.t2i import txt2img
@@ -25,12 +24,13 @@ def sampling_unet(unet_params) -> dict:
 
 
 class ConceptPreview:
-    def __init__(self, config, built, phrases: list[str], references: list[np.ndarray], workdir: Path, writer=None):
+    def __init__(self, config, built, phrases: list[str], references: list[np.ndarray], workdir: Path, writer=None,
+                 mesh=None):
         self.prompts = tuple(config.finetune.preview_prompts)
         on = bool(self.prompts) and int(config.train.preview_every) > 0       # 0: no previews (as customjax.train)
         self.count = min(int(config.train.get("preview_count", 4)), len(phrases)) if on else 0
         self.phrases, self.workdir, self.writer = phrases, Path(workdir), writer
-        self.config, self.built = config, built
+        self.config, self.built, self.mesh = config, built, mesh
         K = int(built.params["image"]["tokens"]["rows"].shape[0])
         self.vocab = built.image_side.vocab
         D = built.pipe.text_encoders[0].config.hidden_size
@@ -42,16 +42,23 @@ class ConceptPreview:
         self.references = references
 
     def __call__(self, stage: str, step: int, built, frozen: dict, state) -> None:
-        if not self.count or jax.process_index() != 0:
+        if not self.count:
+            return
+        from customjax import parallel
+        trained = parallel.to_host(state.params, self.mesh)          # every process: a collective
+        words = trained["tokens"] if "tokens" in trained else parallel.to_host(frozen["tokens"], self.mesh)
+        if jax.process_index() != 0:
             return
         s = self.config.sample
         rows_out = []
-        trained = jax.device_get(state.params)
         for c in range(self.count):
-            rows = (trained["tokens"] if "tokens" in trained else jax.device_get(frozen["tokens"]))["rows"][c]
-            unet = frozen["unet"] if "unet" not in trained else merge(
-                frozen["unet"], jax.tree_util.tree_map(lambda a: a[c], trained["unet"]))
-            params = with_table(dict(built.params, unet=sampling_unet(unet)), rows, self.vocab)
+            rows = words["rows"][c]
+            unet = self.built.params["unet"]     # this process's copy; the concept's trained entries over it
+            if trained.get("unet"):
+                flat = traverse_util.flatten_dict(unet)
+                flat.update({k: v[c] for k, v in traverse_util.flatten_dict(trained["unet"]).items()})
+                unet = traverse_util.unflatten_dict(flat)
+            params = with_table(dict(self.built.params, unet=sampling_unet(unet)), rows, self.vocab)
             prompts = [p.format(self.phrases[c]) for p in self.prompts]
             imgs = txt2img(self.pipe, params, prompts, None, steps=int(s.steps), guidance=float(s.guidance),
                            sampler=s.sampler, height=s.height, width=s.width, latents=self.latents)

@@ -22,11 +22,6 @@ def stack(trees: Sequence[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
-def take(tree: Any, c: int) -> Any:
-    """Concept ``c``'s tree (host numpy) of a stacked tree."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a[c])), tree)
-
-
 def pad_to(n: int, devices: int) -> int:
     """The stack size: ``n`` concepts rounded up to a multiple of the devices on the concept axis."""
     return -(-n // devices) * devices
@@ -61,6 +56,12 @@ def compile_stacked(step, mesh, state: Any, frozen: dict, batch_shapes: dict):
 
 
 def place_batch(batch: dict, mesh) -> dict:
-    """Host arrays with a leading concept axis -> arrays split over ``data`` (one process)."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.device_put(a, NamedSharding(mesh, P("data", *([None] * (np.ndim(a) - 1))))), batch)
+    """Host arrays with a leading concept axis, the same whole batch on every process (the batches are
+    a pure function of the step) -> arrays split over ``data``; each process fills its own shards."""
+    def put(a):
+        a = np.asarray(a)
+        sh = NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
+        if jax.process_count() == 1:
+            return jax.device_put(a, sh)
+        return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+    return jax.tree_util.tree_map(put, batch)
