@@ -748,6 +748,15 @@ def _tfds_builders(tfds):
 
 
 def test_tfds_array_record_source_without_tensorflow(tmp_path):
+    # Earlier tests' garbage is collected now, not during tfds's lazy imports: there, an object's failing
+    # finalizer sent pytest's unraisable-exception hook to import tracemalloc inside etils' lazy-import
+    # context, which breaks it ("'LazyModule' object is not callable"; seen once in CI). tracemalloc is
+    # imported here for the same reason.
+    import gc
+    import importlib
+
+    importlib.import_module("tracemalloc")
+    gc.collect()
     import tensorflow_datasets as tfds
 
     pairs_cls, views_cls = _tfds_builders(tfds)
