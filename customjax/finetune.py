@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from customjax import parallel, trainer
+from customjax import parallel, resume, trainer
 from customjax.checkpoint import Checkpointer, run_path, write_config
 from customjax.cli import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, fail, parse_flags
 from customjax.concepts import stack as S
@@ -193,6 +193,26 @@ def class_prior(config, built, concepts, folder: Path | None):
     return mean[:, :, 0], logvar[:, :, 0], [made[k.class_word][0] for k in concepts]
 
 
+def check_resume(config, dirs: list[Path], workdir) -> None:
+    """Before anything is built: a run resumed in ``workdir`` trains the same concepts with a config
+    that trains the same way (:mod:`customjax.resume`; stage step counts and ``finetune.*`` may change)."""
+    names = [d.name for d in dirs]
+    current = json.loads(config.to_json_best_effort())
+    allow = [f"stages.{n}.steps" for n in config.stages] + ["finetune.", "concept.images"]
+    for st in stages(config):
+        ckpt = Checkpointer(Path(workdir) / st.name, config.train.max_to_keep, False)
+        try:
+            steps = ckpt.all_steps()
+            meta = ckpt.read_meta(steps[0]) if steps else {}
+        finally:
+            ckpt.close()
+        if meta.get("concepts", names) != names:
+            raise ValueError(f"{workdir}/{st.name}: its checkpoint trains the concepts {meta['concepts']}, this run "
+                             f"{names}; use a new --workdir for another set of concepts")
+        if meta.get("config"):
+            resume.check(meta["config"], current, steps[0], f"{workdir}/{st.name}", allow)
+
+
 def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = None) -> dict:
     """Fine-tunes every concept of ``dirs`` through the config's stages; returns {"status", "step",
     "stage", "concepts", "exports", "loss" (per concept, last logged)}. ``status``: "finished",
@@ -201,6 +221,7 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
 
     workdir_p = run_path(workdir)
     c = config.concept
+    check_resume(config, dirs, workdir_p)
     t0 = time.time()
     p = prepare(config, dirs, class_dir=workdir_p / "class_images")
     say(f"{config.method} ({config.variant}): {len(p.concepts)} concept(s) stacked as {len(p.stacked)} on "
@@ -298,13 +319,15 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
                                                    parallel.batch_shapes(first, whole=True))
     ckpt = Checkpointer(workdir / st.name, config.train.max_to_keep, config.train.async_save)
     start = 0
+    saved = json.loads(config.to_json_best_effort())
     if ckpt.all_steps():
         abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                           state0, state_sh)
         start, state, _, _, unreadable = ckpt.restore_readable(abstract)
         for s, err in unreadable:
             logging.error("%s: checkpoint step %d cannot be read (%s); resuming from step %d", st.name, s, err, start)
-            ckpt.set_aside(s)
+            if jax.process_index() == 0:
+                ckpt.set_aside(s)
         say(f"{st.name}: resumed from step {start} of {st.steps}")
     else:
         state = trainer.place(state0, state_sh)
@@ -349,7 +372,8 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
                     export_all(p, now, workdir / "curve" / str(step))
             done = step == st.steps or preempted or (stop_after is not None and step - start >= stop_after)
             if every(step, config.train.save_every) or done:
-                ckpt.save(step, state, {"step": step}, {"step": step, "stage": st.name}, force=True)
+                ckpt.save(step, state, {"step": step}, {"step": step, "stage": st.name, "concepts": names,
+                                                        "config": saved}, force=True)
             if done:
                 status = "finished" if step == st.steps else ("preempted" if preempted else "stopped")
                 break

@@ -183,6 +183,9 @@ def test_cli_contrastive_inversion_resumes_exports_and_samples(tmp_path):
     r = subprocess.run(cmd + ["--stop_after=2"], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "stopped"
+    bad = subprocess.run(cmd + ["--config.concept.temperature=0.5"], cwd=ROOT, env=cpu_env(1), capture_output=True,
+                         text=True, timeout=600)          # a config that trains differently is refused
+    assert bad.returncode == 2 and "concept.temperature: checkpoint 0.07 -> this run 0.5" in bad.stderr
     r = subprocess.run(cmd, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "inversion: resumed from step 2 of 4" in r.stderr
