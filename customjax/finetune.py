@@ -45,7 +45,7 @@ from customjax.concepts.data import ConceptBatches, concept_phrase, concept_seed
 from customjax.concepts.tokens import init_rows
 from customjax.methods.build import build
 from customjax.methods.common import abstract
-from customjax.methods.finetune import aux_names
+from customjax.methods.finetune import aux_names, init_words
 from customjax.methods.objective import ObjectiveConfig
 from customjax.methods.registry import get as get_method
 from customjax.train import Diverged, JsonLines, Preemption, every, json_safe, metrics_writer
@@ -126,6 +126,8 @@ def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = 
     ``config.prior.images``, makes (or reads from ``class_dir``) the class images of prior preservation."""
     c = config.concept
     concepts = [read_concept(d, int(config.train.image_size), class_word=c.class_word) for d in dirs]
+    for k in concepts:                                # a phrase naming the class needs one, before any model loads
+        concept_phrase(c.phrase, c.token, k.class_word)
     if get_method(config.method).auxiliary:        # one auxiliary word per input image
         with config.unlocked():
             c.images = len(concepts[0].images)
@@ -136,8 +138,7 @@ def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = 
     stacked = concepts + [concepts[-1]] * (C - len(concepts))
     table = np.asarray(built.params["text_encoders"][0]["text_model"]["embeddings"]["token_embedding"]["embedding"])
     K = int(built.params["image"]["tokens"]["rows"].shape[0])
-    rows = np.stack([init_rows(tok, table, [c.init_word or k.class_word or "object"] + [c.aux_init_word] * (K - 1))
-                     for k in stacked])
+    rows = np.stack([init_rows(tok, table, init_words(c, k.class_word, K)) for k in stacked])
     aux, extra = [], {}
     if built.method.auxiliary:
         names = aux_names(c.token, int(c.images), int(c.aux_vectors))
@@ -405,7 +406,7 @@ def main(argv) -> None:
     except Diverged as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         sys.exit(EXIT_DIVERGED)
-    print(json.dumps(json_safe({k: v for k, v in out.items() if not isinstance(v, list) or k != "loss"})))
+    print(json.dumps(json_safe({k: v for k, v in out.items() if k != "loss"})))
     sys.stdout.flush()
     if out["status"] == "preempted":
         logging.warning("preemption: saved and stopped (exit code %d: run the same command to resume)", EXIT_PREEMPTED)

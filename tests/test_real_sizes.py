@@ -231,8 +231,19 @@ def test_concept_stages_at_real_size(name, arg):
         b, frozen, state, tx, step = stage_setup(built, st, c, sds((C, K, D), jnp.float32), ["a", "b"])
         new, metrics = jax.eval_shape(S.stacked_step(step), state, frozen, batch)
         assert shapes(new.params) == shapes(state.params) and metrics["loss"].shape == (C,)
-        trains = set(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a.shape, state.params)))
-        assert trains, st.name
+        # what trains, counted at SD-1.5's sizes: 16 cross-attention layers, one K and one V kernel each
+        from flax import traverse_util
+        flat = traverse_util.flatten_dict(state.params)
+        unet = [k for k in flat if k[0] == "unet"]
+        parts = set(st.parts)
+        assert (("tokens", "rows") in flat) == ("tokens" in parts), st.name
+        if "tokens" in parts:
+            assert flat["tokens", "rows"].shape == (C, K, D)
+        want = 0 if "unet" in parts else 32 * (("kv" in parts) + ("aux_kv" in parts))
+        if "unet" in parts:
+            assert len(unet) == len(jax.tree_util.tree_leaves(built.params["unet"]))   # every UNet tensor
+        else:
+            assert len(unet) == want and all(k[-3] == "attn2" for k in unet), (st.name, len(unet))
         if built.method.auxiliary and st.name == "inversion":
             assert "loss/contrastive" in metrics
     pipe = wider_pipe(built.pipe, K)

@@ -45,7 +45,7 @@ def export_concept(config, built, concept, rows: np.ndarray, unet_trained, out: 
     if "unet" in trained:
         if not config.model.path:
             raise ValueError("DreamBooth exports a whole pipeline folder: config.model.path must be a diffusers folder")
-        unet = _plain(merge(_frozen_unet(built, unet_trained), unet_trained))
+        unet = sampling_unet(merge(_frozen_unet(built, unet_trained), unet_trained))
         files.write_pipeline(config.model.path, out / "model", unet_params=unet, added_tokens=word)
         meta["model"] = "model"
     else:
@@ -55,7 +55,7 @@ def export_concept(config, built, concept, rows: np.ndarray, unet_trained, out: 
             kv = {k: v for k, v in traverse_util.flatten_dict(unet_trained).items() if not k[-2].endswith("_aux")}
             unet = merge(_frozen_unet(built, traverse_util.unflatten_dict(kv)), traverse_util.unflatten_dict(kv))
             from customjax.weights.safetensors_io import save_file
-            save_file(files.custom_diffusion_state(_plain(unet)), out / KV_FILE, metadata={"method": method.name})
+            save_file(files.custom_diffusion_state(sampling_unet(unet)), out / KV_FILE, metadata={"method": method.name})
             meta["kv_file"] = KV_FILE
     (out / CONCEPT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -68,10 +68,10 @@ def _frozen_unet(built, trained) -> dict:
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in have})
 
 
-def _plain(unet: dict) -> dict:
-    """UNet parameters without the training-only extra K/V sets."""
-    from customjax.concepts.preview import sampling_unet
-    return sampling_unet(unet)
+def sampling_unet(unet_params) -> dict:
+    """The UNet parameters without the training-only extra K/V (Contrastive Inversion's K^a, V^a)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not any(n.endswith("_aux") for n in k)})
 
 
 def read_concept_meta(folder: str | Path) -> dict:

@@ -11,16 +11,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from customjax.concepts.export import sampling_unet
 from customjax.concepts.tokens import with_rows, with_table
 from customjax.images import grid, save_png
 from customjax.sampling.common import seed_latents
 from customjax.sampling.t2i import txt2img
-
-
-def sampling_unet(unet_params) -> dict:
-    """The UNet parameters without the training-only extra K/V (Contrastive Inversion's K^a, V^a)."""
-    flat = traverse_util.flatten_dict(unet_params)
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not any(n.endswith("_aux") for n in k)})
 
 
 class ConceptPreview:

@@ -57,6 +57,13 @@ def aux_names(token: str, images: int, vectors: int) -> list[str]:
     return [f"<{stem}_a{i}_{k}>" for i in range(images) for k in range(vectors)]
 
 
+def init_words(c, class_word: str, rows: int) -> tuple[str, ...]:
+    """Each row's initializer word (``config.concept`` ``c``): S* from ``concept.init_word``, else the
+    concept's class word, else "object"; A_i*'s vectors from ``concept.aux_init_word`` ("" = the mean
+    token embedding)."""
+    return (c.init_word or class_word or "object",) + (c.aux_init_word,) * (rows - 1)
+
+
 def is_cross_kv(path: tuple[str, ...], suffix: str = "") -> bool:
     """A cross-attention layer's ``to_k`` / ``to_v`` kernel (``attn2``), or of the extra set ``suffix``."""
     return "attn2" in path and len(path) >= 2 and path[-2] in (f"to_k{suffix}", f"to_v{suffix}")
@@ -107,7 +114,7 @@ class Finetune(Method):
             raise ValueError(f"placeholder ids {ids[:3]}...: expected {vocab}.. (the tokenizer already has added tokens)")
         D = pipe.text_encoders[0].config.hidden_size
         # the rows start as placeholders; init_image sets them from the base's table (initializer words)
-        words = (c.init_word,) + (c.aux_init_word,) * (len(names) - 1)
+        words = init_words(c, c.class_word, len(names))
         rows = jax.ShapeDtypeStruct((len(names), D), jnp.float32)
         params, clip = {"tokens": {"rows": rows if abstract(config) else jnp.zeros(rows.shape, rows.dtype)}}, None
         if self.auxiliary:
@@ -156,31 +163,6 @@ class Finetune(Method):
         full, _ = encode_with_rows(modules.text, text[0], batch["ids"], rows, modules.vocab)
         aux = row_index(batch["ids"][0], modules.vocab)[1] > 1          # rows after S*
         return Condition(full[:, None], token_mask=aux[:, None], scale=jnp.full((B,), modules.aux_scale), text=ctx)
-
-    # -- checkpoints (the trained tree; the user-facing files: customjax.concepts.export) --------
-    def state_dict(self, trainable: dict) -> dict:
-        from customjax.weights.convert import to_torch_state
-        out = {"tokens.rows": np.asarray(trainable["tokens"]["rows"])} if "tokens" in trainable else {}
-        if "unet" in trainable:
-            out.update(to_torch_state({"unet": trainable["unet"]}))
-        return out
-
-    def load_state_dict(self, state, target: dict, name: str) -> dict:
-        from customjax.weights.convert import convert
-        state = dict(state)
-        out = {}
-        if "tokens" in target:
-            if "tokens.rows" not in state:
-                raise ValueError(f"{name}: no tensor tokens.rows (the learnt words)")
-            rows = np.asarray(state.pop("tokens.rows"))
-            if rows.shape != tuple(target["tokens"]["rows"].shape):
-                raise ValueError(f"{name}: tokens.rows has shape {rows.shape}, the model {target['tokens']['rows'].shape}")
-            out["tokens"] = {"rows": rows}
-        if "unet" in target:
-            out.update(convert(state, {"unet": target["unet"]}, name=name))
-        elif state:
-            raise ValueError(f"{name}: tensors the method does not train: {sorted(state)[:5]}")
-        return out
 
 
 def aux_infonce(modules: Modules, clip_params: dict, rows: jax.Array, batch: dict) -> jax.Array:
