@@ -122,11 +122,13 @@ class Customizer:
         self.sampler = cached_sampler(built.pipe.schedule, config.sample.sampler, config.sample.steps)
 
     @classmethod
-    def from_config(cls, config, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> "Customizer":
+    def from_config(cls, config, checkpoint: str | os.PathLike | None = None, concepts: Sequence = (),
+                    **overrides: Any) -> "Customizer":
         """``config``: a ConfigDict or a config spec (:func:`load_config`, with ``overrides``);
         ``checkpoint``: a trained adapter (a folder holding ``adapter.safetensors``, or a file the method
-        reads, e.g. the released RealCustom++ checkpoint); None: a random adapter (plumbing only). Paths
-        and the checkpoint's method are checked before the model is built."""
+        reads, e.g. the released RealCustom++ checkpoint); None: a random adapter (plumbing only);
+        ``concepts``: fine-tuned concept exports (``customjax.finetune``) loaded into the base (their words,
+        text encoder, LoRA / K, V). Paths and the checkpoint's method are checked before the model is built."""
         import logging
 
         from customjax.base_model import check_config_paths
@@ -144,6 +146,11 @@ class Customizer:
             built = load_adapter(built, checkpoint)
         else:
             logging.getLogger(__name__).warning("no checkpoint: the adapter is randomly initialised (plumbing only)")
+        for folder in concepts:
+            from customjax.concepts.export import load_concept
+            pipe, p, _ = load_concept(built.pipe, built.params, folder)
+            built = dataclasses.replace(built, pipe=pipe, params=dict(built.params, unet=p["unet"],
+                                                                      text_encoders=p["text_encoders"]))
         return cls(config, built, None if checkpoint is None else str(checkpoint))
 
     def check(self, prompts: str | Sequence[str], references, words=None, masks=None,

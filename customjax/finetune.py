@@ -89,6 +89,7 @@ class Stage:
     parts: tuple[str, ...]
     lr: float
     steps: int
+    batch: int = 0          # 0: config.train.batch
 
 
 def stages(config) -> list[Stage]:
@@ -97,7 +98,8 @@ def stages(config) -> list[Stage]:
         if name not in config.stages:
             raise ValueError(f"config.stage_order names {name!r}; config.stages has {sorted(config.stages)}")
         st = config.stages[name]
-        out.append(Stage(name, tuple(p for p in st.parts.split(",") if p), float(st.lr), int(st.steps)))
+        out.append(Stage(name, tuple(p for p in st.parts.split(",") if p), float(st.lr), int(st.steps),
+                         int(st.get("batch", 0))))
     return out
 
 
@@ -116,16 +118,24 @@ class Prepared:
     concepts: list                 # the user's concepts
     stacked: list                  # padded with copies of the last to a multiple of the devices
     rows: Any                      # (C, K, D) initial words per stacked concept
-    batches: ConceptBatches
+    batches: Any                   # ConceptBatches, or JointBatches (concepts learnt together)
     mesh: Any
+    phrases: list = dataclasses.field(default_factory=list)     # each concept's words in prompts
+    slots: list = dataclasses.field(default_factory=list)       # each stack entry's name (its random stream)
+    logged: list = dataclasses.field(default_factory=list)      # the names of the metrics' entries
+    over: str = "concepts"         # what the mesh's data axis splits: the concepts, or (joint) the batch
 
 
-def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = None) -> Prepared:
+def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = None,
+            data_dir: str | Path | None = None) -> Prepared:
     """Reads the concept folders (``config.concept.images`` is set from them for the auxiliary words),
     builds the model, initialises each concept's words from its initializer (the class word) and, with
-    ``config.prior.images``, makes (or reads from ``class_dir``) the class images of prior preservation."""
+    ``config.prior.images``, makes (or reads from ``class_dir``) the class images of prior preservation.
+    A joint method (CLIF) curates its data into ``data_dir`` (:func:`prepare_joint`)."""
     c = config.concept
     concepts = [read_concept(d, int(config.train.image_size), class_word=c.class_word) for d in dirs]
+    if get_method(config.method).joint:
+        return prepare_joint(config, concepts, mesh, data_dir)
     for k in concepts:                                # a phrase naming the class needs one, before any model loads
         concept_phrase(c.phrase, c.token, k.class_word)
     if get_method(config.method).auxiliary:        # one auxiliary word per input image
@@ -150,7 +160,108 @@ def prepare(config, dirs: list[Path], mesh=None, class_dir: str | Path | None = 
     if int(config.prior.images):
         prior = class_prior(config, built, stacked, Path(class_dir) if class_dir else None)
     return Prepared(config, built, concepts, stacked, rows, ConceptBatches(stacked, tok, config, post, aux=aux,
-                                                                           extra=extra, prior=prior), mesh)
+                                                                           extra=extra, prior=prior), mesh,
+                    phrases=[concept_phrase(c.phrase, c.token, k.class_word) for k in concepts],
+                    slots=[k.name for k in stacked], logged=[k.name for k in concepts])
+
+
+def prepare_joint(config, concepts: list, mesh=None, data_dir: str | Path | None = None) -> Prepared:
+    """Concepts learnt together in one model (CLIF): their names and class words go to the config
+    (``concept.joint_names`` / ``joint_classes``: the method's tokens), the model is built, the contexts
+    of G-Aug made or read (:func:`context_images`, ``data_dir/contexts``), the curated set
+    (:mod:`customjax.concepts.augment`) written as ArrayRecord to ``data_dir/curated`` and read back from
+    there for the batches. One stack entry ("joint"); the mesh's data axis splits its batch."""
+    import tempfile
+
+    from customjax.concepts import augment
+    from customjax.concepts.data import JointBatches, encode_images
+
+    c = config.concept
+    method = get_method(config.method)
+    for k in concepts:
+        if not k.class_word:
+            raise ValueError(f"concept {k.name}: {config.method} initialises its tokens from the super-category "
+                             f"word; give it in {k.name}/concept.json ({{\"class\": \"dog\"}}) or --class_word")
+    phrases = [concept_phrase(c.phrase, " ".join(method.concept_tokens(config, k.name)), k.class_word) for k in concepts]
+    with config.unlocked():
+        c.joint_names = tuple(k.name for k in concepts)
+        c.joint_classes = tuple(k.class_word for k in concepts)
+    built = build(config)
+    mesh = parallel.make_mesh(1) if mesh is None else mesh
+    data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="customjax-joint-"))
+    contexts = context_images(config, built, data_dir / "contexts")
+    items = augment.curate(concepts, phrases, contexts, config.curation, tuple(c.templates), int(config.seed))
+    if jax.process_index() == 0:
+        augment.write_curated(items, data_dir / "curated")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("curated")
+    items = augment.read_curated(data_dir / "curated")
+    n = augment.counts(items)
+    say(f"curated {len(items)} examples ({', '.join(f'{v} {k}' for k, v in n.items())}) in {data_dir / 'curated'}")
+    vae = built.params["vae"]
+    batches = JointBatches(items, built.pipe.tokenizers[0], config,
+                           encode=lambda im: encode_images(built.pipe, vae, im),
+                           embed=lambda im: image_embeddings(built, im))
+    rows = np.asarray(built.params["image"]["tokens"]["rows"])[None]
+    return Prepared(config, built, concepts, concepts[:1], rows, batches, mesh, phrases=phrases, slots=["joint"],
+                    logged=["joint"], over="batch")
+
+
+def base_images(config, built, prompt: str, n: int, folder: Path | None) -> np.ndarray:
+    """(n, S, S, 3): ``prompt`` sampled by the frozen base (seeds 0..n-1, ``config.sample``, S =
+    ``train.image_size``), kept as ``folder/NNNN.png`` and read back from there on a rerun."""
+    from customjax.images import save_png
+    from customjax.sampling.common import seed_latents
+    from customjax.sampling.t2i import txt2img
+
+    s, pipe, size = config.sample, built.pipe, int(config.train.image_size)
+    files = sorted(folder.glob("*.png")) if folder and folder.is_dir() else []
+    if len(files) >= n:
+        return np.stack([read_concept(folder, size).images[i] for i in range(n)])
+    say(f"making {n} images of {prompt!r} with the base model")
+    f, imgs = pipe.vae_scale, []
+    for i in range(0, n, s.batch):
+        seeds = list(range(i, min(i + s.batch, n)))
+        lat = seed_latents(seeds, (size // f, size // f, pipe.unet.config.in_channels))
+        imgs.append(txt2img(pipe, built.params, [prompt] * len(seeds), None, steps=int(s.steps),
+                            guidance=float(s.guidance), sampler=s.sampler, height=size, width=size, latents=lat))
+    imgs = np.concatenate(imgs)
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(imgs):
+            save_png(im, folder / f"{i:04d}.png")
+    return imgs
+
+
+def context_images(config, built, folder: Path) -> list[tuple[str, np.ndarray]]:
+    """G-Aug's contexts, (caption, image (S, S, 3)): the images of ``curation.context_dir`` (captions from
+    its ``captions.json`` {file name: caption}, else the file stems with ``_`` for spaces), or
+    ``curation.context_images`` of each of ``curation.context_prompts`` made by the base (kept in
+    ``folder/<k>/``). None when ``curation.global_per_view`` is 0."""
+    from customjax.concepts.data import IMAGE_SUFFIXES, _square
+    from customjax.data.images import ImageError, open_rgb
+
+    cu, size = config.curation, int(config.train.image_size)
+    if not int(cu.global_per_view):
+        return []
+    if cu.context_dir:
+        d = Path(cu.context_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"config.curation.context_dir={d}: no such folder")
+        names = json.loads((d / "captions.json").read_text()) if (d / "captions.json").is_file() else {}
+        out = []
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                im, _ = open_rgb(f.read_bytes(), str(f))
+            except ImageError as e:
+                raise ValueError(f"context image {f}: {e}") from None
+            out.append((names.get(f.name, f.stem.replace("_", " ")), np.asarray(_square(im, size), np.float32) / 255.0))
+        if not out:
+            raise ValueError(f"config.curation.context_dir={d} holds no image")
+        return out
+    return [(prompt, im) for k, prompt in enumerate(cu.context_prompts)
+            for im in base_images(config, built, prompt, int(cu.context_images), folder / str(k))]
 
 
 def class_prior(config, built, concepts, folder: Path | None):
@@ -159,35 +270,14 @@ def class_prior(config, built, concepts, folder: Path | None):
     ``folder/<class>/`` and reused), as (mean, logvar, prompts) for :class:`ConceptBatches`. The loss is
     the mean over the concept's and the class's examples, a prior weight of 1 (the diffusers default)."""
     from customjax.concepts.data import posteriors as encode
-    from customjax.images import save_png
-    from customjax.sampling.common import seed_latents
-    from customjax.sampling.t2i import txt2img
 
-    pr, s, pipe = config.prior, config.sample, built.pipe
-    n, size, f = int(pr.images), int(config.train.image_size), pipe.vae_scale
+    pr, pipe, n = config.prior, built.pipe, int(config.prior.images)
     made = {}
     for cls in dict.fromkeys(k.class_word for k in concepts):
         if not cls:
             raise ValueError("prior preservation needs each concept's class word (concept.json or --class_word)")
         prompt = pr.prompt.format(cls)
-        d = folder / cls if folder else None
-        files = sorted(d.glob("*.png")) if d and d.is_dir() else []
-        if len(files) < n:
-            say(f"making {n} class images of {prompt!r} with the base model")
-            imgs = []
-            for i in range(0, n, s.batch):
-                seeds = list(range(i, min(i + s.batch, n)))
-                lat = seed_latents(seeds, (size // f, size // f, pipe.unet.config.in_channels))
-                imgs.append(txt2img(pipe, built.params, [prompt] * len(seeds), None, steps=int(s.steps),
-                                    guidance=float(s.guidance), sampler=s.sampler, height=size, width=size, latents=lat))
-            imgs = np.concatenate(imgs)
-            if d:
-                d.mkdir(parents=True, exist_ok=True)
-                for i, im in enumerate(imgs):
-                    save_png(im, d / f"{i:04d}.png")
-        else:
-            imgs = np.stack([read_concept(d, size).images[i] for i in range(n)])
-        made[cls] = (prompt, imgs)
+        made[cls] = (prompt, base_images(config, built, prompt, n, folder / cls if folder else None))
     from customjax.concepts.data import Concept
     fake = [Concept(k.name, made[k.class_word][1], None, k.class_word, ()) for k in concepts]
     mean, logvar = encode(pipe, built.params["vae"], fake, False)
@@ -221,18 +311,17 @@ def finetune(config, dirs: list[Path], workdir: str, stop_after: int | None = No
     from customjax.concepts.preview import ConceptPreview
 
     workdir_p = run_path(workdir)
-    c = config.concept
     check_resume(config, dirs, workdir_p)
     t0 = time.time()
-    p = prepare(config, dirs, class_dir=workdir_p / "class_images")
+    p = prepare(config, dirs, class_dir=workdir_p / "class_images", data_dir=workdir_p / "data")
     say(f"{config.method} ({config.variant}): {len(p.concepts)} concept(s) stacked as {len(p.stacked)} on "
         f"{jax.device_count()} device(s), built in {time.time() - t0:.0f} s")
     if jax.process_index() == 0:
         write_config(workdir_p, config)
     writer = metrics_writer(workdir_p)
     log = JsonLines(workdir_p / "metrics.jsonl", after=10 ** 12) if jax.process_index() == 0 else None
-    preview = ConceptPreview(config, p.built, [concept_phrase(c.phrase, c.token, k.class_word) for k in p.concepts],
-                             [k.images[0] for k in p.concepts], workdir_p, writer, p.mesh)
+    preview = ConceptPreview(config, p.built, p.phrases, [k.images[0] for k in p.concepts], workdir_p, writer, p.mesh,
+                             joint=p.over == "batch")
     trained: dict = {"tokens": p.rows}         # per-concept results carried from stage to stage
     status, last, step, exports = "finished", {}, 0, []
     try:
@@ -258,14 +347,25 @@ def carry(trained: dict, state, mesh) -> dict:
     params = parallel.to_host(state.params, mesh)
     if "tokens" in params:
         trained["tokens"] = np.asarray(params["tokens"]["rows"])
+    if "text" in params:
+        trained["text"] = params["text"]
     if params.get("unet"):
         trained["unet"] = params["unet"]
     return trained
 
 
 def export_all(p: Prepared, trained: dict, folder: Path) -> list[str]:
-    """Every concept's files in ``folder/<concept>`` (:func:`customjax.concepts.export.export_concept`)."""
-    from customjax.concepts.export import export_concept
+    """Every concept's files in ``folder/<concept>`` (:func:`customjax.concepts.export.export_concept`);
+    concepts learnt together: one folder ``folder/<method>`` (:func:`~customjax.concepts.export.export_joint`)."""
+    from customjax.concepts.export import export_concept, export_joint
+    if p.over == "batch":
+        first = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a)[0], tree)   # noqa: E731
+        m = p.built.method
+        tokens = [t for k in p.concepts for t in m.concept_tokens(p.config, k.name)]
+        text = first(trained["text"]) if "text" in trained else p.built.params["image"]["text"]
+        unet = first(trained["unet"]) if "unet" in trained else None
+        return [str(export_joint(p.config, p.built, p.concepts, {k.name: ph for k, ph in zip(p.concepts, p.phrases)},
+                                 tokens, trained["tokens"][0], text, unet, Path(folder) / p.config.method))]
     out = []
     for i, k in enumerate(p.concepts):
         unet = jax.tree_util.tree_map(lambda a: a[i], trained["unet"]) if "unet" in trained else None
@@ -275,17 +375,24 @@ def export_all(p: Prepared, trained: dict, folder: Path) -> list[str]:
 
 def clip_embeddings(built, concepts) -> np.ndarray:
     """(C, N, P): the frozen CLIP image embeddings of each concept's N images (Eq. 2's tau_I(x_j))."""
+    return np.stack([image_embeddings(built, k.images) for k in concepts])
+
+
+def image_embeddings(built, images: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """(N, P) unit vectors: the method's frozen CLIP image tower (``image_side.clip``, parameters
+    ``params["image"]["clip"]``) on ``images`` (N, S, S, 3) in [0, 1], resized to its input size."""
     from customjax.models.pixels import resize_images
     clip, p = built.image_side.clip, built.params["image"]["clip"]
     s = clip.vision.config.image_size
-    fn = jax.jit(lambda im: clip.embed_image(p, resize_images(im, s)))
-    return np.stack([np.asarray(fn(jnp.asarray(k.images))) for k in concepts])
+    fn = jax.jit(lambda p, im: clip.embed_image(p, resize_images(im, s)))
+    return np.concatenate([np.asarray(fn(p, jnp.asarray(images[i:i + chunk]))) for i in range(0, len(images), chunk)])
 
 
-def stage_setup(built, st: Stage, config, rows, names):
+def stage_setup(built, st: Stage, config, rows, names, carried: dict | None = None):
     """(stage's built, frozen, initial stacked state, tx, step) for the concepts ``names`` with stacked
     words ``rows`` (C, K, D) (shapes only when the build is abstract); each concept's key is its own
-    (:func:`~customjax.concepts.data.concept_seed`)."""
+    (:func:`~customjax.concepts.data.concept_seed`). ``carried["text"]``: a text encoder an earlier stage
+    fine-tuned (stacked), frozen here when this stage does not train it (else the base's copy)."""
     b = dataclasses.replace(built, method=built.method.stage(st.parts))
     frozen, trainable = trainer.split(b)
     optim = config.optim.copy_and_resolve_references()
@@ -306,18 +413,25 @@ def stage_setup(built, st: Stage, config, rows, names):
     state = jax.eval_shape(make, trainable, rows) if abstract(config) else make(trainable, jnp.asarray(rows))
     if "tokens" not in trainable:
         frozen["tokens"] = {"rows": rows if abstract(config) else jnp.asarray(rows)}
+    if "text" in frozen:
+        C = rows.shape[0]
+        text = (carried or {}).get("text")
+        frozen["text"] = text if text is not None else jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct((C,) + a.shape, a.dtype) if abstract(config) else jnp.broadcast_to(a, (C,) + a.shape),
+            frozen["text"])
     return b, frozen, state, tx, trainer.make_train_step(b, tx, ObjectiveConfig(**config.objective))
 
 
 def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, stop_after):
     config, mesh, batches = p.config, p.mesh, p.batches
-    names = [k.name for k in p.concepts]
+    names, logged = [k.name for k in p.concepts], p.logged
     curve = {int(x) for x in config.finetune.get("curve", ())}
     on_curve = st.name == stages(config)[-1].name
-    b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"], [k.name for k in p.stacked])
+    b, frozen, state0, tx, step_fn = stage_setup(p.built, st, config, trained["tokens"], p.slots, trained)
+    batches = batches.for_stage(st, b.method.needs)
     first = {k: v for k, v in batches(0).items() if k != "caption"}
     jstep, state_sh, frozen_sh = S.compile_stacked(step_fn, mesh, state0, frozen,
-                                                   parallel.batch_shapes(first, whole=True))
+                                                   parallel.batch_shapes(first, whole=True), p.over)
     ckpt = Checkpointer(workdir / st.name, config.train.max_to_keep, config.train.async_save)
     start = 0
     saved = json.loads(config.to_json_best_effort())
@@ -339,18 +453,18 @@ def _run_stage(p: Prepared, st: Stage, trained, workdir, log, writer, preview, s
     max_bad = int(config.train.get("max_bad_steps", 5))
     try:
         while step < st.steps:
-            batch = S.place_batch({k: v for k, v in batches(step).items() if k != "caption"}, mesh)
+            batch = S.place_batch({k: v for k, v in batches(step).items() if k != "caption"}, mesh, p.over)
             state, metrics = jstep(state, frozen, batch)
             step += 1
             bar.update(1)
             preempted = preemption.reached(step)
             if every(step, config.train.log_every) or step == st.steps:
                 m = jax.device_get(metrics)
-                per = {k: np.asarray(v)[:len(names)] for k, v in m.items()}
+                per = {k: np.asarray(v)[:len(logged)] for k, v in m.items()}
                 last = {"stage": st.name, "loss": [float(x) for x in per["loss"]]}
                 rec = {"step": step, "stage": st.name, "seconds": time.time() - t_log,    # since the last record
                        **{k: float(v.mean()) for k, v in per.items()},
-                       "concepts": {n: float(per["loss"][i]) for i, n in enumerate(names)}}
+                       "concepts": {n: float(per["loss"][i]) for i, n in enumerate(logged)}}
                 t_log = time.time()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 if log:

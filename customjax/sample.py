@@ -42,6 +42,8 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("mask", [], "layout mask image(s) of --prompt, one per --word (optional)")
     flags.DEFINE_list("seeds", None, "seeds for every case (default: the case's own, else config.sample.seeds)")
     flags.DEFINE_string("out", None, "output folder (default: config.sample.out)")
+    flags.DEFINE_multi_string("concept", [], "a concept export of customjax.finetune loaded into the base "
+                              "(its words, text encoder, LoRA / K, V; repeatable)")
 
 
 def flag_cases() -> list[dict]:
@@ -69,7 +71,10 @@ def main(argv) -> None:
             check_checkpoint(FLAGS.checkpoint, cfg.method)
     except (FileNotFoundError, ValueError) as e:
         fail("customjax.sample", str(e))
-    pipe = Customizer.from_config(cfg, FLAGS.checkpoint)
+    try:
+        pipe = Customizer.from_config(cfg, FLAGS.checkpoint, concepts=FLAGS.concept)
+    except (FileNotFoundError, ValueError) as e:
+        fail("customjax.sample", str(e))
     samples = pipe.sample_cases(cases, progress=True)
     out = samples.save(FLAGS.out or cfg.sample.out)
     print(f"customjax.sample: {len(samples.images)} images, their masks and grid.png in {out} "

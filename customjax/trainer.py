@@ -94,7 +94,8 @@ def make_train_step(built: Built, tx: optax.GradientTransformation, objective: O
     no non-finite value ever reaches the parameters, the optimizer state or the EMA. The host reads
     the counters with the logged metrics (``nonfinite``, ``bad_steps``, ``skipped_steps``) and stops
     the run past ``train.max_bad_steps`` (:mod:`customjax.train`)."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, built=built, cfg=objective), has_aux=True)
+    own = built.method.objective(built, objective)
+    grad_fn = jax.value_and_grad(own or functools.partial(loss_fn, built=built, cfg=objective), has_aux=True)
 
     def step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         key, sub = jax.random.split(state.key)

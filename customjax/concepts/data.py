@@ -1,8 +1,10 @@
 """Concept folders and the per-step batches of per-concept fine-tuning.
 
 A concept folder holds a few images of one concept (``*.png`` / ``*.jpg`` / ``*.jpeg`` / ``*.webp``,
-read in name order), optionally ``masks/<image stem>.png`` (the concept's pixels) and
-``concept.json`` (``{"class": "dog"}``: the class word of DreamBooth / Custom Diffusion prompts).
+read in name order), optionally ``masks/<image stem>.png`` (the concept's pixels),
+``regions/<image stem>/<caption>.png`` (masks of captioned parts of the concept, e.g. ``red_hat.png``:
+"red hat"; CLIF's R-Aug) and ``concept.json`` (``{"class": "dog"}``: the class word of DreamBooth /
+Custom Diffusion prompts, CLIF's super-category).
 Images are centre-cropped to a square and resized.
 
 Batches are a pure function of (seed, step, the concept's name) (:class:`ConceptBatches`): a resumed run
@@ -33,6 +35,7 @@ class Concept:
     masks: np.ndarray | None       # (N, S, S) float32 in [0, 1], or None
     class_word: str                # "" when the folder names none
     files: tuple[str, ...]
+    regions: tuple = ()            # per image: ((caption, mask (S, S) float32), ...); () without regions/
 
 
 def _square(im: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
@@ -66,6 +69,7 @@ def read_concept(folder: str | Path, size: int, class_word: str = "") -> Concept
             if mk.size != im.size:
                 raise ValueError(f"mask {m} is {mk.size[0]}x{mk.size[1]}, its image {f} {im.size[0]}x{im.size[1]}")
             masks.append(np.asarray(_square(mk, size, Image.BILINEAR), np.float32) / 255.0)
+    regions = _regions(folder, files, size) if (folder / "regions").is_dir() else ()
     meta = folder / "concept.json"
     if meta.is_file():
         d = json.loads(meta.read_text())
@@ -74,7 +78,29 @@ def read_concept(folder: str | Path, size: int, class_word: str = "") -> Concept
             raise ValueError(f"{meta}: unknown keys {unknown} (known: class)")
         class_word = class_word or str(d.get("class", ""))
     return Concept(folder.name, np.stack(images), np.stack(masks) if masks else None, class_word,
-                   tuple(str(f) for f in files))
+                   tuple(str(f) for f in files), regions)
+
+
+def _regions(folder: Path, files: list[Path], size: int) -> tuple:
+    """``regions/<image stem>/<caption>.png`` of each image (captions from the file names, ``_`` for
+    spaces), at ``size`` px like their images; a sub-folder naming no image is an error."""
+    root = folder / "regions"
+    stems = {f.stem for f in files}
+    stray = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in stems)
+    if stray:
+        raise ValueError(f"{root}: sub-folders {stray} name no image of the concept ({sorted(stems)})")
+    out = []
+    for f in files:
+        d = root / f.stem
+        parts = []
+        for m in sorted(d.glob("*.png")) if d.is_dir() else []:
+            mk = open_mask(m.read_bytes(), str(m))
+            im_size = Image.open(f).size
+            if mk.size != im_size:
+                raise ValueError(f"region mask {m} is {mk.size[0]}x{mk.size[1]}, its image {f} {im_size[0]}x{im_size[1]}")
+            parts.append((m.stem.replace("_", " "), np.asarray(_square(mk, size, Image.BILINEAR), np.float32) / 255.0))
+        out.append(tuple(parts))
+    return tuple(out)
 
 
 def concept_seed(name: str) -> int:
@@ -124,6 +150,10 @@ class ConceptBatches:
         if prior is not None:
             self.prior_ids = tokenize(tokenizer, list(prior[2]))                        # (C, T)
 
+    def for_stage(self, stage, needs: Sequence[str]) -> "ConceptBatches":
+        """The same batches in every stage."""
+        return self
+
     def __call__(self, step: int) -> dict:
         B = self.batch
         out: dict = {"latent_mean": [], "latent_logvar": [], "ids": [], "index": [], "target_ids": []}
@@ -164,14 +194,80 @@ class ConceptBatches:
 def posteriors(pipe, vae_params, concepts: Sequence[Concept], hflip: bool) -> tuple[np.ndarray, np.ndarray]:
     """(mean, logvar) (C, N, F, h, w, c): the VAE posterior of every concept image, F = 2 with its
     horizontal flip; made once, so a training step runs no VAE encoder."""
-    import jax
-    import jax.numpy as jnp
-
-    enc = jax.jit(lambda x: pipe.vae.apply({"params": vae_params}, x * 2.0 - 1.0, method="encode"))
     means, logvars = [], []
     for k in concepts:
         views = [k.images] + ([k.images[:, :, ::-1]] if hflip else [])
-        m, lv = zip(*(enc(jnp.asarray(np.ascontiguousarray(v))) for v in views))
-        means.append(np.stack([np.asarray(a) for a in m], 1))
-        logvars.append(np.stack([np.asarray(a) for a in lv], 1))
+        m, lv = zip(*(encode_images(pipe, vae_params, v) for v in views))
+        means.append(np.stack(m, 1))
+        logvars.append(np.stack(lv, 1))
     return np.stack(means), np.stack(logvars)
+
+
+def encode_images(pipe, vae_params, images: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, logvar) (N, h, w, c): the VAE posterior of ``images`` (N, S, S, 3) in [0, 1], ``chunk`` at a time."""
+    import jax.numpy as jnp
+
+    enc = _encoder(pipe.vae)
+    out = [enc(vae_params, jnp.asarray(np.ascontiguousarray(images[i:i + chunk]))) for i in range(0, len(images), chunk)]
+    return np.concatenate([np.asarray(m) for m, _ in out]), np.concatenate([np.asarray(lv) for _, lv in out])
+
+
+_ENCODERS: dict = {}
+
+
+def _encoder(vae):
+    """One jitted VAE encoder per VAE module (compiled once per image shape)."""
+    import jax
+    if id(vae) not in _ENCODERS:
+        _ENCODERS[id(vae)] = (vae, jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="encode")))
+    return _ENCODERS[id(vae)][1]
+
+
+class JointBatches:
+    """Host batches of concepts learnt together in one model (CLIF), from their curated examples
+    (:mod:`customjax.concepts.augment`): one stack entry (leading axis 1) of B examples, a pure function of
+    (seed, step). ``for_stage(stage, needs)``: a stage whose method needs ``image_embeds`` (Eq. 5) draws
+    B distinct examples of the contrastive kinds, with ``ids``, ``image_embeds`` (``embed`` of their images,
+    computed once) and ``same`` (B, B) (equal captions); any other stage draws from the diffusion kinds,
+    with ``latent_mean`` / ``latent_logvar`` (``encode`` of their images, once) and ``ids``."""
+
+    def __init__(self, items, tokenizer, config, encode, embed):
+        from customjax.concepts.augment import CONTRASTIVE, DIFFUSION
+
+        self.seed, self.default_batch, self.tokenizer = int(config.seed), int(config.train.batch), tokenizer
+        self.sets = {"contrastive": [x for x in items if x.kind in CONTRASTIVE],
+                     "diffusion": [x for x in items if x.kind in DIFFUSION]}
+        self.make = {"contrastive": embed, "diffusion": encode}
+        self.cache: dict = {}
+
+    def for_stage(self, stage, needs: Sequence[str]):
+        import functools
+
+        kind = "contrastive" if "image_embeds" in needs else "diffusion"
+        items, B = self.sets[kind], int(stage.batch or self.default_batch)
+        if not items:
+            raise ValueError(f"stage {stage.name}: the curation made no {kind} examples (config.curation)")
+        if kind == "contrastive" and B > len(items):
+            raise ValueError(f"stage {stage.name}: batch {B} is more than the {len(items)} curated contrastive "
+                             f"examples; lower config.stages.{stage.name}.batch or curate more")
+        if kind not in self.cache:
+            images = np.stack([x.image for x in items])
+            self.cache[kind] = (tokenize(self.tokenizer, [x.caption for x in items]), self.make[kind](images))
+        return functools.partial(self._batch, kind, B)
+
+    def _batch(self, kind: str, B: int, step: int) -> dict:
+        items = self.sets[kind]
+        ids, made = self.cache[kind]
+        rng = np.random.default_rng([self.seed, 11, step, kind == "contrastive"])
+        caps = None
+        if kind == "contrastive":
+            idx = rng.choice(len(items), B, replace=False)
+            caps = [items[i].caption for i in idx]
+            same = np.array([[a == b for b in caps] for a in caps])
+            out = {"ids": (ids[idx][None],), "image_embeds": np.asarray(made)[idx][None], "same": same[None]}
+        else:
+            idx = rng.integers(len(items), size=B)
+            caps = [items[i].caption for i in idx]
+            out = {"latent_mean": made[0][idx][None], "latent_logvar": made[1][idx][None], "ids": (ids[idx][None],)}
+        out["caption"] = caps
+        return out

@@ -9,6 +9,11 @@ the method trained them:
     Inversion's stage 2 without K^a, V^a);
   * ``model/``: a whole diffusers pipeline folder with the word in its tokenizer (DreamBooth).
 
+``export_joint`` writes one folder for concepts learnt together (CLIF): ``text_encoder/`` and
+``tokenizer/`` (diffusers components: the fine-tuned text encoder, every concept's tokens added),
+``pytorch_lora_weights.safetensors`` (the UNet's LoRA, PEFT / diffusers names: ``load_lora_weights``)
+or the Custom Diffusion K / V file, and ``concept.json`` with each concept's words.
+
 ``load_concept`` reads such a folder into a (pipeline, params) pair for text-to-image.
 """
 
@@ -61,6 +66,65 @@ def export_concept(config, built, concept, rows: np.ndarray, unet_trained, out: 
     return out
 
 
+def export_joint(config, built, concepts, phrases: dict, tokens: list[str], rows: np.ndarray, text_params,
+                 unet_trained, out: Path) -> Path:
+    """Writes concepts learnt together (see the module docstring); ``tokens`` / ``rows`` (K, D): every
+    concept's placeholder tokens and their rows, ``text_params``: the (fine-tuned) text encoder,
+    ``unet_trained``: the trained UNet entries (LoRA pairs, K / V) or None."""
+    from customjax.weights.lora import LORA_FILE, lora_state
+    from customjax.weights.safetensors_io import save_file
+
+    if not config.model.path:
+        raise ValueError(f"{built.method.name} exports its text encoder as a diffusers component folder: "
+                         "config.model.path must be a diffusers folder")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_text_encoder(config.model.path, out, text_params, dict(zip(tokens, np.asarray(rows, np.float32))))
+    meta = {"method": built.method.name, "base": config.model.path, "text_encoder": "text_encoder", "tokenizer": "tokenizer",
+            "concepts": {k.name: {"phrase": phrases[k.name], "class": k.class_word, "images": list(k.files)} for k in concepts}}
+    flat = traverse_util.flatten_dict(unet_trained or {})
+    if any(n in ("lora_down", "lora_up") for k in flat for n in k):
+        lora = traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora_down" in k or "lora_up" in k})
+        save_file(lora_state(lora, built.image_side.lora_scale), out / LORA_FILE, metadata={"method": built.method.name})
+        meta["lora_file"] = LORA_FILE
+    kv = {k: v for k, v in flat.items() if k[-2] in ("to_k", "to_v") and "attn2" in k}
+    if kv:
+        kv = traverse_util.unflatten_dict(kv)
+        save_file(files.custom_diffusion_state(sampling_unet(merge(_frozen_unet(built, kv), kv))), out / KV_FILE,
+                  metadata={"method": built.method.name})
+        meta["kv_file"] = KV_FILE
+    (out / CONCEPT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_joint(pipe, params: dict, folder: str | Path):
+    """(pipe, params, meta) of :func:`export_joint`'s folder: its text encoder and tokenizer in place of the
+    base's, its LoRA merged into the UNet kernels, its K / V set."""
+    import dataclasses
+
+    from customjax.models.clip_text import clip_text_spec
+    from customjax.tokenizer import load_tokenizer
+    from customjax.weights.lora import load_lora
+    from customjax.weights.loaders import load_pretrained
+    from customjax.weights.safetensors_io import load_file
+
+    folder = Path(folder)
+    meta = read_concept_meta(folder)
+    if pipe.is_sdxl:
+        raise ValueError(f"{folder}: concepts learnt together load into SD-1.x / 2.x pipelines (one text encoder)")
+    enc, tp, _ = load_pretrained(folder / meta["text_encoder"], clip_text_spec(None))
+    tok = load_tokenizer(folder / meta["tokenizer"])
+    if len(tok) != enc.config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {len(tok)} tokens, the text encoder's table {enc.config.vocab_size} rows")
+    unet = params["unet"]
+    if meta.get("lora_file"):
+        unet = load_lora(load_file(folder / meta["lora_file"]), unet, str(folder / meta["lora_file"]))
+    if meta.get("kv_file"):
+        unet = files.load_custom_diffusion(load_file(folder / meta["kv_file"]), unet, str(folder / meta["kv_file"]))
+    wide = dataclasses.replace(pipe, text_encoders=(enc,), tokenizers=(tok,))
+    return wide, dict(params, unet=unet, text_encoders=(tp,)), meta
+
+
 def _frozen_unet(built, trained) -> dict:
     """The built UNet's parameters minus the paths of ``trained``."""
     have = set(traverse_util.flatten_dict(trained or {}))
@@ -68,10 +132,14 @@ def _frozen_unet(built, trained) -> dict:
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in have})
 
 
-def sampling_unet(unet_params) -> dict:
-    """The UNet parameters without the training-only extra K/V (Contrastive Inversion's K^a, V^a)."""
+def sampling_unet(unet_params, lora_scale: float = 1.0) -> dict:
+    """The UNet parameters without the training-only extra K/V (Contrastive Inversion's K^a, V^a), LoRA
+    pairs merged into their kernels (:func:`customjax.weights.lora.fold_lora`): the plain UNet's."""
+    from customjax.weights.lora import fold_lora
+
     flat = traverse_util.flatten_dict(unet_params)
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not any(n.endswith("_aux") for n in k)})
+    out = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not any(n.endswith("_aux") for n in k)})
+    return fold_lora(out, lora_scale) if any("lora_down" in k for k in flat) else out
 
 
 def read_concept_meta(folder: str | Path) -> dict:
@@ -131,8 +199,11 @@ def concept_params(pipe, base_params: dict, folder: str | Path) -> tuple[dict, d
 
 
 def load_concept(pipe, params: dict, folder: str | Path):
-    """(pipe, params, meta) that sample the concept exported to ``folder`` with text-to-image."""
+    """(pipe, params, meta) that sample the concept exported to ``folder`` with text-to-image (concepts
+    learnt together: :func:`load_joint`; ``meta["concepts"]`` names their phrases)."""
     meta = read_concept_meta(folder)
+    if "concepts" in meta:
+        return load_joint(pipe, params, folder)
     wide = concept_pipe(pipe, meta["token"])
     p, meta = concept_params(wide, params, folder)
     return wide, p, meta

@@ -227,12 +227,7 @@ def write_pipeline(base_folder: str | os.PathLike, out_folder: str | os.PathLike
                 raise ValueError(f"added token {t!r} has {len(a)} vectors; write_pipeline adds "
                                  "single-vector tokens only")
             tokens[t] = a[0]
-        from transformers import CLIPTokenizerFast
-
-        tok = CLIPTokenizerFast.from_pretrained(base / "tokenizer", local_files_only=True)
-        taken = sorted(t for t in tokens if t in tok.get_vocab())
-        if taken:
-            raise ValueError(f"{base / 'tokenizer'}: tokens {taken} are already in the vocabulary")
+        tok = _base_tokenizer(base / "tokenizer", tokens)
         files = _safetensors_files(base / "text_encoder")
         src = next((f for f in files if TOKEN_EMBEDDING in safetensors_io.read_header(f)[0]), None)
         if src is None:
@@ -246,11 +241,7 @@ def write_pipeline(base_folder: str | os.PathLike, out_folder: str | os.PathLike
         if wrong:
             raise ValueError(f"added tokens {wrong}: the text encoder's embeddings are ({table.shape[1]},)")
         te[TOKEN_EMBEDDING] = np.concatenate([np.asarray(table, np.float32), np.stack(list(tokens.values()))])
-        tok.add_tokens(list(tokens))
-        ids = tok.convert_tokens_to_ids(list(tokens))
-        if ids != list(range(n, n + len(tokens))):
-            raise ValueError(f"{base / 'tokenizer'}: added tokens {list(tokens)} got ids {ids}, "
-                             f"expected {n}, {n + 1}, ...")
+        _add_tokens(tok, list(tokens), base / "tokenizer")
         rewrite[src] = (out / "text_encoder" / src.name, te)
 
     kept: dict[Path, set[str]] = {}                  # rewritten component -> files to copy as they are
@@ -269,11 +260,72 @@ def write_pipeline(base_folder: str | os.PathLike, out_folder: str | os.PathLike
         _rewrite(src, dst, tensors)
 
     if tokens:
-        tok.save_pretrained(out / "tokenizer")
-        (out / "tokenizer" / "added_tokens.json").write_text(json.dumps(
-            {t: i for t, i in tok.get_added_vocab().items() if i >= tok.vocab_size}, ensure_ascii=False))
-        cfg_file = out / "text_encoder" / "config.json"
-        cfg = json.loads(cfg_file.read_text())
-        cfg["vocab_size"] = n + len(tokens)
-        cfg_file.write_text(json.dumps(cfg, indent=2))
+        _save_tokenizer(tok, out / "tokenizer")
+        _bump_vocab(out / "text_encoder" / "config.json", n + len(tokens))
+    return out
+
+
+def _base_tokenizer(folder: Path, tokens) -> Any:
+    from transformers import CLIPTokenizerFast
+
+    tok = CLIPTokenizerFast.from_pretrained(folder, local_files_only=True)
+    taken = sorted(t for t in tokens if t in tok.get_vocab())
+    if taken:
+        raise ValueError(f"{folder}: tokens {taken} are already in the vocabulary")
+    return tok
+
+
+def _add_tokens(tok, tokens: list[str], where: Path) -> None:
+    n = len(tok)
+    tok.add_tokens(tokens)
+    ids = tok.convert_tokens_to_ids(tokens)
+    if ids != list(range(n, n + len(tokens))):
+        raise ValueError(f"{where}: added tokens {tokens} got ids {ids}, expected {n}, {n + 1}, ...")
+
+
+def _save_tokenizer(tok, out: Path) -> None:
+    tok.save_pretrained(out)
+    (out / "added_tokens.json").write_text(json.dumps(
+        {t: i for t, i in tok.get_added_vocab().items() if i >= tok.vocab_size}, ensure_ascii=False))
+
+
+def _bump_vocab(cfg_file: Path, vocab: int) -> None:
+    cfg = json.loads(cfg_file.read_text())
+    cfg["vocab_size"] = vocab
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
+def write_text_encoder(base_folder: str | os.PathLike, out_folder: str | os.PathLike, text_params: Any,
+                       added_tokens: Mapping[str, Any]) -> Path:
+    """The fine-tuned text encoder ``text_params`` (our tree, ``{"text_model": ...}``) as diffusers
+    component folders ``out/text_encoder`` (transformers ``CLIPTextModel``: ``config.json`` and
+    ``model.safetensors``) and ``out/tokenizer``, with ``added_tokens`` ``{token: (D,)}`` added to the base
+    folder's tokenizer (ids old vocabulary + k) and appended as rows of the token embedding. The key set
+    and shapes must be the base's (``position_ids`` buffers aside). Returns ``out``."""
+    base, out = Path(base_folder), Path(out_folder)
+    if not (base / "text_encoder" / "config.json").is_file() or not (base / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{base}: no text_encoder/config.json or tokenizer/ (a diffusers pipeline folder)")
+    names = list(added_tokens)
+    tok = _base_tokenizer(base / "tokenizer", names)
+    flat = traverse_util.flatten_dict(text_params)
+    key = ("text_model", "embeddings", "token_embedding", "embedding")
+    table = np.asarray(flat[key], np.float32)
+    if len(table) != len(tok):
+        raise ValueError(f"the text encoder's table has {len(table)} rows for {base / 'tokenizer'}'s {len(tok)} tokens")
+    rows = [np.asarray(v, np.float32).reshape(-1) for v in added_tokens.values()]
+    flat[key] = np.concatenate([table, np.stack(rows)]) if rows else table
+    state = to_torch_state(traverse_util.unflatten_dict(flat))
+    have = {k: v["shape"] for f in _safetensors_files(base / "text_encoder")
+            for k, v in safetensors_io.read_header(f)[0].items() if k != "__metadata__" and not k.endswith("position_ids")}
+    missing, extra = sorted(set(have) - set(state)), sorted(set(state) - set(have))
+    wrong = [k for k in set(have) & set(state) if k != TOKEN_EMBEDDING and tuple(have[k]) != state[k].shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{base / 'text_encoder'}: the text encoder parameters do not match its weights: missing "
+                         f"{missing[:10]}, unexpected {extra[:10]}, wrong shape {wrong[:10]}")
+    (out / "text_encoder").mkdir(parents=True, exist_ok=True)
+    shutil.copy(base / "text_encoder" / "config.json", out / "text_encoder" / "config.json")
+    safetensors_io.save_file(state, out / "text_encoder" / "model.safetensors", {"format": "pt"})
+    _add_tokens(tok, names, base / "tokenizer")
+    _save_tokenizer(tok, out / "tokenizer")
+    _bump_vocab(out / "text_encoder" / "config.json", len(tok))
     return out

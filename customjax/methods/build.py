@@ -49,7 +49,7 @@ def build(config: ml_collections.ConfigDict) -> Built:
     pipe, params = base_pipeline(config)
     side = method.image_side(config, pipe, (k_a, k_b, k_c))
     extra = () if side.extra_kv is None else (side.extra_kv,)
-    unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=extra),
+    unet, unet_p = with_control(pipe.unet, params["unet"], ControlConfig(extra_kv=extra, lora=side.lora),
                                 k_ctrl, std=config.init_std, shapes_only=abstract(config))
     unet_p = method.init_extra_kv(unet_p)
     image = method.init_image(side.modules, side.params, params, pipe)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from customjax.control.params import is_control_param
-from customjax.control.spec import Capture, ExtraKV
+from customjax.control.spec import Capture, ExtraKV, LoRA
 
 # The sampler's per-step image side: visual(adapter_params, feats (B, R, N, D), text_ctx, z_masked,
 # sqrt_abar, t) -> (tokens (B, R, N', D), token_mask (B, R, N') | None).
@@ -50,6 +50,7 @@ class ImageSide:
     modules: Any
     params: dict
     extra_kv: ExtraKV | None         # None: the method adds no K/V set (per-concept fine-tuning)
+    lora: LoRA | None = None         # low-rank adapters on the UNet's attention (CLIF's shared LoRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Method:
     kv_name: str = "vision"              # the UNet's extra K/V set: to_k_<kv_name> / to_v_<kv_name>
     location: bool = False               # sampling masks from the generation branch's own attention (CustomContrast)
     per_concept: bool = False            # optimised per concept (customjax.finetune), sampled by text-to-image
+    joint: bool = False                  # per-concept method whose concepts train together in one model (CLIF)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
@@ -129,6 +131,11 @@ class Method:
         return int(config.encoders.image_size)
 
     # -- training ------------------------------------------------------------------------------
+    def objective(self, built, config):
+        """A training loss ``loss(trainable, frozen, batch, key) -> (loss, metrics with "loss")`` in place
+        of the diffusion objective (CLIF's stage 1, Eq. 5), or None: the diffusion objective."""
+        return None
+
     def condition(self, modules, frozen: dict, trainable: dict, batch: dict, x: TrainInputs, key: jax.Array,
                   config) -> Condition:
         """The visual condition (and auxiliary losses) of a training batch; ``frozen`` /

@@ -15,6 +15,7 @@ MODULES = (
     "ip_adapter",        # IP-Adapter (Ye et al. 2023), the unmasked baseline
     "customcontrast",    # CustomContrast (seed 000)
     "finetune",          # per-concept: Textual Inversion, Custom Diffusion, DreamBooth, Contrastive Inversion (seed 001)
+    "clif",              # CLIF (seed 002): several concepts learnt together
 )
 # a module holds one METHOD, or several (METHODS)
 METHODS: dict[str, Method] = {m.name: m for mod in (importlib.import_module(f"customjax.methods.{n}") for n in MODULES)

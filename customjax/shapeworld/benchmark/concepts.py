@@ -41,8 +41,20 @@ def concept_name(subject: sw.Subject) -> str:
     return subject.key.replace("|", "-")
 
 
+def color_regions(image: np.ndarray, mask: np.ndarray, appearance: sw.Appearance) -> dict[str, np.ndarray]:
+    """{colour word: bool mask}: the object's pixels nearest to each of its two named colours (none for a
+    solid subject): exact regions with captions, CLIF's R-Aug."""
+    if len(appearance.colors) < 2:
+        return {}
+    pal = np.array([sw.PALETTE[c] for c in appearance.colors], np.float32)
+    d = ((image[..., None, :].astype(np.float32) - pal) ** 2).sum(-1)
+    nearest = np.argmin(d, -1)
+    return {c: mask & (nearest == i) for i, c in enumerate(appearance.colors) if (mask & (nearest == i)).any()}
+
+
 def write_concepts(out: str | Path, subjects: list[sw.Subject], views: int = 4, size: int = 64, seed: int = 0) -> list[Path]:
-    """One concept folder per subject under ``out`` (``<key>/NN.png``, ``masks/NN.png``, ``concept.json``)."""
+    """One concept folder per subject under ``out`` (``<key>/NN.png``, ``masks/NN.png``, ``concept.json``,
+    and for two-colour subjects ``regions/NN/<colour>.png``: :func:`color_regions`)."""
     folders = []
     for s in subjects:
         d = Path(out) / concept_name(s)
@@ -50,6 +62,9 @@ def write_concepts(out: str | Path, subjects: list[sw.Subject], views: int = 4, 
         for i, (image, mask) in enumerate(concept_views(s, views, size, seed)):
             Image.fromarray(image).save(d / f"{i:02d}.png")
             Image.fromarray(mask.astype(np.uint8) * 255).save(d / "masks" / f"{i:02d}.png")
+            for color, m in color_regions(image, mask, s.appearance).items():
+                (d / "regions" / f"{i:02d}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(m.astype(np.uint8) * 255).save(d / "regions" / f"{i:02d}" / f"{color}.png")
         (d / "concept.json").write_text(json.dumps({"class": s.category}) + "\n")
         folders.append(d)
     return folders
