@@ -12,7 +12,9 @@ every attention projection, lr 1e-4, batch 4, on the concepts' images and M-Aug.
 the step counts (400 and 1000), the InfoNCE temperature 0.07, the LoRA rank and the curation counts.
 
 Presets: Table 2's ``no_gaug``, ``no_raug``, ``no_maug``; Table 1's ``ti`` ("TI + CLIF": stage 2 trains the
-words, lr 5e-4, instead of the LoRA) and ``custom`` ("Custom + CLIF": the words and every cross-attention K, V).
+words, lr 5e-4, instead of the LoRA) and ``custom`` ("Custom + CLIF": the words and every cross-attention K, V);
+``no_contrastive`` (stage 2 alone; ``custom,no_contrastive,no_gaug,no_raug,no_maug`` is Custom Diffusion's
+joint multi-concept training, the baseline of the two-concept benchmark).
 """
 
 import ml_collections
@@ -42,6 +44,9 @@ PRESETS = {
     "no_maug": lambda c: setattr(c.curation, "mix_per_pair", 0),
     "ti": _stage2("tokens", 5e-4),
     "custom": _stage2("tokens,kv", 1e-4),
+    # stage 2 alone (no contrastive text-encoder stage): with "custom" and no augmentation, Custom Diffusion's
+    # joint multi-concept training (Kumari et al. 2023: the words and the shared K, V on all concepts' images)
+    "no_contrastive": lambda c: setattr(c, "stage_order", "unet"),
 }
 
 
@@ -50,6 +55,8 @@ def get_config(arg: str = "shapeworld"):
     c = common.finetune_base("clif", variant, {"text": ("text,tokens", 1e-4, 400), "unet": ("lora", 1e-4, 1000)},
                              phrase="{token}", hflip=False)
     tiny, sw = variant == "tiny", variant == "shapeworld"
+    if sw:
+        c.encoders.clip = c.model.path + "/clip"     # the base's own CLIP (its text tower is the base's encoder)
     c.stages.text.batch = 8 if tiny else (32 if sw else 128)
     c.stages.unet.batch = 0                       # 0: train.batch
     with c.concept.unlocked():
