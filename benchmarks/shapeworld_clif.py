@@ -58,6 +58,7 @@ METHODS = (
     Method("no_gaug", CLIF_ALL + ",no_gaug", "CLIF w/o G-Aug"),
     Method("no_raug", CLIF_ALL + ",no_raug", "CLIF w/o R-Aug"),
     Method("no_maug", CLIF_ALL + ",no_maug", "CLIF w/o M-Aug"),
+    Method("frozen_encoder", CLIF_ALL + ",frozen_encoder", "CLIF, Eq. 5 on the words only (encoder frozen)"),
     Method("clif_ti", CLIF_ALL + ",ti", "TI + CLIF"),
     Method("clif_cd", CLIF_ALL + ",custom", "Custom Diffusion + CLIF"),
     Method("cd", CLIF_ALL + ",custom,no_contrastive,no_gaug,no_raug,no_maug", "Custom Diffusion (joint)"),
@@ -103,7 +104,7 @@ def jobs(subjects, seeds) -> list[tuple[int, int, int, str]]:
 # Training.
 
 
-def train(m: Method, concepts: Path, work: Path, steps_scale: float, fast: bool, say=print) -> dict:
+def train(m: Method, concepts: Path, work: Path, steps_scale: float, fast: bool, seed: int = 0, say=print) -> dict:
     """Runs (or skips, when its export exists) one method's fine-tuning; returns {"seconds", "skipped"}."""
     folder = work / m.name
     done = folder / "benchmark_run.json"
@@ -115,7 +116,7 @@ def train(m: Method, concepts: Path, work: Path, steps_scale: float, fast: bool,
     cfg = load_config(str(ROOT / "configs" / m.spec))
     order = [s for s in cfg.stage_order.split(",") if s]
     cmd = [sys.executable, "-m", "customjax.finetune", "--config", str(ROOT / "configs" / m.spec), "--concepts",
-           str(concepts), "--workdir", str(folder), "--config.train.preview_every=0"]
+           str(concepts), "--workdir", str(folder), "--config.train.preview_every=0", f"--config.seed={seed}"]
     for s in order:
         n = max(int(round(int(cfg.stages[s].steps) * steps_scale)), 2)
         cmd.append(f"--config.stages.{s}.steps={n}")
@@ -227,11 +228,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "shapeworld_clif"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "shapeworld" / "clif"))
     ap.add_argument("--subjects", type=int, default=4)
-    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--steps_scale", type=float, default=1.0)
     ap.add_argument("--methods", default=",".join(m.name for m in METHODS))
+    ap.add_argument("--train_seed", type=int, default=0, help="config.seed of every training run (a replicate)")
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--fast", action="store_true", help="plumbing: 2 subjects, 1 seed, 2 steps per stage, 4 DDIM steps")
     a = ap.parse_args(argv)
@@ -245,8 +247,11 @@ def main(argv=None) -> int:
     chosen = [BY_NAME[n] for n in a.methods.split(",")]
     t_train = {}
     for m in chosen:
+        done = work / m.name / "benchmark_run.json"
         if m.spec and not a.skip_train:
-            t_train[m.name] = train(m, work / "concepts", work, a.steps_scale, a.fast)["seconds"]
+            t_train[m.name] = train(m, work / "concepts", work, a.steps_scale, a.fast, a.train_seed)["seconds"]
+        elif m.spec and done.is_file():         # trained by an earlier invocation
+            t_train[m.name] = json.loads(done.read_text())["seconds"]
     from customjax.pipeline import load_stable_diffusion
     pipe0, params0 = load_stable_diffusion(BASE)
     js = jobs(subjects, list(range(a.seeds)))
@@ -275,6 +280,7 @@ def main(argv=None) -> int:
                                             np.array([x["pair"] for x in ref])) for k in ("margin", "own", "both_placed")}
     from customjax.provenance import git_state
     report = dict(subjects=[s.key for s in subjects], concepts=names, seeds=a.seeds, steps=a.steps, guidance=a.guidance,
+                  train_seed=a.train_seed,
                   steps_scale=a.steps_scale, fast=a.fast, prompt=PROMPT, device=device(), git=git_state(),
                   command="python benchmarks/shapeworld_clif.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   methods=results)
@@ -298,7 +304,8 @@ def markdown(r: dict) -> str:
     lines = ["# CLIF on ShapeWorld: two learnt concepts in one image", "",
              f"{n} held-out two-colour ShapeWorld subjects ({', '.join(r['subjects'])}), 4 views each with exact masks "
              f"and colour regions, learnt by every method; {n * (n - 1)} ordered pairs x {r['seeds']} seeds of "
-             f"`{r['prompt']}`, DDIM {r['steps']} steps, guidance {r['guidance']}; step counts x {r['steps_scale']}. "
+             f"`{r['prompt']}`, DDIM {r['steps']} steps, guidance {r['guidance']}; step counts x {r['steps_scale']}, "
+             f"training seed {r.get('train_seed', 0)}. "
              f"Device: {r['device']['kind']} ({r['device']['cpus']} CPUs). Command: `{r['command']}`.", "",
              "Mean [95% bootstrap interval over the ordered pairs]. Margin: each object's exact appearance similarity "
              "to its own subject minus to the other subject (higher: less confusion); Own: similarity to its own "
@@ -321,7 +328,8 @@ def markdown(r: dict) -> str:
 
 
 def sheet(images: dict, js, subjects, order, path: Path, pairs: int = 6) -> None:
-    """Rows: the rendered pair, then each method; columns: the first seed of ``pairs`` ordered pairs."""
+    """Rows: the pair rendered by the world (the target), then each method in ``order``; columns: the first
+    seed of ``pairs`` ordered pairs."""
     from customjax.images import grid, save_png
     from customjax.shapeworld import world as sw
 
@@ -334,7 +342,7 @@ def sheet(images: dict, js, subjects, order, path: Path, pairs: int = 6) -> None
         objs = (sw.place(rng, subjects[i], "left", "large", size), sw.place(rng, subjects[j], "right", "large", size))
         truth.append(sw.render(sw.Scene(sw.Background(bg), objs), size)[0])
     rows = [np.stack(truth)] + [images[n][cols] for n in order]
-    save_png(grid(np.concatenate(rows), cols=len(cols)), path)
+    save_png(grid(np.concatenate(rows).astype(np.float32) / 255.0, cols=len(cols)), path)
 
 
 if __name__ == "__main__":

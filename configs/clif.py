@@ -14,7 +14,8 @@ the step counts (400 and 1000), the InfoNCE temperature 0.07, the LoRA rank and 
 Presets: Table 2's ``no_gaug``, ``no_raug``, ``no_maug``; Table 1's ``ti`` ("TI + CLIF": stage 2 trains the
 words, lr 5e-4, instead of the LoRA) and ``custom`` ("Custom + CLIF": the words and every cross-attention K, V);
 ``no_contrastive`` (stage 2 alone; ``custom,no_contrastive,no_gaug,no_raug,no_maug`` is Custom Diffusion's
-joint multi-concept training, the baseline of the two-concept benchmark).
+joint multi-concept training, the baseline of the two-concept benchmark); ``frozen_encoder`` (not in the
+paper: Eq. 5 moves only the words, the text encoder stays the base's).
 """
 
 import ml_collections
@@ -47,6 +48,8 @@ PRESETS = {
     # stage 2 alone (no contrastive text-encoder stage): with "custom" and no augmentation, Custom Diffusion's
     # joint multi-concept training (Kumari et al. 2023: the words and the shared K, V on all concepts' images)
     "no_contrastive": lambda c: setattr(c, "stage_order", "unet"),
+    # Eq. 5 moves only the concepts' words; the text encoder stays the base's (not in the paper)
+    "frozen_encoder": lambda c: setattr(c.stages.text, "parts", "tokens"),
 }
 
 
@@ -59,12 +62,13 @@ def get_config(arg: str = "shapeworld"):
         c.encoders.clip = c.model.path + "/clip"     # the base's own CLIP (its text tower is the base's encoder)
     c.stages.text.batch = 8 if tiny else (32 if sw else 128)
     c.stages.unet.batch = 0                       # 0: train.batch
+    c.stages.text.loss, c.stages.unet.loss = "contrastive", "diffusion"       # Eq. 5; the diffusion loss
     with c.concept.unlocked():
         # vectors: tokens per concept; joint_names / joint_classes: set by customjax.finetune from the folders
         c.concept.update(dict(vectors=2, lora_rank=4, lora_alpha=4.0, joint_names=(), joint_classes=()))
     c.curation = ml_collections.ConfigDict(dict(
         global_per_view=2 if tiny else 8, region_per_view=1 if tiny else 4, mix_per_pair=2 if tiny else 8,
-        scale=(0.5, 0.9), context_prompts=CONTEXTS[variant], context_images=1 if tiny else 2, context_dir="",
+        scale=(0.25, 0.5) if sw else (0.3, 0.6), context_prompts=CONTEXTS[variant], context_images=1 if tiny else 2, context_dir="",
         global_templates=("a {concept} and {context}",) if sw else ("a photo of {concept} with {context}",
                                                                     "{concept} and {context}"),
         region_templates=("the {region} of a {concept}",) if sw else ("a photo of the {region} of {concept}",),

@@ -20,6 +20,11 @@ Exports (``workdir/export/<concept>/``, :mod:`customjax.concepts.export`): ``lea
 cross-attention K/V under diffusers' Custom Diffusion processor names), DreamBooth's whole pipeline as
 a diffusers folder (``model/``), and ``concept.json`` (method, token, the prompt phrase). Sample with
 ``python -m customjax.txt2img --model BASE --concept workdir/export/<concept> --prompt "a photo of <s*>"``.
+
+A joint method (CLIF, ``configs/clif.py``) learns all concepts in one model: its data are curated into
+``workdir/data/`` (:func:`prepare_joint`), one stack entry trains with the batch split over the devices,
+and one folder ``workdir/export/clif/`` holds the text encoder, tokenizer and LoRA
+(:func:`customjax.concepts.export.export_joint`).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Stage:
     lr: float
     steps: int
     batch: int = 0          # 0: config.train.batch
+    loss: str = "diffusion"  # or the method's own stage loss (CLIF's "contrastive", Eq. 5)
 
 
 def stages(config) -> list[Stage]:
@@ -99,7 +105,7 @@ def stages(config) -> list[Stage]:
             raise ValueError(f"config.stage_order names {name!r}; config.stages has {sorted(config.stages)}")
         st = config.stages[name]
         out.append(Stage(name, tuple(p for p in st.parts.split(",") if p), float(st.lr), int(st.steps),
-                         int(st.get("batch", 0))))
+                         int(st.get("batch", 0)), str(st.get("loss", "diffusion"))))
     return out
 
 
@@ -182,6 +188,9 @@ def prepare_joint(config, concepts: list, mesh=None, data_dir: str | Path | None
         if not k.class_word:
             raise ValueError(f"concept {k.name}: {config.method} initialises its tokens from the super-category "
                              f"word; give it in {k.name}/concept.json ({{\"class\": \"dog\"}}) or --class_word")
+    if not config.model.path:
+        raise ValueError(f"{config.method} exports its fine-tuned text encoder as a diffusers component folder: "
+                         "set --config.model.path to a diffusers folder")
     phrases = [concept_phrase(c.phrase, " ".join(method.concept_tokens(config, k.name)), k.class_word) for k in concepts]
     with config.unlocked():
         c.joint_names = tuple(k.name for k in concepts)
@@ -393,7 +402,7 @@ def stage_setup(built, st: Stage, config, rows, names, carried: dict | None = No
     words ``rows`` (C, K, D) (shapes only when the build is abstract); each concept's key is its own
     (:func:`~customjax.concepts.data.concept_seed`). ``carried["text"]``: a text encoder an earlier stage
     fine-tuned (stacked), frozen here when this stage does not train it (else the base's copy)."""
-    b = dataclasses.replace(built, method=built.method.stage(st.parts))
+    b = dataclasses.replace(built, method=built.method.stage(st.parts, st.loss))
     frozen, trainable = trainer.split(b)
     optim = config.optim.copy_and_resolve_references()
     with optim.unlocked():

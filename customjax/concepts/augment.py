@@ -12,8 +12,8 @@ images per concept, deterministic in a seed:
     on one of their backgrounds, caption "<left> on the left and <right> on the right"
     (``curation.mix_templates``); stage 2.
 
-Where the paper is silent: the scale range (``curation.scale``, the fraction of the canvas, or of its
-half for M-Aug, that the concept's longer side spans), regions pasted on a plain background rather than
+Where the paper is silent: the scale range (``curation.scale``, the fraction of the canvas side that the
+concept's longer side spans, at most half of it in M-Aug), regions pasted on a plain background rather than
 into contexts, and the background of an image taken as the median colour of its border pixels outside
 the mask. The set is written as one ArrayRecord shard (:mod:`customjax.data.records`: ``text_image``
 records whose ``names[0]`` is the kind and ``object_id`` the concepts it shows).
@@ -131,8 +131,8 @@ def curate(concepts: Sequence, phrases: Sequence[str], contexts: Sequence[tuple[
                 home = (a, va) if r.random() < 0.5 else (b, vb)
                 canvas = np.broadcast_to(background_color(home[0].images[home[1]], home[0].masks[home[1]]),
                                          a.images[va].shape).copy()
-                la = cutout(a.images[va], a.masks[va], r.uniform(lo, hi) * S / 2)
-                lb = cutout(b.images[vb], b.masks[vb], r.uniform(lo, hi) * S / 2)
+                la = cutout(a.images[va], a.masks[va], min(r.uniform(lo, hi), 0.5) * S)
+                lb = cutout(b.images[vb], b.masks[vb], min(r.uniform(lo, hi), 0.5) * S)
                 canvas = _place(r, canvas, *la, (0, S // 2))
                 canvas = _place(r, canvas, *lb, (S // 2, S))
                 t = cfg.mix_templates[int(r.integers(len(cfg.mix_templates)))]

@@ -75,29 +75,32 @@ class Clif(Method):
     kv_name = "none"
     auxiliary = False
 
-    def __init__(self, parts: tuple[str, ...] = ("text", "tokens")):
-        self.parts = tuple(parts)
-        self.needs = ("image_embeds", "same") if "text" in parts else ()    # Eq. 5's batch, else the diffusion one
+    def __init__(self, parts: tuple[str, ...] = ("text", "tokens"), loss: str = "contrastive"):
+        self.parts, self.loss = tuple(parts), loss
+        self.needs = ("image_embeds", "same") if loss == "contrastive" else ()    # Eq. 5's batch, else the diffusion one
 
     def concept_tokens(self, config, name: str) -> list[str]:
         """The placeholder tokens of the concept ``name`` (:func:`token_names`)."""
         return token_names(name, int(config.concept.vectors))
 
     @functools.cache
-    def stage(self, parts: tuple[str, ...]) -> "Clif":
+    def stage(self, parts: tuple[str, ...], loss: str = "diffusion") -> "Clif":
+        """This method with ``parts`` training under ``loss``: "contrastive" (Eq. 5; the text encoder and / or
+        the words) or "diffusion" (any parts; the text encoder then trains with the diffusion loss)."""
         bad = [p for p in parts if p not in PARTS]
         if bad:
             raise ValueError(f"clif: unknown trainable parts {bad}; known: {PARTS}")
-        if "text" in parts and set(parts) - {"text", "tokens"}:
-            raise ValueError(f"clif: the contrastive stage (parts with 'text') trains the text encoder and the words "
-                             f"only; got {parts}")
-        return self if parts == self.parts else Clif(tuple(parts))
+        if loss not in ("contrastive", "diffusion"):
+            raise ValueError(f"clif: a stage's loss is 'contrastive' (Eq. 5) or 'diffusion', not {loss!r}")
+        if loss == "contrastive" and (not parts or set(parts) - {"text", "tokens"}):
+            raise ValueError(f"clif: the contrastive stage trains the text encoder and / or the words only; got {parts}")
+        return self if (parts, loss) == (self.parts, self.loss) else Clif(tuple(parts), loss)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Clif) and self.parts == other.parts
+        return isinstance(other, Clif) and (self.parts, self.loss) == (other.parts, other.loss)
 
     def __hash__(self) -> int:
-        return hash(("clif", self.parts))
+        return hash(("clif", self.parts, self.loss))
 
     # -- construction --------------------------------------------------------------------------
     def image_side(self, config, pipe, keys) -> ImageSide:
@@ -150,8 +153,8 @@ class Clif(Method):
 
     # -- training ------------------------------------------------------------------------------
     def objective(self, built, config):
-        """Stage ``text``: Eq. 5 alone (no UNet evaluation)."""
-        if "text" not in self.parts:
+        """The contrastive stage: Eq. 5 alone (no UNet evaluation)."""
+        if self.loss != "contrastive":
             return None
         mods = built.image_side
 
@@ -165,7 +168,7 @@ class Clif(Method):
 
     def condition(self, modules: Modules, frozen: dict, trainable: dict, batch: dict, x, key, config) -> Condition:
         rows = (trainable.get("tokens") or frozen["tokens"])["rows"]
-        ctx, _ = encode_with_rows(modules.text, frozen["text"], batch["ids"], rows, modules.vocab)
+        ctx, _ = encode_with_rows(modules.text, trainable.get("text") or frozen["text"], batch["ids"], rows, modules.vocab)
         B = ctx.shape[0]
         return Condition(jnp.zeros((B, 1, 1, ctx.shape[-1]), jnp.float32), scale=jnp.zeros((B,)), text=ctx)
 

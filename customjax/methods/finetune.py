@@ -84,8 +84,10 @@ class Finetune(Method):
             self.needs = ("index",)
 
     @functools.cache
-    def stage(self, parts: tuple[str, ...]) -> "Finetune":
+    def stage(self, parts: tuple[str, ...], loss: str = "diffusion") -> "Finetune":
         """This method with ``parts`` training (one object per parts: methods are static arguments)."""
+        if loss != "diffusion":
+            raise ValueError(f"{self.name}: its stages train with the diffusion loss; config.stages asks for {loss!r}")
         bad = [p for p in parts if p not in PARTS]
         if bad:
             raise ValueError(f"{self.name}: unknown trainable parts {bad}; known: {PARTS}")
