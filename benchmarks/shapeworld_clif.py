@@ -2,7 +2,7 @@
 
     python benchmarks/shapeworld_clif.py                    # the configs' step counts (about 35 min on 2 CPU cores)
     python benchmarks/shapeworld_clif.py --skip_train       # evaluate the runs already in --work
-    python benchmarks/shapeworld_clif.py --fast             # plumbing: 2 subjects, a few steps, 1 seed
+    python benchmarks/shapeworld_clif.py --fast             # plumbing: 2 subjects, a few steps, 1 seed (own folders)
 
 1. ``--subjects`` held-out two-colour subjects (never in the base's training data), each a concept folder
    of 4 views with exact masks, the two colours as captioned regions (R-Aug) and the category as the
@@ -225,8 +225,8 @@ def fmt(s: dict | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default=str(ROOT / "runs" / "shapeworld_clif"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "shapeworld" / "clif"))
+    ap.add_argument("--work", default=None, help="runs (default runs/shapeworld_clif, --fast: runs/shapeworld_clif_fast)")
+    ap.add_argument("--out", default=None, help="results (default docs/shapeworld/clif, --fast: WORK/out)")
     ap.add_argument("--subjects", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.fast:
         a.subjects, a.seeds, a.steps, a.steps_scale = 2, 1, 4, 0.0
-    work, out = Path(a.work), Path(a.out)
+    work = Path(a.work or ROOT / "runs" / ("shapeworld_clif_fast" if a.fast else "shapeworld_clif"))
+    out = Path(a.out or (work / "out" if a.fast else ROOT / "docs" / "shapeworld" / "clif"))
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     folders, subjects = make_concepts(work, a.subjects)
@@ -311,6 +312,8 @@ def markdown(r: dict) -> str:
              "to its own subject minus to the other subject (higher: less confusion); Own: similarity to its own "
              "subject; Both placed: both objects found at their sides; Swapped: both found, each more like the other "
              "subject.", "",
+             "`samples.png`: the first seed of 6 ordered pairs (columns); rows: the pair as the world renders it, "
+             "then " + ", ".join(m["label"] for m in r["methods"].values()) + ".", "",
              "| Method | Margin | Own | Both placed | Swapped | Category | train s |", "|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         s = m["summary"]
