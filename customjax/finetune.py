@@ -195,8 +195,13 @@ def prepare_joint(config, concepts: list, mesh=None, data_dir: str | Path | None
     with config.unlocked():
         c.joint_names = tuple(k.name for k in concepts)
         c.joint_classes = tuple(k.class_word for k in concepts)
-    built = build(config)
     mesh = parallel.make_mesh(1) if mesh is None else mesh
+    for st in stages(config):           # the data axis splits each stage's batch
+        B = st.batch or int(config.train.batch)
+        if B % mesh.shape["data"]:
+            raise ValueError(f"config.stages.{st.name}.batch: {B} examples do not split over the mesh's "
+                             f"{mesh.shape['data']} data devices")
+    built = build(config)
     data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="customjax-joint-"))
     contexts = context_images(config, built, data_dir / "contexts")
     items = augment.curate(concepts, phrases, contexts, config.curation, tuple(c.templates), int(config.seed))
