@@ -263,7 +263,8 @@ def test_joint_stages_at_real_size(name, arg, preset):
     """Concepts learnt together (CLIF) at SD-1.5's sizes, 2 concepts of 2 tokens: stage ``text`` (Eq. 5 at the
     released batch of 128 captions: the whole CLIP-L text tower and the words train, CLIP ViT-L/14's 768-d
     projection, no UNet) and stage ``unet`` at 512 px, batch 4: the shared rank-4 LoRA on all 4 projections
-    of the 32 attention layers (Table 1's presets: the words; the words and the 32 cross-attention K, V)."""
+    of the 32 attention layers (Table 1's presets: the words; the words and the 32 cross-attention K, V;
+    their steps are the default's, so only their trainable trees are checked)."""
     from flax import traverse_util
 
     from customjax.concepts import stack as S
@@ -287,12 +288,13 @@ def test_joint_stages_at_real_size(name, arg, preset):
         else:
             assert B == 4 and c.train.image_size == 512
             batch = {"image": sds((1, B, 512, 512, 3), jnp.float32), "ids": (sds((1, B, 77), jnp.int32),)}
-        new, metrics = jax.eval_shape(S.stacked_step(step), state, frozen, batch)
-        assert shapes(new.params) == shapes(state.params) and metrics["loss"].shape == (1,)
+        if preset == "":         # the presets change only what stage 2 trains: its trainable tree is checked
+            new, metrics = jax.eval_shape(S.stacked_step(step), state, frozen, batch)
+            assert shapes(new.params) == shapes(state.params) and metrics["loss"].shape == (1,)
+            assert ("loss/contrastive" in metrics) == (st.loss == "contrastive") != ("loss/diffusion" in metrics)
         flat = traverse_util.flatten_dict(state.params)
         unet = [k for k in flat if k[0] == "unet"]
         if "text" in st.parts:
-            assert "loss/contrastive" in metrics and "loss/diffusion" not in metrics
             assert len([k for k in flat if k[0] == "text"]) == text_leaves and not unet
             assert flat["tokens", "rows"].shape == (1, K, D)
         elif preset == "":
