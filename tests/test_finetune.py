@@ -183,9 +183,13 @@ def test_cli_contrastive_inversion_resumes_exports_and_samples(tmp_path):
     r = subprocess.run(cmd + ["--stop_after=2"], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "stopped"
-    bad = subprocess.run(cmd + ["--config.concept.temperature=0.5"], cwd=ROOT, env=cpu_env(1), capture_output=True,
-                         text=True, timeout=600)          # a config that trains differently is refused
-    assert bad.returncode == 2 and "concept.temperature: checkpoint 0.07 -> this run 0.5" in bad.stderr
+    from customjax.api import load_config       # a config that trains differently is refused (the CLI: exit 2)
+    from customjax.finetune import check_resume
+    bad = load_config(str(ROOT / "configs" / "contrastive_inversion.py") + ":tiny")
+    bad.model.path, bad.train.preview_every, bad.train.save_every = str(base), 4, 2
+    bad.concept.temperature = 0.5
+    with pytest.raises(ValueError, match="concept.temperature: checkpoint 0.07 -> this run 0.5"):
+        check_resume(bad, sorted((tmp_path / "concepts").iterdir()), work)
     r = subprocess.run(cmd, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "inversion: resumed from step 2 of 4" in r.stderr
