@@ -30,12 +30,16 @@ def config(steps: int = 3):
     return c
 
 
-def run(p, batches, rows, steps: int) -> dict:
-    """{path: (C, ...)} of the trained tree after ``steps`` stacked steps."""
+def run(p, batches, rows, steps: int, compiled: dict | None = None) -> dict:
+    """{path: (C, ...)} of the trained tree after ``steps`` stacked steps; ``compiled``: a dict keeping the
+    jitted step for further runs of the same shapes (the separate runs compile once)."""
     st = stages(p.config)[0]
     b, frozen, state, tx, step = stage_setup(p.built, st, p.config, rows, [k.name for k in batches.concepts])
     first = {k: v for k, v in batches(0).items() if k != "caption"}
-    jstep, state_sh, frozen_sh = S.compile_stacked(step, p.mesh, state, frozen, parallel.batch_shapes(first, whole=True))
+    compiled = {} if compiled is None else compiled
+    if "step" not in compiled:
+        compiled["step"] = S.compile_stacked(step, p.mesh, state, frozen, parallel.batch_shapes(first, whole=True))
+    jstep, state_sh, frozen_sh = compiled["step"]
     state, frozen = jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
     for i in range(steps):
         state, _ = jstep(state, frozen, S.place_batch({k: v for k, v in batches(i).items() if k != "caption"}, p.mesh))
@@ -52,11 +56,11 @@ def separate(dirs, steps: int = 3) -> dict:
     """The same concepts one at a time (one build; a one-concept stack per concept)."""
     c = config(steps)
     p = prepare(c, dirs, mesh=parallel.make_mesh(1, jax.devices()[:1]))
-    outs = []
+    outs, compiled = [], {}
     for i, k in enumerate(p.concepts):
         post = posteriors(p.built.pipe, p.built.params["vae"], [k], bool(c.concept.hflip))
         one = ConceptBatches([k], p.built.pipe.tokenizers[0], c, post)
-        outs.append(run(p, one, p.rows[i:i + 1], steps))
+        outs.append(run(p, one, p.rows[i:i + 1], steps, compiled))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
