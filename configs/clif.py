@@ -66,6 +66,7 @@ def get_config(arg: str = "shapeworld"):
     with c.concept.unlocked():
         # vectors: tokens per concept; joint_names / joint_classes: set by customjax.finetune from the folders
         c.concept.update(dict(vectors=2, lora_rank=4, lora_alpha=4.0, joint_names=(), joint_classes=()))
+        c.concept.token = ""          # each concept's tokens are named after its folder (customjax.methods.clif)
     c.curation = ml_collections.ConfigDict(dict(
         global_per_view=2 if tiny else 8, region_per_view=1 if tiny else 4, mix_per_pair=2 if tiny else 8,
         scale=(0.25, 0.5) if sw else (0.3, 0.6), context_prompts=CONTEXTS[variant], context_images=1 if tiny else 2, context_dir="",

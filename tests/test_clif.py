@@ -248,6 +248,10 @@ def test_bad_concepts_are_named(tmp_path):
     with pytest.raises(ValueError, match="concept c1: clif initialises its tokens from the super-category word"):
         prepare(clif.get_config("tiny"), dirs)
     (dirs[1] / "concept.json").write_text(json.dumps({"class": "dog"}))
+    c = clif.get_config("tiny")
+    c.concept.token = "<s*>"
+    with pytest.raises(ValueError, match="names each concept's tokens after its folder"):
+        prepare(c, dirs)
     with pytest.raises(ValueError, match="set --config.model.path to a diffusers folder"):
         prepare(clif.get_config("tiny"), dirs)
     d = write_concepts(tmp_path / "b", 1)[0]
