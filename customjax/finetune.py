@@ -188,6 +188,7 @@ def prepare_joint(config, concepts: list, mesh=None, data_dir: str | Path | None
         if not k.class_word:
             raise ValueError(f"concept {k.name}: {config.method} initialises its tokens from the super-category "
                              f"word; give it in {k.name}/concept.json ({{\"class\": \"dog\"}}) or --class_word")
+    augment.check_masks(concepts)          # before any model loads
     if c.token:
         raise ValueError(f"{config.method} names each concept's tokens after its folder (<name> <name_1>); "
                          f"--token / config.concept.token={c.token!r} does not apply")

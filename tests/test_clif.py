@@ -258,6 +258,9 @@ def test_bad_concepts_are_named(tmp_path):
     (d / "regions" / "7").mkdir()
     with pytest.raises(ValueError, match=r"sub-folders \['7'\] name no image"):
         prepare(clif.get_config("tiny"), [d])
+    bare = write_concepts(tmp_path / "c", 1, masks=False)
+    with pytest.raises(ValueError, match="concept c0: CLIF's augmentation needs each image's mask"):
+        prepare(clif.get_config("tiny"), bare)       # before the model is built
 
 
 def test_confusion_score_is_exact():

@@ -84,16 +84,21 @@ def _place(rng, canvas, rgb, alpha, x_range: tuple[int, int]) -> np.ndarray:
     return paste(canvas, rgb, alpha, x, y)
 
 
+def check_masks(concepts: Sequence) -> None:
+    """Every concept has its images' masks, or a ValueError naming the first that has none."""
+    for k in concepts:
+        if k.masks is None:
+            raise ValueError(f"concept {k.name}: CLIF's augmentation needs each image's mask (masks/<image>.png in "
+                             f"the concept folder; the paper segments with SAM)")
+
+
 def curate(concepts: Sequence, phrases: Sequence[str], contexts: Sequence[tuple[str, np.ndarray]], cfg,
            templates: Sequence[str], seed: int) -> list[Curated]:
     """The curated set of ``concepts`` (:class:`~customjax.concepts.data.Concept` with masks) named by
     ``phrases`` in captions; ``contexts``: (caption, image (S, S, 3)) for G-Aug; ``cfg``:
     ``config.curation`` (``global_per_view``, ``region_per_view``, ``mix_per_pair``, ``scale``, the
     templates); ``templates``: the plain captions' (``{}`` = the phrase). Deterministic in ``seed``."""
-    for k in concepts:
-        if k.masks is None:
-            raise ValueError(f"concept {k.name}: CLIF's augmentation needs each image's mask (masks/<image>.png in "
-                             f"the concept folder; the paper segments with SAM)")
+    check_masks(concepts)
     lo, hi = (float(v) for v in cfg.scale)
     S = concepts[0].images.shape[1]
     out: list[Curated] = []
