@@ -1,4 +1,4 @@
-"""Parity of customjax.models.clip_text / vit with transformers' CLIP, SigLIP and DINOv2 encoders.
+"""Parity of customjax.models.clip_text / vit with transformers' CLIP, SigLIP, DINOv2 and ViT (DINO v1) encoders.
 
 Each case saves a tiny randomised transformers model with ``save_pretrained``, loads it through
 ``load_pretrained`` and compares every output in float32 on the same random inputs.
@@ -263,6 +263,25 @@ def test_dinov2(dino, name, size, report):
     _compare(report, label, ours, _ref(out))
     if (name, size) == ("registers", (24, 20)):
         _check_bf16(label, DINOV2, config, params, _ref(out), x)
+
+
+def test_vit_dino_v1(tmp_path_factory, report):
+    """transformers' ViTModel (DINO v1, DreamBench's DINO-I encoder) with its pooler: every hidden state at
+    the model's size and with interpolated positions (24 x 20 px); the pooler's tensors are skipped (logged)."""
+    from customjax.models.vit import VIT
+    torch.manual_seed(0)
+    model = _randomise(tr.ViTModel(tr.ViTConfig(**TINY_VISION), add_pooling_layer=True))
+    module, params, config = load_pretrained(_save(model, tmp_path_factory, "vit"), VIT)
+    for size, interp in (((16, 16), False), ((24, 20), True)):
+        x_t, x = _pixels(*size)
+        with torch.no_grad():
+            out = model(torch.tensor(x_t), output_hidden_states=True, interpolate_pos_encoding=interp)
+        ours = _apply(module, params, x, interpolate_pos_encoding=interp)
+        ref = _ref(out)
+        ref["pooler_output"] = ref["last_hidden_state"][:, 0]     # ours: the normed CLS token (DINO-I's embedding)
+        _compare(report, f"vit {size[0]}x{size[1]}", ours, ref)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        module.apply({"params": params}, jnp.zeros((1, 24, 20, 3)))
 
 
 # ----------------------------------------------------------------------------------------------

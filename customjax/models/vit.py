@@ -1,6 +1,6 @@
-"""Vision transformers used as image encoders: CLIP ViT, SigLIP and DINOv2 (with or without
-register tokens), after transformers' ``CLIPVisionModel[WithProjection]``, ``SiglipVisionModel``,
-``Dinov2Model`` and ``Dinov2WithRegistersModel``.
+"""Vision transformers used as image encoders: CLIP ViT, SigLIP, DINOv2 (with or without
+register tokens) and ViT (DINO v1), after transformers' ``CLIPVisionModel[WithProjection]``,
+``SiglipVisionModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``ViTModel``.
 
 Pixel values are **NHWC** (B, H, W, C), already normalised by the model's image processor.
 Every model returns a :class:`VisionOutput` with all hidden states (embeddings output first, as
@@ -607,4 +607,113 @@ DINOV2 = ModelSpec(
     dummy_inputs=_dummy_image,
     rename=_dinov2_rename,
     skip=lambda key: key.endswith("position_ids"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT (DINO v1: facebook/dino-vits16, the DreamBench DINO-I encoder)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """transformers ``ViTConfig`` (defaults as there; ``facebook/dino-vits16`` is hidden 384, 12
+    layers, 6 heads, patch 16, 224 px)."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        what = "ViT config"
+        require(d.get("model_type", "vit") == "vit", what, "model_type", d.get("model_type"), "expected 'vit'")
+        # pooler settings: the pooler head is not part of this model (its tensors are skipped, logged);
+        # encoder_stride is for ViTForMaskedImageModeling only
+        kw = config_kwargs(cls, d, what=what, ignore={"encoder_stride", "pooler_output_size", "pooler_act"})
+        cfg = cls(**kw)
+        _check_vit(what, cfg)
+        return cfg
+
+
+class ViTLayer(nn.Module):
+    """Pre-LN block (``layernorm_before`` -> attention, ``layernorm_after`` -> MLP), no layer scale."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name=name)
+        attn = SelfAttention(c.num_attention_heads, out_name="o_proj", qkv_bias=c.qkv_bias, dtype=self.dtype,
+                             name="attention")
+        x = x + attn(norm("layernorm_before")(x))
+        return x + MLP(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")(norm("layernorm_after")(x))
+
+
+class ViTModel(nn.Module):
+    """transformers ``ViTModel`` without its pooler head; ``pooler_output`` is the final-normed CLS
+    token (the DINO embedding DreamBench's DINO-I compares). ``pixel_values`` NHWC at the model's
+    own size (``interpolate_pos_encoding=True`` resizes the positions as transformers does)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> VisionOutput:
+        c = self.config
+        _check_image("ViTModel", pixel_values, c.num_channels)
+        x = ViTEmbeddings(c, dtype=self.dtype, name="embeddings")(pixel_values, interpolate_pos_encoding)
+        outs = [x]
+        for i in range(c.num_hidden_layers):
+            x = ViTLayer(c, dtype=self.dtype, name=f"encoder_layer_{i}")(x)
+            outs.append(x)
+        last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
+        return VisionOutput(last, tuple(outs), last[:, 0])
+
+
+class ViTEmbeddings(nn.Module):
+    """CLS token, patch projection, position embeddings (``embeddings.*``)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, interpolate: bool = False) -> jax.Array:
+        c = self.config
+        b, h, w, _ = pixel_values.shape
+        init = nn.initializers.truncated_normal(0.02)
+        cls = self.param("cls_token", init, (1, 1, c.hidden_size))
+        table = self.param("position_embeddings", init, (1, (c.image_size // c.patch_size) ** 2 + 1, c.hidden_size))
+        x = Dinov2PatchEmbeddings(c, dtype=self.dtype, name="patch_embeddings")(pixel_values)
+        pos = _pos_for("ViT", table[0, 1:], h, w, c.patch_size, c.image_size, interpolate)
+        pos = jnp.concatenate([table[0, :1], pos.astype(table.dtype)])
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.hidden_size)).astype(x.dtype), x], axis=1)
+        return x + pos.astype(x.dtype)
+
+
+def _vit_rename(key: str) -> str:
+    """``encoder.layer.N.`` -> ``encoder_layer_N.``; attention as DINOv2's; ``intermediate.dense`` /
+    ``output.dense`` -> ``mlp.fc1`` / ``mlp.fc2``; a ``vit.`` prefix (ViTFor* heads' backbone) dropped."""
+    import re
+
+    key = key[4:] if key.startswith("vit.") else key
+    key = re.sub(r"^encoder\.layer\.(\d+)\.", r"encoder_layer_\1.", _dinov2_rename(key))
+    return key.replace(".intermediate.dense.", ".mlp.fc1.").replace(".output.dense.", ".mlp.fc2.")
+
+
+VIT = ModelSpec(
+    config_from_dict=ViTConfig.from_dict,
+    build=lambda cfg, dtype: ViTModel(cfg, dtype=dtype),
+    dummy_inputs=_dummy_image,
+    rename=_vit_rename,
+    # the pooler head (dense + tanh) is not used by DINO-I (the CLS token is); a classifier head neither
+    skip=lambda key: key.endswith("position_ids") or key.startswith(("pooler.", "vit.pooler.", "classifier.")),
 )

@@ -16,8 +16,8 @@ from customjax.shapeworld import world as sw
 from customjax.shapeworld.benchmark.cases import Case, make_cases
 
 
-def concept_views(subject: sw.Subject, views: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``views`` (image uint8 (size, size, 3), mask bool (size, size)) of ``subject``, deterministic in ``seed``."""
+def view_scenes(subject: sw.Subject, views: int, size: int, seed: int) -> list[sw.Scene]:
+    """The ``views`` placed scenes of ``subject``'s concept folder, deterministic in ``seed``."""
     rng = np.random.default_rng([seed, 9, *map(ord, subject.key)])
     out = []
     while len(out) < views:
@@ -25,7 +25,15 @@ def concept_views(subject: sw.Subject, views: int, size: int, seed: int) -> list
         position, size_name = str(rng.choice(list(sw.POSITIONS))), str(rng.choice(list(sw.SIZES)))
         if sw.is_heldout_combo(subject.category, bg.color, position):
             continue
-        image, masks = sw.render(sw.Scene(bg, (sw.place(rng, subject, position, size_name, size),)), size)
+        out.append(sw.Scene(bg, (sw.place(rng, subject, position, size_name, size),)))
+    return out
+
+
+def concept_views(subject: sw.Subject, views: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``views`` (image uint8 (size, size, 3), mask bool (size, size)) of ``subject``, deterministic in ``seed``."""
+    out = []
+    for scene in view_scenes(subject, views, size, seed):
+        image, masks = sw.render(scene, size)
         out.append((image, masks[0]))
     return out
 

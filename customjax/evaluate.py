@@ -1,0 +1,235 @@
+"""One evaluation for every method: trained adapters and fine-tuned concepts on one base, fixed seeds.
+
+    python -m customjax.evaluate --methods benchmarks/comparison/shapeworld.json --out docs/comparison
+    python -m customjax.evaluate --protocol dreambench --methods my_methods.json --subjects dreambooth/dataset \
+        --base /path/to/sd15 --clip /path/to/clip-vit-large-patch14 --dino /path/to/dino-vits16 --out eval/
+    python -m customjax.evaluate --fast --out /tmp/eval      # plumbing: 2 subjects, 4 steps (the test suite's)
+
+``--methods``: a JSON list of methods (:mod:`customjax.evaluation.methods`): adapter exports with their
+config, ``customjax.finetune`` concept exports, text-only rows. Protocols:
+
+  * ``shapeworld`` (:mod:`customjax.shapeworld.benchmark.comparison`): held-out ShapeWorld subjects in new
+    contexts, two subjects, and their own views, scored exactly (similarity, placement, controllability,
+    confusion) and with the base's CLIP; the rendered targets as the ceiling row;
+  * ``dreambench`` (:mod:`customjax.evaluation.dreambench`): a DreamBench-layout subjects folder, CLIP-T,
+    CLIP-I, DINO-I (and with masks the segmented R- / E- variants).
+
+Per method: the protocol's scores (mean [95% bootstrap interval over subjects / subject pairs]), UNet
+evaluations per image, sampling seconds per image (batches that did not compile; compile time apart) and
+training device time (per concept for fine-tuning; an adapter's amortised over the subjects evaluated).
+Writes ``--out``: ``samples/<method>/`` (every image and its record; a rerun samples only what is
+missing, so a crash or SIGTERM loses no finished image), ``results.json``, ``results.md``,
+``frontier.png`` and ``samples.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from customjax.cli import fail, parse_flags
+
+FLAGS = flags.FLAGS
+PROG = "customjax.evaluate"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("protocol", "shapeworld", ["shapeworld", "dreambench"], "evaluation protocol")
+    flags.DEFINE_string("methods", None, "JSON list of methods (default for shapeworld: benchmarks/comparison/shapeworld.json; "
+                        "with --fast: a plumbing list written under --out)")
+    flags.DEFINE_list("only", [], "evaluate only these method names")
+    flags.DEFINE_string("out", None, "output folder (samples/, results.json, results.md, frontier.png, samples.png)")
+    flags.DEFINE_string("subjects", None, "subjects folder (shapeworld: concept folders of held-out subjects; "
+                        "dreambench: DreamBench's dataset/ layout)")
+    flags.DEFINE_string("base", None, "base model folder for text-to-image methods (default: the ShapeWorld base)")
+    flags.DEFINE_integer("steps", None, "text-to-image sampling steps (default 25 on ShapeWorld, 50 on DreamBench)")
+    flags.DEFINE_float("guidance", None, "text-to-image guidance (default 5.0 on ShapeWorld, 7.5 on DreamBench)")
+    flags.DEFINE_integer("batch", 8, "text-to-image batch")
+    flags.DEFINE_integer("adapter_steps", None, "override the adapters' sampling steps (T_stop rescaled)")
+    flags.DEFINE_bool("score_only", False, "do not sample: score the images already stored")
+    flags.DEFINE_bool("fast", False, "plumbing: 2 subjects, 1 prompt each, 1 pair, 4 steps, random adapters")
+    flags.DEFINE_bool("progress", True, "progress bars")
+    # ShapeWorld
+    flags.DEFINE_integer("prompts_per_subject", 4, "shapeworld: held-out prompts per subject")
+    flags.DEFINE_list("seeds", ["0", "1"], "shapeworld: seeds of each single-subject prompt")
+    flags.DEFINE_list("pair_seeds", ["0"], "shapeworld: seeds of each two-subject prompt")
+    flags.DEFINE_integer("max_pairs", None, "shapeworld: at most this many ordered subject pairs")
+    # DreamBench
+    flags.DEFINE_string("prompts", None, "dreambench: prompt list (default SUBJECTS/prompts_and_classes.txt)")
+    flags.DEFINE_string("clip", None, "dreambench: CLIPModel folder for CLIP-T / CLIP-I")
+    flags.DEFINE_string("clip_tokenizer", None, "dreambench: tokenizer folder when --clip has no tokenizer files")
+    flags.DEFINE_string("dino", None, "dreambench: ViTModel folder for DINO-I (facebook/dino-vits16)")
+    flags.DEFINE_integer("images_per_prompt", 4, "dreambench: images per subject and prompt")
+    flags.DEFINE_integer("prompt_limit", None, "dreambench: only the first N prompts")
+    flags.DEFINE_list("live_classes", ["cat", "dog"], "dreambench: classes that take the live-subject prompts")
+    flags.DEFINE_string("sample_masks", None, "dreambench: masks of the samples, DIR/<method>/<key>.png (segmented scores)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fast_methods(out: Path, subjects: Path, base: Path) -> Path:
+    """The ``--fast`` plumbing list: the base's rows, one random adapter (RealCustom++), and a one-word
+    concept export per subject written here (random rows; exercises the concept path)."""
+    from customjax.concepts.files import save_token_file
+    from customjax.pipeline import load_stable_diffusion
+
+    pipe, _ = load_stable_diffusion(base, abstract=True)
+    width = pipe.text_encoders[0].config.hidden_size
+    exports = out / "fast_exports"
+    rng = np.random.default_rng(0)
+    for d in sorted(p for p in subjects.iterdir() if p.is_dir()):
+        e = exports / d.name
+        e.mkdir(parents=True, exist_ok=True)
+        save_token_file(e / "learned_embeds.safetensors", {"<s*>": 0.01 * rng.standard_normal((1, width))})
+        cls = json.loads((d / "concept.json").read_text())["class"]
+        (e / "concept.json").write_text(json.dumps({"method": "textual_inversion", "token": "<s*>", "phrase": "<s*>",
+                                                    "class": cls, "token_file": "learned_embeds.safetensors"}))
+    methods = [
+        {"name": "named", "label": "base, appearance named in words", "kind": "text", "phrase": "named", "group": "reference"},
+        {"name": "class", "label": "base, class word", "kind": "text", "phrase": "class", "group": "reference"},
+        {"name": "rendered", "label": "rendered targets", "kind": "reference", "group": "reference"},
+        {"name": "realcustompp", "label": "RealCustom++ (random adapter)", "kind": "adapter",
+         "config": str(ROOT / "configs" / "realcustompp.py:shapeworld"), "group": "adapter"},
+        {"name": "ti", "label": "word (random rows)", "kind": "concepts", "export": str(exports), "group": "fine-tuning",
+         "train": {"seconds": 1.0, "concepts": 2}},
+    ]
+    path = out / "fast_methods.json"
+    path.write_text(json.dumps(methods, indent=1))
+    return path
+
+
+def make_protocol(a, out: Path):
+    if a.protocol == "shapeworld":
+        from customjax.shapeworld.benchmark.comparison import ShapeWorldProtocol
+        subjects = Path(a.subjects) if a.subjects else None
+        if a.fast and subjects is None:
+            from customjax.shapeworld.benchmark.comparison import write_subjects
+            subjects = out / "fast_subjects"
+            write_subjects(subjects, 2)
+        if subjects is None:
+            subjects = ROOT / "runs" / "comparison" / "concepts"
+        kw = dict(prompts_per_subject=1, seeds=(0,), pair_seeds=(0,), views=1, max_pairs=1) if a.fast else dict(
+            prompts_per_subject=a.prompts_per_subject, seeds=[int(s) for s in a.seeds],
+            pair_seeds=[int(s) for s in a.pair_seeds], max_pairs=a.max_pairs)
+        return ShapeWorldProtocol(subjects, **kw)
+    from customjax.evaluation.dreambench import DreamBenchProtocol
+    if not a.subjects:
+        raise ValueError("--protocol dreambench needs --subjects (a DreamBench-layout folder)")
+    if not a.clip and not a.dino:
+        raise ValueError("--protocol dreambench needs --clip and / or --dino (Hugging Face model folders)")
+    return DreamBenchProtocol(a.subjects, prompts=a.prompts, clip=a.clip, clip_tokenizer=a.clip_tokenizer, dino=a.dino,
+                              images_per_prompt=a.images_per_prompt, prompt_limit=a.prompt_limit,
+                              live_classes=a.live_classes, sample_masks=a.sample_masks)
+
+
+def evaluate(a, say=print) -> dict:
+    """Samples what is missing, scores everything stored, writes the report; returns it."""
+    from customjax.evaluation import report as rep
+    from customjax.evaluation.methods import make_sampler, read_methods
+    from customjax.evaluation.run import run_method, stop_on_sigterm, timing_summary
+    from customjax.evaluation.store import SampleStore
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    proto = make_protocol(a, out)
+    base = Path(a.base) if a.base else proto.default_base()
+    steps = a.steps or (4 if a.fast else proto.steps)
+    guidance = a.guidance or proto.guidance
+    adapter_steps = 4 if a.fast and not a.adapter_steps else a.adapter_steps
+    methods_file = Path(a.methods) if a.methods else (fast_methods(out, proto.folder, base) if a.fast
+                                                      else ROOT / "benchmarks" / "comparison" / "shapeworld.json")
+    methods = read_methods(methods_file, root=ROOT, only=a.only or None)
+    store = SampleStore(out / "samples")
+    base_model = None
+    records = {}
+    with stop_on_sigterm():
+        for m in methods:
+            if m.kind == "reference":
+                continue
+            if a.score_only or not store.missing(m.name, [j.key for j in proto.jobs]):
+                continue
+            if m.kind in ("text", "concepts") and base_model is None:
+                from customjax.pipeline import load_stable_diffusion
+                base_model = load_stable_diffusion(base)
+            say(f"{m.name}: sampling {len(store.missing(m.name, [j.key for j in proto.jobs]))} image(s)")
+            sampler = make_sampler(m, proto.subjects, base_model, steps, guidance, a.batch, adapter_steps)
+            records[m.name] = run_method(store, m.name, sampler, proto.jobs, progress=a.progress, say=say)
+            (store.folder(m.name) / "unsupported.json").write_text(json.dumps(records[m.name]["unsupported"]))
+            del sampler
+    # scores
+    results, rows_by = {}, {}
+    for m in methods:
+        if m.kind == "reference":
+            jobs = [j for j in proto.jobs if j.info["kind"] in proto.reference_kinds]
+            images = proto.rendered(jobs)
+            evals = None
+        else:
+            jobs = [j for j in proto.jobs if store.has(m.name, j.key)]
+            images = np.stack([store.image(m.name, j.key) for j in jobs]) if jobs else np.zeros((0, 1, 1, 3), np.uint8)
+            evs = sorted({store.record(m.name, j.key)["unet_evaluations"] for j in jobs})
+            evals = evs[0] if len(evs) == 1 else (evs or None)
+        rows = proto.score(images, jobs, base, m.name) if jobs else []
+        rows_by[m.name] = rows
+        unsup = {}
+        f = store.folder(m.name) / "unsupported.json"
+        if f.is_file():
+            unsup = json.loads(f.read_text())
+        kinds = {}
+        for kind, *_ in proto.kinds:
+            kr = [r for r in rows if r["kind"] == kind]
+            if kr:
+                kinds[kind] = rep.summarise(kr, proto.metrics)
+        t = timing_summary(store.timings(m.name)) if m.kind != "reference" else {}
+        train = m.train_seconds()
+        n_concepts = (m.train or {}).get("concepts")
+        per_concept = (train / n_concepts if n_concepts else train / len(proto.subjects)) if train is not None else None
+        results[m.name] = dict(label=m.label, kind=m.kind, group=m.group, paper=m.paper, summary=kinds,
+                               unsupported=unsup, unet_evaluations=evals, train_seconds=train,
+                               train_seconds_per_concept=None if per_concept is None else round(per_concept, 1),
+                               train_amortised=m.kind == "adapter", images=len(rows), **t)
+    proto.shares(results, rows_by)
+    from customjax.provenance import git_state
+    rpt = dict(protocol=proto.name, settings=proto.settings(), steps=steps, guidance=guidance,
+               adapter_steps=adapter_steps, base=str(base), methods_file=str(methods_file), fast=bool(a.fast),
+               command="python -m customjax.evaluate " + " ".join(sys.argv[1:]), device=_device(), git=git_state(),
+               seconds=round(time.time() - t_start, 1), methods=results)
+    rpt["claims"] = proto.claims(rows_by, results)
+    (out / "results.json").write_text(json.dumps(dict(rpt, rows=rows_by), indent=1))
+    (out / "results.md").write_text(proto.markdown(rpt))
+    proto.plots(rpt, out)
+    proto.sheet(rpt, store, out / "samples.png")
+    say(f"wrote {out / 'results.md'} ({rpt['seconds']:.0f} s)")
+    return rpt
+
+
+def _device() -> dict:
+    import platform
+
+    import jax
+    d = jax.devices()[0]
+    return dict(platform=d.platform, kind=d.device_kind, count=len(jax.devices()), cpus=os.cpu_count(),
+                machine=platform.machine())
+
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS.out:
+        fail(PROG, "give --out (the results folder)")
+    try:
+        evaluate(FLAGS)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(PROG, str(e).strip("'\""))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags(PROG, ()))
