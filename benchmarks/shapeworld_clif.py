@@ -76,14 +76,13 @@ KEYS = ("margin", "own", "other", "both_placed", "swapped", "category_accuracy")
 
 def make_concepts(work: Path, n: int, views: int = 4):
     """(folders, subjects): ``n`` held-out two-colour subjects of the benchmark's single-subject cases."""
-    from customjax.shapeworld.benchmark.concepts import concept_cases, write_concepts
+    from customjax.shapeworld import world as sw
+    from customjax.shapeworld.benchmark.comparison import write_subjects
+    from customjax.shapeworld.benchmark.concepts import concept_name
 
-    subs, k = [], n
-    while len(subs) < n:
-        k *= 2
-        _, all_subs = concept_cases(k)
-        subs = [s for s in all_subs if len(s.appearance.colors) == 2][:n]
-    return write_concepts(Path(work) / "concepts", subs, views=views), subs
+    folders = write_subjects(Path(work) / "concepts", n, views=views)
+    by = {concept_name(s): s for s in sw.heldout_subjects()}
+    return folders, [by[f.name] for f in folders]
 
 
 def background(a, b, seed: int) -> str:

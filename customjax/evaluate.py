@@ -17,9 +17,11 @@ config, ``customjax.finetune`` concept exports, text-only rows. Protocols:
 Per method: the protocol's scores (mean [95% bootstrap interval over subjects / subject pairs]), UNet
 evaluations per image, sampling seconds per image (batches that did not compile; compile time apart) and
 training device time (per concept for fine-tuning; an adapter's amortised over the subjects evaluated).
-Writes ``--out``: ``samples/<method>/`` (every image and its record; a rerun samples only what is
-missing, so a crash or SIGTERM loses no finished image), ``results.json``, ``results.md``,
-``frontier.png`` and ``samples.png``.
+Writes ``--out``: ``results.json`` (settings, summaries, claims), ``rows.jsonl`` (every image's scores),
+``results.md``,
+``frontier.png`` and ``samples.png``; the images go to ``--samples`` (default ``OUT/samples``):
+``<method>/<key>.png`` and its record, so a rerun samples only what is missing and a crash or SIGTERM
+loses no finished image.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def define_flags() -> None:
-    flags.DEFINE_enum("protocol", "shapeworld", ["shapeworld", "dreambench"], "evaluation protocol")
+    flags.DEFINE_enum("protocol", "shapeworld", ["shapeworld", "dreambench"], "evaluation protocol "
+                      "(customjax.evaluation.protocols)")
     flags.DEFINE_string("methods", None, "JSON list of methods (default for shapeworld: benchmarks/comparison/shapeworld.json; "
                         "with --fast: a plumbing list written under --out)")
     flags.DEFINE_list("only", [], "evaluate only these method names")
+    flags.DEFINE_string("samples", None, "the sample store (default OUT/samples): one PNG and record per image")
     flags.DEFINE_string("out", None, "output folder (samples/, results.json, results.md, frontier.png, samples.png)")
     flags.DEFINE_string("subjects", None, "subjects folder (shapeworld: concept folders of held-out subjects; "
                         "dreambench: DreamBench's dataset/ layout)")
@@ -107,27 +111,27 @@ def fast_methods(out: Path, subjects: Path, base: Path) -> Path:
 
 
 def make_protocol(a, out: Path):
+    from customjax.evaluation.protocols import load_protocol
+
+    cls = load_protocol(a.protocol)
     if a.protocol == "shapeworld":
-        from customjax.shapeworld.benchmark.comparison import ShapeWorldProtocol
         subjects = Path(a.subjects) if a.subjects else None
         if a.fast and subjects is None:
-            from customjax.shapeworld.benchmark.comparison import write_subjects
             subjects = out / "fast_subjects"
-            write_subjects(subjects, 2)
+            cls.write_subjects(subjects, 2)
         if subjects is None:
             subjects = ROOT / "runs" / "comparison" / "concepts"
         kw = dict(prompts_per_subject=1, seeds=(0,), pair_seeds=(0,), views=1, max_pairs=1) if a.fast else dict(
             prompts_per_subject=a.prompts_per_subject, seeds=[int(s) for s in a.seeds],
             pair_seeds=[int(s) for s in a.pair_seeds], max_pairs=a.max_pairs)
-        return ShapeWorldProtocol(subjects, **kw)
-    from customjax.evaluation.dreambench import DreamBenchProtocol
+        return cls(subjects, **kw)
     if not a.subjects:
         raise ValueError("--protocol dreambench needs --subjects (a DreamBench-layout folder)")
     if not a.clip and not a.dino:
         raise ValueError("--protocol dreambench needs --clip and / or --dino (Hugging Face model folders)")
-    return DreamBenchProtocol(a.subjects, prompts=a.prompts, clip=a.clip, clip_tokenizer=a.clip_tokenizer, dino=a.dino,
-                              images_per_prompt=a.images_per_prompt, prompt_limit=a.prompt_limit,
-                              live_classes=a.live_classes, sample_masks=a.sample_masks)
+    return cls(a.subjects, prompts=a.prompts, clip=a.clip, clip_tokenizer=a.clip_tokenizer, dino=a.dino,
+               images_per_prompt=a.images_per_prompt, prompt_limit=a.prompt_limit, live_classes=a.live_classes,
+               sample_masks=a.sample_masks)
 
 
 def evaluate(a, say=print) -> dict:
@@ -148,7 +152,7 @@ def evaluate(a, say=print) -> dict:
     methods_file = Path(a.methods) if a.methods else (fast_methods(out, proto.folder, base) if a.fast
                                                       else ROOT / "benchmarks" / "comparison" / "shapeworld.json")
     methods = read_methods(methods_file, root=ROOT, only=a.only or None)
-    store = SampleStore(out / "samples")
+    store = SampleStore(Path(a.samples) if getattr(a, "samples", None) else out / "samples")
     base_model = None
     records = {}
     with stop_on_sigterm():
@@ -203,7 +207,12 @@ def evaluate(a, say=print) -> dict:
                command="python -m customjax.evaluate " + " ".join(sys.argv[1:]), device=_device(), git=git_state(),
                seconds=round(time.time() - t_start, 1), methods=results)
     rpt["claims"] = proto.claims(rows_by, results)
-    (out / "results.json").write_text(json.dumps(dict(rpt, rows=rows_by), indent=1))
+    (out / "results.json").write_text(json.dumps(rpt, indent=1))
+    with open(out / "rows.jsonl", "w") as f:              # every image's scores, one line each
+        for name, rows in rows_by.items():
+            for r in rows:
+                f.write(json.dumps(dict(method=name, **{k: round(v, 5) if isinstance(v, float) else v
+                                                          for k, v in r.items()})) + "\n")
     (out / "results.md").write_text(proto.markdown(rpt))
     proto.plots(rpt, out)
     proto.sheet(rpt, store, out / "samples.png")

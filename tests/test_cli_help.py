@@ -29,6 +29,8 @@ CLIS = {
     "customjax.txt2img": (["--model", "--prompt", "--concept", "--prompts_file", "--seeds", "--steps", "--guidance", "--sampler",
                            "--batch", "--out"], ["--model", "M", "--prompt", "a toy", "--seeds", "1,x"], "--seeds"),
     "customjax.zoo": (["--kind", "--out", "--seed"], ["--out", "O", "--kind", "sd3"], "--kind"),
+    "customjax.evaluate": (["--protocol", "--methods", "--out", "--subjects", "--base", "--clip", "--dino", "--fast",
+                            "--sample_masks", "--score_only"], ["--out", "O", "--protocol", "coco"], "--protocol"),
     "customjax.data.convert": (["--out", "--name", "--num_shards", "--min_frames", "--allow_empty_caption",
                                 "--verify", "--no_progress"],
                                ["folder", "SRC", "--out", "O", "--verify", "everything"], "--verify"),

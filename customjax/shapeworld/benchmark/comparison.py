@@ -282,6 +282,10 @@ class ShapeWorldProtocol:
                     size=self.size, folder=str(self.folder))
 
     @staticmethod
+    def write_subjects(out: str | Path, n: int) -> list[Path]:
+        return write_subjects(out, n)
+
+    @staticmethod
     def default_base() -> Path:
         from customjax.shapeworld.assets import SHAPEWORLD_BASE
         return Path(SHAPEWORLD_BASE)
