@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,38 +41,71 @@ PROG = "customjax.evaluate"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Every option and its default (the CLI's flags; api.evaluate's keyword arguments).
+DEFAULTS = {
+    "protocol": "shapeworld",
+    "methods": None,
+    "only": [],
+    "samples": None,
+    "out": None,
+    "subjects": None,
+    "base": None,
+    "steps": None,
+    "guidance": None,
+    "batch": 8,
+    "adapter_steps": None,
+    "score_only": False,
+    "fast": False,
+    "progress": True,
+    "prompts_per_subject": 4,
+    "seeds": ["0", "1"],
+    "pair_seeds": ["0"],
+    "max_pairs": None,
+    "prompts": None,
+    "clip": None,
+    "clip_tokenizer": None,
+    "dino": None,
+    "images_per_prompt": 4,
+    "prompt_limit": None,
+    "live_classes": ["cat", "dog"],
+    "sample_masks": None,
+}
+
+
 def define_flags() -> None:
-    flags.DEFINE_enum("protocol", "shapeworld", ["shapeworld", "dreambench"], "evaluation protocol "
+    from customjax.evaluation.protocols import PROTOCOLS
+
+    flags.DEFINE_enum("protocol", DEFAULTS["protocol"], sorted(PROTOCOLS), "evaluation protocol "
                       "(customjax.evaluation.protocols)")
-    flags.DEFINE_string("methods", None, "JSON list of methods (default for shapeworld: benchmarks/comparison/shapeworld.json; "
+    flags.DEFINE_string("methods", DEFAULTS["methods"], "JSON list of methods (default for shapeworld: benchmarks/comparison/shapeworld.json; "
                         "with --fast: a plumbing list written under --out)")
-    flags.DEFINE_list("only", [], "evaluate only these method names")
-    flags.DEFINE_string("samples", None, "the sample store (default OUT/samples): one PNG and record per image")
-    flags.DEFINE_string("out", None, "output folder (samples/, results.json, results.md, frontier.png, samples.png)")
-    flags.DEFINE_string("subjects", None, "subjects folder (shapeworld: concept folders of held-out subjects; "
+    flags.DEFINE_list("only", DEFAULTS["only"], "evaluate only these method names")
+    flags.DEFINE_string("samples", DEFAULTS["samples"], "the sample store (default OUT/samples): one PNG and record per image")
+    flags.DEFINE_string("out", DEFAULTS["out"], "output folder (samples/, results.json, results.md, frontier.png, samples.png)")
+    flags.DEFINE_string("subjects", DEFAULTS["subjects"], "subjects folder (shapeworld: concept folders of held-out subjects; "
                         "dreambench: DreamBench's dataset/ layout)")
-    flags.DEFINE_string("base", None, "base model folder for text-to-image methods (default: the ShapeWorld base)")
-    flags.DEFINE_integer("steps", None, "text-to-image sampling steps (default 25 on ShapeWorld, 50 on DreamBench)")
-    flags.DEFINE_float("guidance", None, "text-to-image guidance (default 5.0 on ShapeWorld, 7.5 on DreamBench)")
-    flags.DEFINE_integer("batch", 8, "text-to-image batch")
-    flags.DEFINE_integer("adapter_steps", None, "override the adapters' sampling steps (T_stop rescaled)")
-    flags.DEFINE_bool("score_only", False, "do not sample: score the images already stored")
-    flags.DEFINE_bool("fast", False, "plumbing: 2 subjects, 1 prompt each, 1 pair, 4 steps, random adapters")
-    flags.DEFINE_bool("progress", True, "progress bars")
+    flags.DEFINE_string("base", DEFAULTS["base"], "base model folder for text-to-image methods (default: the ShapeWorld base)")
+    flags.DEFINE_integer("steps", DEFAULTS["steps"], "text-to-image sampling steps (default 25 on ShapeWorld, 50 on DreamBench)")
+    flags.DEFINE_float("guidance", DEFAULTS["guidance"], "text-to-image guidance (default 5.0 on ShapeWorld, 7.5 on DreamBench)")
+    flags.DEFINE_integer("batch", DEFAULTS["batch"], "text-to-image batch")
+    flags.DEFINE_integer("adapter_steps", DEFAULTS["adapter_steps"], "override the adapters' sampling steps (T_stop rescaled)")
+    flags.DEFINE_bool("score_only", DEFAULTS["score_only"], "do not sample: score the images already stored")
+    flags.DEFINE_bool("fast", DEFAULTS["fast"], "plumbing: 2 subjects, 1 prompt each, 1 pair, 4 steps, random adapters")
+    flags.DEFINE_bool("progress", DEFAULTS["progress"], "progress bars")
     # ShapeWorld
-    flags.DEFINE_integer("prompts_per_subject", 4, "shapeworld: held-out prompts per subject")
-    flags.DEFINE_list("seeds", ["0", "1"], "shapeworld: seeds of each single-subject prompt")
-    flags.DEFINE_list("pair_seeds", ["0"], "shapeworld: seeds of each two-subject prompt")
-    flags.DEFINE_integer("max_pairs", None, "shapeworld: at most this many ordered subject pairs")
+    flags.DEFINE_integer("prompts_per_subject", DEFAULTS["prompts_per_subject"], "shapeworld: held-out prompts per subject")
+    flags.DEFINE_list("seeds", DEFAULTS["seeds"], "shapeworld: seeds of each single-subject prompt")
+    flags.DEFINE_list("pair_seeds", DEFAULTS["pair_seeds"], "shapeworld: seeds of each two-subject prompt")
+    flags.DEFINE_integer("max_pairs", DEFAULTS["max_pairs"], "shapeworld: at most this many ordered subject pairs")
     # DreamBench
-    flags.DEFINE_string("prompts", None, "dreambench: prompt list (default SUBJECTS/prompts_and_classes.txt)")
-    flags.DEFINE_string("clip", None, "dreambench: CLIPModel folder for CLIP-T / CLIP-I")
-    flags.DEFINE_string("clip_tokenizer", None, "dreambench: tokenizer folder when --clip has no tokenizer files")
-    flags.DEFINE_string("dino", None, "dreambench: ViTModel folder for DINO-I (facebook/dino-vits16)")
-    flags.DEFINE_integer("images_per_prompt", 4, "dreambench: images per subject and prompt")
-    flags.DEFINE_integer("prompt_limit", None, "dreambench: only the first N prompts")
-    flags.DEFINE_list("live_classes", ["cat", "dog"], "dreambench: classes that take the live-subject prompts")
-    flags.DEFINE_string("sample_masks", None, "dreambench: masks of the samples, DIR/<method>/<key>.png (segmented scores)")
+    flags.DEFINE_string("prompts", DEFAULTS["prompts"], "dreambench: prompt list (default SUBJECTS/prompts_and_classes.txt)")
+    flags.DEFINE_string("clip", DEFAULTS["clip"], "dreambench: CLIPModel folder for CLIP-T / CLIP-I")
+    flags.DEFINE_string("clip_tokenizer", DEFAULTS["clip_tokenizer"], "dreambench: tokenizer folder when --clip has no tokenizer files")
+    flags.DEFINE_string("dino", DEFAULTS["dino"], "dreambench: ViTModel folder for DINO-I (facebook/dino-vits16)")
+    flags.DEFINE_integer("images_per_prompt", DEFAULTS["images_per_prompt"], "dreambench: images per subject and prompt")
+    flags.DEFINE_integer("prompt_limit", DEFAULTS["prompt_limit"], "dreambench: only the first N prompts")
+    flags.DEFINE_list("live_classes", DEFAULTS["live_classes"], "dreambench: classes that take the live-subject prompts")
+    flags.DEFINE_string("sample_masks", DEFAULTS["sample_masks"], "dreambench: masks of the samples, DIR/<method>/<key>.png (segmented scores)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,7 +228,7 @@ def evaluate(a, say=print) -> dict:
         train = m.train_seconds()
         n_concepts = (m.train or {}).get("concepts")
         per_concept = (train / n_concepts if n_concepts else train / len(proto.subjects)) if train is not None else None
-        results[m.name] = dict(label=m.label, kind=m.kind, group=m.group, paper=m.paper, summary=kinds,
+        results[m.name] = dict(label=m.label, short=m.short or m.label, kind=m.kind, group=m.group, paper=m.paper, summary=kinds,
                                unsupported=unsup, unet_evaluations=evals, train_seconds=train,
                                train_seconds_per_concept=None if per_concept is None else round(per_concept, 1),
                                train_amortised=m.kind == "adapter", images=len(rows), **t)
@@ -204,7 +236,7 @@ def evaluate(a, say=print) -> dict:
     from customjax.provenance import git_state
     rpt = dict(protocol=proto.name, settings=proto.settings(), steps=steps, guidance=guidance,
                adapter_steps=adapter_steps, base=str(base), methods_file=str(methods_file), fast=bool(a.fast),
-               command="python -m customjax.evaluate " + " ".join(sys.argv[1:]), device=_device(), git=git_state(),
+               command=command_line(a), device=_device(), git=git_state(),
                seconds=round(time.time() - t_start, 1), methods=results)
     rpt["claims"] = proto.claims(rows_by, results)
     (out / "results.json").write_text(json.dumps(rpt, indent=1))
@@ -218,6 +250,26 @@ def evaluate(a, say=print) -> dict:
     proto.sheet(rpt, store, out / "samples.png")
     say(f"wrote {out / 'results.md'} ({rpt['seconds']:.0f} s)")
     return rpt
+
+
+def command_line(a) -> str:
+    """The command that repeats ``a`` (its options that differ from the defaults)."""
+    def flag(k, v):
+        if isinstance(v, bool):
+            return f"--{k}" if v else f"--no{k}"
+        return f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+    return " ".join(["python -m customjax.evaluate"] + [flag(k, getattr(a, k)) for k in DEFAULTS
+                                                         if getattr(a, k, DEFAULTS[k]) != DEFAULTS[k]])
+
+
+def options(**kw):
+    """The options of :func:`evaluate` (:data:`DEFAULTS` with ``kw``; an unknown name is an error)."""
+    from types import SimpleNamespace
+
+    unknown = sorted(set(kw) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown evaluate option(s) {unknown}; options: {sorted(DEFAULTS)}")
+    return SimpleNamespace(**{**DEFAULTS, **kw})
 
 
 def _device() -> dict:

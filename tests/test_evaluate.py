@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -78,8 +77,8 @@ def bench(tmp_path_factory):
     and a one-word concept per subject (random rows), with sample masks for some of the class row's images."""
     torch = pytest.importorskip("torch")
     tr = pytest.importorskip("transformers")
+    from customjax import api
     from customjax.concepts.files import save_token_file
-    from customjax.evaluate import evaluate
     from customjax.tokenizer import load_tokenizer
     from customjax.zoo import write_tiny_pipeline
 
@@ -119,13 +118,11 @@ def bench(tmp_path_factory):
     m[4:20, 10:30] = 255
     for key in ("toy_a.e00.0", "toy_a.r.1", "dog1.e01.1"):
         Image.fromarray(m).save(masks / f"{key}.png")
-    a = SimpleNamespace(protocol="dreambench", methods=str(methods), only=[], out=str(root / "out"),
-                        subjects=str(subjects), base=str(base), steps=2, guidance=3.0, batch=4, adapter_steps=None,
-                        score_only=False, fast=False, progress=False, prompts=None, clip=str(root / "clip"),
-                        clip_tokenizer=str(base / "tokenizer"), dino=str(root / "dino"), images_per_prompt=2,
-                        prompt_limit=None, live_classes=["dog"], sample_masks=str(root / "sample_masks"))
-    report = evaluate(a, say=lambda s: None)
-    return dict(root=root, report=report, clip=clip, dino=dino, tok=tok, a=a, subjects=subjects)
+    report = api.evaluate(methods, root / "out", protocol="dreambench", subjects=str(subjects), base=str(base), steps=2,
+                          guidance=3.0, batch=4, progress=False, clip=str(root / "clip"), dino=str(root / "dino"),
+                          clip_tokenizer=str(base / "tokenizer"), images_per_prompt=2, live_classes=["dog"],
+                          sample_masks=str(root / "sample_masks"))
+    return dict(root=root, report=report, clip=clip, dino=dino, tok=tok, subjects=subjects)
 
 
 def _hand_segment(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ def test_readme_is_short_and_its_first_screen_says_what_works_and_how_to_start()
     for method in ("RealCustom", "RealCustom++", "IP-Adapter", "CustomContrast", "Contrastive Inversion", "CLIF"):
         assert method in first, method
     status = [line for line in first.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(status) == 6 and all("| implemented" in line or "| planned" in line for line in status), status
+    assert len(status) == 7 and all("| implemented" in line or "| planned" in line for line in status), status
     assert "customjax.train --config configs/realcustompp.py --workdir" in first     # the main job, bare config
     assert "python -m pytest -q" in first                                           # the tests
     for log_marker in ("What held the category", "The token objective", "What the figures say"):

@@ -345,6 +345,6 @@ class DreamBenchProtocol:
         for name in self.subjects:
             j = next(j for j in self.jobs if j.subjects[0] == name and j.info["kind"] == "edit")
             tiles = [("reference", self.subjects[name].reference)]
-            tiles += [(m["label"], store.image(k, j.key)) for k, m in r["methods"].items() if store.has(k, j.key)]
+            tiles += [(m["short"], store.image(k, j.key)) for k, m in r["methods"].items() if store.has(k, j.key)]
             rows.append(dict(title=f"{j.plain} (seed {j.seed})", tiles=tiles))
         sample_sheet(rows, path, min_size=128)

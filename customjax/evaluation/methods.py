@@ -84,6 +84,7 @@ class MethodSpec:
     train: dict = dataclasses.field(default_factory=dict)
     paper: str = ""
     group: str = ""
+    short: str = ""          # the label under a sample sheet's tile (default: label)
 
     def train_seconds(self) -> float | None:
         t = self.train or {}
@@ -288,46 +289,64 @@ class ConceptSampler(TextSampler):
         return self._loaded[key]
 
     def _make(self, key):
-        """(pipe, params, {subject: phrase}) for a group key."""
-        from customjax.concepts.export import load_concept
+        """(pipe, params, {subject: phrase}) for a group key. Concepts of one export share a widened pipeline
+        (one per learnt word, one for two words together), so the sampler compiles once, not per concept."""
+        from customjax.concepts.export import concept_params, load_concept, read_concept_meta
         root = Path(self.spec.export)
         if self.joint:
             pipe, params, meta = load_concept(self.pipe, self.params, root)
             return pipe, params, {n: c["phrase"] for n, c in meta["concepts"].items()}
         if len(key) == 1:
-            pipe, params, meta = load_concept(self.pipe, self.params, root / key[0])
+            token = read_concept_meta(root / key[0])["token"]
+            pipe = self._wide(("one", token), lambda: self._widen([token]))
+            params, meta = concept_params(pipe, self.params, root / key[0])
             return pipe, params, {key[0]: meta["phrase"]}
         return self._words_together(key)
 
-    def _words_together(self, ids):
-        """Per-concept exports that hold only a word each: every word under its own placeholder."""
+    def _wide(self, key, make):
+        if not hasattr(self, "_pipes"):
+            self._pipes = {}
+        if key not in self._pipes:
+            self._pipes[key] = make()
+        return self._pipes[key]
+
+    def _widen(self, tokens: list[str]):
+        """The base pipeline reading ``tokens`` as new words (rows after the vocabulary)."""
         import copy
 
+        from customjax.concepts.tokens import add_placeholders, wider_pipe
+
+        tok = copy.deepcopy(self.pipe.tokenizers[0])
+        vocab = self.pipe.text_encoders[0].config.vocab_size
+        if len(tok) != vocab or add_placeholders(tok, tokens) != list(range(vocab, vocab + len(tokens))):
+            raise ValueError(f"{self.spec.name}: cannot add {tokens} after the base's {vocab} tokens")
+        return dataclasses.replace(wider_pipe(self.pipe, len(tokens)), tokenizers=(tok,) + tuple(self.pipe.tokenizers[1:]))
+
+    def _words_together(self, ids):
+        """Per-concept exports that hold only a word each: every word under its own placeholder."""
         from customjax.concepts.export import read_concept_meta
         from customjax.concepts.files import load_token_file
-        from customjax.concepts.tokens import add_placeholders, wider_pipe, with_table
+        from customjax.concepts.tokens import with_table
 
         root = Path(self.spec.export)
         metas = [read_concept_meta(root / i) for i in ids]
         for i, m in zip(ids, metas):
             if m.get("model") or m.get("kv_file") or not m.get("token_file"):
-                raise Unsupported(f"{self.spec.name}: concept {i} fine-tunes the UNet on its own (no joint export); two "
-                                  "independently fine-tuned concepts cannot be sampled in one image")
-        rows, phrases, tokens = [], {}, []
-        for k, (i, m) in enumerate(zip(ids, metas)):
+                what = "UNet" if m.get("model") else "cross-attention K / V" if m.get("kv_file") else "weights"
+                raise Unsupported(f"{self.spec.name}: its concepts were fine-tuned one at a time, each with its own "
+                                  f"{what} (e.g. {i}); two of them cannot be sampled in one image (a joint export can)")
+        tokens = [f"<w{k}>" for k in range(len(ids))]
+        pipe = self._wide(("words", len(ids)), lambda: self._widen(tokens))
+        rows, phrases = [], {}
+        for i, m, tok in zip(ids, metas, tokens):
             words = load_token_file(root / i / m["token_file"])
             if list(words) != [m["token"]]:
                 raise Unsupported(f"{self.spec.name}: concept {i} has {len(words)} learnt words; only one-word concepts "
                                   "are combined")
-            tok = f"<w{k}>"
-            tokens.append(tok)
             rows.append(np.asarray(words[m["token"]])[0])
             phrases[i] = m["phrase"].replace(m["token"], tok)
-        tok = copy.deepcopy(self.pipe.tokenizers[0])
         vocab = self.pipe.text_encoders[0].config.vocab_size
-        add_placeholders(tok, tokens)
-        wide = dataclasses.replace(wider_pipe(self.pipe, len(tokens)), tokenizers=(tok,))
-        return wide, with_table(self.params, np.stack(rows), vocab), phrases
+        return pipe, with_table(self.params, np.stack(rows), vocab), phrases
 
     def sample(self, jobs: Sequence[Job]) -> np.ndarray:
         pipe, params, phrases = self._load(self.group(jobs[0]))

@@ -43,14 +43,10 @@ def table(methods: dict, kind: str, columns: Sequence[tuple[str, str]], extra: S
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods.values():
         s = m.get("summary", {}).get(kind)
-        if s is None:
-            why = m.get("unsupported", {}).get(kind)
-            if why:
-                lines.append(f"| {m['label']} | " + " | ".join(["n/a"] * len(columns)) + " | "
-                             + " | ".join(_cell(m.get(f)) for f, _ in extra) + (" |" if extra else "|"))
+        if s is None and not m.get("unsupported", {}).get(kind):
             continue
-        cells = [fmt(s.get(k)) for k, _ in columns] + [_cell(m.get(f)) for f, _ in extra]
-        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+        cells = ["n/a"] * len(columns) if s is None else [fmt(s.get(k)) for k, _ in columns]
+        lines.append("| " + " | ".join([m["label"], *cells, *(_cell(m.get(f)) for f, _ in extra)]) + " |")
     return lines
 
 
@@ -75,7 +71,7 @@ def frontier(points: Sequence[dict], path: str | Path, xlabel: str, ylabel: str,
     from customjax.images import _font
 
     font, small = _font(16), _font(13)
-    left, right, top, bottom = 80, 330, 50, 60
+    left, right, top, bottom = 80, 330, 70, 60
     xs = [v for p in points for v in (p["x"]["lo"], p["x"]["hi"])]
     ys = [v for p in points for v in (p["y"]["lo"], p["y"]["hi"])] + [h for h, _ in hlines]
     x0, x1 = min(xs), max(xs)
@@ -96,7 +92,7 @@ def frontier(points: Sequence[dict], path: str | Path, xlabel: str, ylabel: str,
         d.line([left - 5, Y(vy), left, Y(vy)], fill="black")
         d.text((left - 48, Y(vy) - 7), f"{vy:.2f}", fill="black", font=small)
     d.text((left + W // 2 - 80, height - 28), xlabel, fill="black", font=font)
-    d.text((8, top - 30), ylabel, fill="black", font=font)
+    d.text((8, top - 24), ylabel, fill="black", font=font)
     for h, label in hlines:
         for xx in range(int(X(x0)), int(X(x1)), 12):
             d.line([xx, Y(h), xx + 6, Y(h)], fill="gray")

@@ -269,7 +269,7 @@ class ShapeWorldProtocol:
                 if name == "rendered":
                     tiles.append(("rendered target", self.rendered([j])[0]))
                 elif store.has(name, j.key):
-                    tiles.append((m["label"], store.image(name, j.key)))
+                    tiles.append((m["short"], store.image(name, j.key)))
             rows.append(dict(title=f"[{j.info['kind']}] {j.plain} (seed {j.seed})", tiles=tiles))
         sample_sheet(rows, path, min_size=96)
 
