@@ -90,7 +90,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", DEFAULTS["batch"], "text-to-image batch")
     flags.DEFINE_integer("adapter_steps", DEFAULTS["adapter_steps"], "override the adapters' sampling steps (T_stop rescaled)")
     flags.DEFINE_bool("score_only", DEFAULTS["score_only"], "do not sample: score the images already stored")
-    flags.DEFINE_bool("fast", DEFAULTS["fast"], "plumbing: 2 subjects, 1 prompt each, 1 pair, 4 steps, random adapters")
+    flags.DEFINE_bool("fast", DEFAULTS["fast"], "plumbing: 2 subjects, 1 prompt each, 1 pair, 4 steps (adapters too)")
     flags.DEFINE_bool("progress", DEFAULTS["progress"], "progress bars")
     # ShapeWorld
     flags.DEFINE_integer("prompts_per_subject", DEFAULTS["prompts_per_subject"], "shapeworld: held-out prompts per subject")
@@ -112,8 +112,8 @@ def define_flags() -> None:
 
 
 def fast_methods(out: Path, subjects: Path, base: Path) -> Path:
-    """The ``--fast`` plumbing list: the base's rows, one random adapter (RealCustom++), and a one-word
-    concept export per subject written here (random rows; exercises the concept path)."""
+    """The ``--fast`` plumbing list: the base's rows, the rendered targets, and a one-word concept export per
+    subject written here (random rows; single and two-subject concept paths). Adapters: ``--methods``."""
     from customjax.concepts.files import save_token_file
     from customjax.pipeline import load_stable_diffusion
 
@@ -132,8 +132,6 @@ def fast_methods(out: Path, subjects: Path, base: Path) -> Path:
         {"name": "named", "label": "base, appearance named in words", "kind": "text", "phrase": "named", "group": "reference"},
         {"name": "class", "label": "base, class word", "kind": "text", "phrase": "class", "group": "reference"},
         {"name": "rendered", "label": "rendered targets", "kind": "reference", "group": "reference"},
-        {"name": "realcustompp", "label": "RealCustom++ (random adapter)", "kind": "adapter",
-         "config": str(ROOT / "configs" / "realcustompp.py:shapeworld"), "group": "adapter"},
         {"name": "ti", "label": "word (random rows)", "kind": "concepts", "export": str(exports), "group": "fine-tuning",
          "train": {"seconds": 1.0, "concepts": 2}},
     ]
