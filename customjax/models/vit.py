@@ -638,24 +638,9 @@ class ViTConfig:
         # encoder_stride is for ViTForMaskedImageModeling only
         kw = config_kwargs(cls, d, what=what, ignore={"encoder_stride", "pooler_output_size", "pooler_act"})
         cfg = cls(**kw)
+        require(cfg.qkv_bias, what, "qkv_bias", cfg.qkv_bias, "only ViTs with query / key / value biases are supported")
         _check_vit(what, cfg)
         return cfg
-
-
-class ViTLayer(nn.Module):
-    """Pre-LN block (``layernorm_before`` -> attention, ``layernorm_after`` -> MLP), no layer scale."""
-
-    config: ViTConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name=name)
-        attn = SelfAttention(c.num_attention_heads, out_name="o_proj", qkv_bias=c.qkv_bias, dtype=self.dtype,
-                             name="attention")
-        x = x + attn(norm("layernorm_before")(x))
-        return x + MLP(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")(norm("layernorm_after")(x))
 
 
 class ViTModel(nn.Module):
@@ -671,12 +656,10 @@ class ViTModel(nn.Module):
         c = self.config
         _check_image("ViTModel", pixel_values, c.num_channels)
         x = ViTEmbeddings(c, dtype=self.dtype, name="embeddings")(pixel_values, interpolate_pos_encoding)
-        outs = [x]
-        for i in range(c.num_hidden_layers):
-            x = ViTLayer(c, dtype=self.dtype, name=f"encoder_layer_{i}")(x)
-            outs.append(x)
-        last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
-        return VisionOutput(last, tuple(outs), last[:, 0])
+        layers = Encoder(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act,
+                         c.layer_norm_eps, dtype=self.dtype, name="encoder")(x)
+        last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layernorm")(layers[-1])
+        return VisionOutput(last, (x, *layers), last[:, 0])
 
 
 class ViTEmbeddings(nn.Module):
@@ -699,14 +682,22 @@ class ViTEmbeddings(nn.Module):
         return x + pos.astype(x.dtype)
 
 
-def _vit_rename(key: str) -> str:
-    """``encoder.layer.N.`` -> ``encoder_layer_N.``; attention as DINOv2's; ``intermediate.dense`` /
-    ``output.dense`` -> ``mlp.fc1`` / ``mlp.fc2``; a ``vit.`` prefix (ViTFor* heads' backbone) dropped."""
-    import re
+_VIT_RENAMES = (
+    (".layernorm_before.", ".layer_norm1."), (".layernorm_after.", ".layer_norm2."),
+    (".attention.attention.query.", ".self_attn.q_proj."), (".attention.attention.key.", ".self_attn.k_proj."),
+    (".attention.attention.value.", ".self_attn.v_proj."), (".attention.output.dense.", ".self_attn.out_proj."),
+    (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2."),
+)
 
+
+def _vit_rename(key: str) -> str:
+    """transformers' ViT layer names -> the shared pre-LN :class:`Encoder`'s (``encoder.layers.N``,
+    ``layer_norm1/2``, ``self_attn``, ``mlp.fc1/2``); a ``vit.`` prefix (ViTFor* heads' backbone) dropped."""
     key = key[4:] if key.startswith("vit.") else key
-    key = re.sub(r"^encoder\.layer\.(\d+)\.", r"encoder_layer_\1.", _dinov2_rename(key))
-    return key.replace(".intermediate.dense.", ".mlp.fc1.").replace(".output.dense.", ".mlp.fc2.")
+    key = key.replace("encoder.layer.", "encoder.layers.", 1)
+    for old, new in _VIT_RENAMES:
+        key = key.replace(old, new)
+    return key
 
 
 VIT = ModelSpec(
