@@ -365,3 +365,18 @@ def test_shapeworld_fast_end_to_end(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     assert "sampling" not in out.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_claims_are_paired_over_the_same_images():
+    """A claim compares the same prompts and seeds of two methods: a > b holds when the paired interval lies
+    above 0; 'not lower' holds unless it lies below 0."""
+    from customjax.shapeworld.benchmark.comparison import ShapeWorldProtocol
+
+    def rows(sim, ctl, clip_t, extra=0):
+        return [dict(key=f"k{i}", kind="edit", group=f"g{i % 4}", similarity=sim, controllability=ctl + 0.01 * (i % 2),
+                     clip_t=clip_t) for i in range(8 + extra)]
+    by = {"realcustompp": rows(0.2, 0.8, 0.7), "class": rows(0.0, 0.8, 0.75, extra=3)}     # extra keys: unpaired
+    out = ShapeWorldProtocol.claims(None, by, {"realcustompp": {"label": "pp"}, "class": {"label": "c"}})
+    got = {c["metric"]: (c["verdict"], round(c["difference"]["mean"], 3), c["difference"]["n"]) for c in out}
+    assert got == {"similarity": ("holds", 0.2, 8), "not lower: controllability": ("holds (no loss shown)", 0.0, 8),
+                   "not lower: clip_t": ("reversed", -0.05, 8)}
