@@ -222,12 +222,17 @@ def evaluate(a, say=print) -> dict:
             kr = [r for r in rows if r["kind"] == kind]
             if kr:
                 kinds[kind] = rep.summarise(kr, proto.metrics)
-        t = timing_summary(store.timings(m.name)) if m.kind != "reference" else {}
-        train = m.train_seconds()
-        n_concepts = (m.train or {}).get("concepts")
-        per_concept = (train / n_concepts if n_concepts else train / len(proto.subjects)) if train is not None else None
+        t = {}
+        if m.kind != "reference":
+            timed = store.timings(m.name)
+            t = timing_summary([e for e in timed if e.get("subjects", 1) == 1])
+            t["seconds_per_image_two"] = timing_summary([e for e in timed if e.get("subjects", 1) == 2])["seconds_per_image"]
+        train, loop = m.train_seconds(), m.loop_seconds()
+        n_concepts = (m.train or {}).get("concepts") or len(proto.subjects)
+        basis = loop if loop is not None else train
+        per_concept = None if basis is None else basis / n_concepts
         results[m.name] = dict(label=m.label, short=m.short or m.label, kind=m.kind, group=m.group, paper=m.paper, summary=kinds,
-                               unsupported=unsup, unet_evaluations=evals, train_seconds=train,
+                               unsupported=unsup, unet_evaluations=evals, train_seconds=train, train_loop_seconds=loop,
                                train_seconds_per_concept=None if per_concept is None else round(per_concept, 1),
                                train_amortised=m.kind == "adapter", images=len(rows), **t)
     proto.shares(results, rows_by)

@@ -17,7 +17,8 @@ A method list is JSON (``--methods FILE``): a list of objects, each with ``name`
     class word; ``"named"``, the subject's appearance in words where the protocol has it);
   * ``"reference"``: a row the protocol computes without sampling (ShapeWorld: the rendered targets).
 
-``train``: ``{"record": JSON file with "seconds"}`` or ``{"seconds": N}``, and ``"concepts"``: how many
+``train``: ``{"record": JSON file with "seconds"}`` or ``{"seconds": N}`` (wall time), optionally
+``"metrics"`` (the run's ``metrics.jsonl``: the training loop's own time), and ``"concepts"``: how many
 concepts that run learnt (fine-tuning: device time per concept = seconds / concepts; an adapter's cost
 is amortised over the subjects evaluated). Relative paths are relative to the method file's folder's
 repository root (the current directory by default).
@@ -86,6 +87,25 @@ class MethodSpec:
     group: str = ""
     short: str = ""          # the label under a sample sheet's tile (default: label)
 
+    def loop_seconds(self) -> float | None:
+        """The training loop's own seconds from ``train.metrics`` (a ``metrics.jsonl``: the fine-tuner's
+        per-record ``seconds``, or the adapter trainer's ``steps_per_s`` over each record's steps): no
+        data generation, model loading or export."""
+        path = (self.train or {}).get("metrics")
+        if not path:
+            return None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"method {self.name}: train.metrics {path} does not exist")
+        total, last = 0.0, 0
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if "seconds" in r and "stage" in r:
+                total += float(r["seconds"])
+            elif r.get("steps_per_s") and "step" in r and "status" not in r:
+                total += (int(r["step"]) - last) / float(r["steps_per_s"])
+                last = int(r["step"])
+        return round(total, 1)
+
     def train_seconds(self) -> float | None:
         t = self.train or {}
         if "seconds" in t:
@@ -138,8 +158,8 @@ def read_methods(path: str | Path, root: str | Path | None = None, only: Sequenc
                 d[k] = str(root / d[k])
         if d.get("config") and not Path(d["config"].split(":")[0]).is_absolute():
             d["config"] = str(root / d["config"])
-        if isinstance(d.get("train"), dict) and d["train"].get("record"):
-            d["train"] = dict(d["train"], record=str(root / d["train"]["record"]))
+        if isinstance(d.get("train"), dict):
+            d["train"] = {k: str(root / v) if k in ("record", "metrics") else v for k, v in d["train"].items()}
         out.append(MethodSpec(**d))
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -278,7 +298,11 @@ class ConceptSampler(TextSampler):
         self._loaded: dict = {}
 
     def group(self, job: Job) -> Any:
-        return "joint" if self.joint else job.subjects
+        """One group (one loaded model) per concept; every several-subject prompt of per-concept words in one
+        group (all the words under their own placeholders in one table); a joint export is one group."""
+        if self.joint:
+            return "joint"
+        return "words" if len(job.subjects) > 1 else job.subjects
 
     def _load(self, key):
         if key not in self._loaded:
@@ -296,6 +320,8 @@ class ConceptSampler(TextSampler):
         if self.joint:
             pipe, params, meta = load_concept(self.pipe, self.params, root)
             return pipe, params, {n: c["phrase"] for n, c in meta["concepts"].items()}
+        if key == "words":
+            return self._words_together(sorted(self.subjects))
         if len(key) == 1:
             token = read_concept_meta(root / key[0])["token"]
             pipe = self._wide(("one", token), lambda: self._widen([token]))
@@ -323,7 +349,8 @@ class ConceptSampler(TextSampler):
         return dataclasses.replace(wider_pipe(self.pipe, len(tokens)), tokenizers=(tok,) + tuple(self.pipe.tokenizers[1:]))
 
     def _words_together(self, ids):
-        """Per-concept exports that hold only a word each: every word under its own placeholder."""
+        """Per-concept exports that hold only a word each: every concept's word under its own placeholder
+        (``<w0>``, ``<w1>``, ...), all in one table, so any two of them share a prompt and a batch."""
         from customjax.concepts.export import read_concept_meta
         from customjax.concepts.files import load_token_file
         from customjax.concepts.tokens import with_table

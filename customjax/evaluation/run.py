@@ -74,11 +74,13 @@ def run_method(store: SampleStore, name: str, sampler, jobs: Sequence[Job], prog
 
 
 def timing_summary(entries: Sequence[dict]) -> dict:
-    """Seconds per image from the batches that did not compile (median), and the first batches' extra
-    time (compile) over that; None where no such batch was timed."""
+    """Seconds per image: the median over full batches (the largest ``n`` logged) that did not compile, so
+    a short batch's padding is not the method's cost; ``compile_seconds``: the first batches' excess over
+    that. None where no such batch was timed."""
     import numpy as np
 
-    steady = [e["seconds"] / e["n"] for e in entries if not e["first"]]
+    full = max((e["n"] for e in entries), default=0)
+    steady = [e["seconds"] / e["n"] for e in entries if not e["first"] and e["n"] == full]
     per = float(np.median(steady)) if steady else None
     firsts = [e["seconds"] - (per or 0.0) * e["n"] for e in entries if e["first"]]
     return dict(seconds_per_image=None if per is None else round(per, 4),

@@ -219,17 +219,22 @@ class ShapeWorldProtocol:
         unsup = [(m["label"], k, why) for m in r["methods"].values() for k, why in m.get("unsupported", {}).items()]
         if unsup:
             lines += ["Not sampled (n/a): " + "; ".join(f"{lab} ({k}): {why.split(': ', 1)[-1]}" for lab, k, why in unsup), ""]
-        lines += ["## Cost", "", "| Method | UNet evals / img | s / img | compile s | train s | train s / concept |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Cost", "", "Seconds per image: the median over full batches that did not compile (a short batch is padded: "
+                  "its padding is the protocol's cost, not the method's); compile: the first batches' excess. "
+                  "Training: the run's wall time, and its training loop alone (from its metrics.jsonl: no data generation, "
+                  "loading or export); per concept: the loop over the concepts it learnt, an adapter's over the subjects "
+                  "evaluated (it is trained once for any number).", "",
+                  "| Method | UNet evals / img | s / img | s / img, two subjects | compile s | train wall s | train loop s | "
+                  "train s / concept |", "|---|---|---|---|---|---|---|---|"]
         for m in r["methods"].values():
             if m["kind"] == "reference":
                 continue
             per = m.get("train_seconds_per_concept")
             per_s = "-" if per is None else (f"{per:.0f} (amortised over {len(s['subjects'])})" if m.get("train_amortised")
                                              else f"{per:.0f}")
-            lines.append(f"| {m['label']} | {m.get('unet_evaluations') or '-'} | {m.get('seconds_per_image') or '-'} | "
-                         f"{m.get('compile_seconds') if m.get('compile_seconds') is not None else '-'} | "
-                         f"{m.get('train_seconds') if m.get('train_seconds') is not None else '-'} | {per_s} |")
+            cells = [m.get("unet_evaluations"), m.get("seconds_per_image"), m.get("seconds_per_image_two"),
+                     m.get("compile_seconds"), m.get("train_seconds"), m.get("train_loop_seconds")]
+            lines.append("| " + " | ".join([m["label"], *("-" if v is None else f"{v:g}" for v in cells), per_s]) + " |")
         if r.get("claims"):
             lines += ["", "## The papers' headline claims on this base", "",
                       "Paired differences (a - b) over the same prompts and seeds, 95% bootstrap interval over subjects / pairs; "
