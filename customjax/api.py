@@ -296,12 +296,3 @@ def text_to_image(model: str | os.PathLike, prompts: list[str], concepts=(), see
     lat = seed_latents([s for _, s in jobs], (h // f, w // f, pipe.unet.config.in_channels))
     return np.asarray(txt2img(pipe, params, [p for p, _ in jobs], None, height=h, width=w, latents=lat, **kwargs))
 
-
-def evaluate(methods: str | os.PathLike, out: str | os.PathLike, protocol: str = "shapeworld", **kwargs: Any) -> dict:
-    """Samples and scores the method list ``methods`` (JSON, ``docs/evaluate.md``) under ``protocol``
-    ("shapeworld" | "dreambench") into ``out``; returns the report (``results.json``'s content).
-    ``kwargs``: the CLI's options by name (``subjects``, ``base``, ``clip``, ``dino``, ``steps``, ...)."""
-    from customjax.evaluate import evaluate as _evaluate, options
-
-    return _evaluate(options(methods=os.fspath(methods), out=os.fspath(out), protocol=protocol, **kwargs),
-                     say=lambda s: None)

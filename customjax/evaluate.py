@@ -189,15 +189,18 @@ def evaluate(a, say=print) -> dict:
         for m in methods:
             if m.kind == "reference":
                 continue
-            if a.score_only or not store.missing(m.name, [j.key for j in proto.jobs]):
+            known = store.folder(m.name) / "unsupported.json"      # job kinds this method cannot sample
+            skip = json.loads(known.read_text()) if known.is_file() else {}
+            jobs = [j for j in proto.jobs if j.info.get("kind") not in skip]
+            if a.score_only or not store.missing(m.name, [j.key for j in jobs]):
                 continue
             if m.kind in ("text", "concepts") and base_model is None:
                 from customjax.pipeline import load_stable_diffusion
                 base_model = load_stable_diffusion(base)
-            say(f"{m.name}: sampling {len(store.missing(m.name, [j.key for j in proto.jobs]))} image(s)")
+            say(f"{m.name}: sampling {len(store.missing(m.name, [j.key for j in jobs]))} image(s)")
             sampler = make_sampler(m, proto.subjects, base_model, steps, guidance, a.batch, adapter_steps)
-            records[m.name] = run_method(store, m.name, sampler, proto.jobs, progress=a.progress, say=say)
-            (store.folder(m.name) / "unsupported.json").write_text(json.dumps(records[m.name]["unsupported"]))
+            records[m.name] = run_method(store, m.name, sampler, jobs, progress=a.progress, say=say)
+            known.write_text(json.dumps({**skip, **records[m.name]["unsupported"]}))
             del sampler
     # scores
     results, rows_by = {}, {}

@@ -77,8 +77,8 @@ def bench(tmp_path_factory):
     and a one-word concept per subject (random rows), with sample masks for some of the class row's images."""
     torch = pytest.importorskip("torch")
     tr = pytest.importorskip("transformers")
-    from customjax import api
     from customjax.concepts.files import save_token_file
+    from customjax.evaluate import evaluate, options
     from customjax.tokenizer import load_tokenizer
     from customjax.zoo import write_tiny_pipeline
 
@@ -111,20 +111,18 @@ def bench(tmp_path_factory):
     methods.write_text(json.dumps([
         {"name": "class", "label": "class word", "kind": "text", "phrase": "class"},
         {"name": "ti", "label": "learnt word", "kind": "concepts", "export": str(root / "ti"),
-         "train": {"seconds": 10.0, "concepts": 2}},
-        {"name": "pp", "label": "RealCustom++ (random)", "kind": "adapter", "config": str(ROOT / "configs/realcustompp.py:tiny"),
-         "train": {"seconds": 30.0}}]))
+         "train": {"seconds": 10.0, "concepts": 2}}]))
     masks = root / "sample_masks" / "class"
     masks.mkdir(parents=True)
     m = np.zeros((32, 32), np.uint8)
     m[4:20, 10:30] = 255
     for key in ("toy_a.e00.0", "toy_a.r.1", "dog1.e01.1"):
         Image.fromarray(m).save(masks / f"{key}.png")
-    report = api.evaluate(methods, root / "out", protocol="dreambench", subjects=str(subjects), base=str(base), steps=2,
-                          guidance=3.0, batch=4, progress=False, clip=str(root / "clip"), dino=str(root / "dino"),
-                          clip_tokenizer=str(base / "tokenizer"), images_per_prompt=2, live_classes=["dog"],
-                          sample_masks=str(root / "sample_masks"))
-    return dict(root=root, report=report, clip=clip, dino=dino, tok=tok, subjects=subjects)
+    report = evaluate(options(methods=str(methods), out=str(root / "out"), protocol="dreambench", subjects=str(subjects),
+                              base=str(base), steps=2, guidance=3.0, batch=4, progress=False, clip=str(root / "clip"),
+                              dino=str(root / "dino"), clip_tokenizer=str(base / "tokenizer"), images_per_prompt=2,
+                              live_classes=["dog"], sample_masks=str(root / "sample_masks")), say=lambda s: None)
+    return dict(root=root, report=report, clip=clip, dino=dino, tok=tok, subjects=subjects, methods=methods, base=base)
 
 
 def _hand_segment(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -200,9 +198,6 @@ def test_dreambench_scores_against_hand_computation(bench):
     assert m["unet_evaluations"] == 2 * 2 and m["summary"]["edit"]["clip_t"]["groups"] == 2
     assert set(m["summary"]["reconstruction"]) >= {"clip_i", "dino_i", "seg_clip_i", "seg_dino_i"}
     assert rpt["methods"]["ti"]["train_seconds_per_concept"] == 5.0
-    pp = rpt["methods"]["pp"]               # an adapter: one reference each, the dual-branch sampler's evaluations
-    assert pp["images"] == len(rows) and pp["train_amortised"] and pp["train_seconds_per_concept"] == 15.0
-    assert pp["unet_evaluations"] > 2 * 2 and "dino_i" in pp["summary"]["edit"]
     md = (root / "out" / "results.md").read_text()
     assert "E-CI" in md and "R-DI" in md and "learnt word" in md
     assert (root / "out" / "frontier.png").is_file() and (root / "out" / "samples.png").is_file()
@@ -226,6 +221,16 @@ def test_dreambench_prompts_and_jobs(bench):
     out = bench["root"] / "out" / "samples"
     a, b = (np.asarray(Image.open(out / m / "toy_a.e00.0.png")) for m in ("class", "ti"))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+    # a rerun finds every image stored: it samples nothing, rewrites no image, and scores the same
+    from customjax.evaluate import evaluate, options
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    said = []
+    rpt = evaluate(options(methods=str(bench["methods"]), out=str(bench["root"] / "out2"), samples=str(out),
+                           protocol="dreambench", subjects=str(bench["subjects"]), base=str(bench["base"]), progress=False,
+                           clip=str(bench["root"] / "clip"), clip_tokenizer=str(bench["base"] / "tokenizer"),
+                           images_per_prompt=2, live_classes=["dog"]), say=said.append)
+    assert not [m for m in said if "sampling" in m] and {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    assert rpt["methods"]["class"]["summary"]["edit"]["clip_t"] == bench["report"]["methods"]["class"]["summary"]["edit"]["clip_t"]
 
 
 def test_dreambench_bad_input(tmp_path):
@@ -319,9 +324,10 @@ def test_sigterm_stops_between_images():
         signal.getsignal(signal.SIGTERM))
 
 
-def test_adapter_two_subjects(tmp_path):
-    """Two-subject jobs go through a second Customizer on the same model with ``two_overrides`` (one reference
-    per word), sampled on the tiny config: one image per job, both references used."""
+def test_adapter_one_and_two_subjects(tmp_path):
+    """An adapter (the tiny RealCustom++ config, random) samples one-subject jobs with the subject's reference;
+    two-subject jobs go through a second Customizer on the same model with ``two_overrides``; the dual-branch
+    sampler's UNet evaluations are reported."""
     from customjax.evaluation.methods import MethodSpec, Subject, make_sampler
 
     rng = np.random.default_rng(0)
@@ -334,8 +340,15 @@ def test_adapter_two_subjects(tmp_path):
     assert s.two().guidance.references == "many2many" and s.two().config.guidance.gamma_scope == 0.3
     assert s.one.config.guidance.gamma_scope != 0.3
     assert s.two().built is s.one.built and s.one.config.sample.steps == 2
-    images = s.sample(jobs)
-    assert images.shape[0] == 2 and images.dtype == np.uint8
+    one = s.sample([Job("c", ("toy",), 0, "a {0} on a table", "a toy on a table"),
+                    Job("d", ("cat",), 1, "a {0} on a table", "a cat on a table")])
+    assert one.shape[0] == 2 and one.dtype == np.uint8 and s.evals_per_image(jobs[0]) > 2 * 2   # three branches guided
+    assert np.abs(one[0].astype(int) - one[1].astype(int)).max() > 0
+    # two subjects: each prompt gets both words and both references (the dual-branch sampler with two of them:
+    # test_guidance's two-subject test, test_customcontrast's)
+    cases = s.two().check([j.prompt(["toy", "cat"]) for j in jobs], [[subs["toy"].reference, subs["cat"].reference]] * 2,
+                          [["toy", "cat"]] * 2)
+    assert [c["words"] for c in cases] == [["toy", "cat"]] * 2 and all(len(c["images"]) == 2 for c in cases)
     with pytest.raises(KeyError, match="two_overrides"):
         make_sampler(MethodSpec("q", "q", "adapter", config=spec.config, two_overrides={"guidance": {"nope": 1}}),
                      subs, None, 2, 3.0).two()
@@ -343,8 +356,7 @@ def test_adapter_two_subjects(tmp_path):
 
 def test_shapeworld_fast_end_to_end(tmp_path):
     """``python -m customjax.evaluate --fast``: the ShapeWorld protocol with the base's words, the rendered
-    targets and learnt words alone and two in a prompt (adapters: the DreamBench fixture; both subjects'
-    adapter path: test_adapter_two_subjects), then a rerun that samples nothing."""
+    targets and learnt words alone and two in a prompt (adapters: test_adapter_one_and_two_subjects)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "customjax.evaluate", "--fast", "--noprogress", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
@@ -359,12 +371,7 @@ def test_shapeworld_fast_end_to_end(tmp_path):
     assert ms["named"]["summary"]["edit"]["share"]["mean"] == pytest.approx(1.0)
     md = (tmp_path / "results.md").read_text()
     assert "## The papers' headline claims" not in md        # no paper's methods in the plumbing list
-    pngs = sorted((tmp_path / "samples").rglob("*.png"))
-    assert len(pngs) == 3 * 5
-    before = {p: p.stat().st_mtime_ns for p in pngs}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    assert "sampling" not in out.stdout
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert len(sorted((tmp_path / "samples").rglob("*.png"))) == 3 * 5     # a rerun's resume: test_store_resumes...
 
 
 def test_claims_are_paired_over_the_same_images():

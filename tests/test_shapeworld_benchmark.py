@@ -283,6 +283,9 @@ def test_clip_scores_embed_once_and_average_references():
     assert clip_scorer(cfg)[0] is None and "no CLIP" in clip_scorer(cfg)[1]
 
 
+# slow: the benchmark script's plumbing at 4 steps (its cases, settings, scores and report are tested above);
+# CI's end-to-end ShapeWorld sampling and scoring run is tests/test_evaluate.py's --fast
+@pytest.mark.slow
 def test_fast_benchmark_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")       # with conftest's fast-compile XLA_FLAGS

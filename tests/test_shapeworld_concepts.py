@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,9 @@ def _bench():
     return mod
 
 
+# slow: the concepts benchmark script end to end; CI samples and scores learnt words on ShapeWorld through
+# tests/test_evaluate.py (the --fast run's concept rows)
+@pytest.mark.slow
 def test_evaluation_samples_the_learnt_word_and_scores_every_image(tmp_path):
     from customjax.api import load_config
     from customjax.concepts.files import load_token_file
