@@ -284,6 +284,23 @@ def test_vit_dino_v1(tmp_path_factory, report):
         module.apply({"params": params}, jnp.zeros((1, 24, 20, 3)))
 
 
+def test_vit_dino_vits16_at_its_real_size():
+    """facebook/dino-vits16's published config: our abstract parameter tree has transformers' parameter count
+    (without the pooler DINO-I does not use) and the real 224 px input traces to 197 tokens of 384."""
+    from customjax.models.vit import VIT, ViTConfig
+    from customjax.weights.loaders import count_params, param_shapes
+
+    published = dict(model_type="vit", hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                     intermediate_size=1536, image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-12,
+                     hidden_act="gelu", architectures=["ViTModel"])
+    config = ViTConfig.from_dict(published)
+    ref = tr.ViTModel(tr.ViTConfig(**{k: v for k, v in published.items() if k != "model_type"}), add_pooling_layer=False)
+    assert count_params(param_shapes(VIT, config)) == sum(p.numel() for p in ref.parameters())
+    out = jax.eval_shape(lambda p, x: VIT.build(config, jnp.float32).apply({"params": p}, x),
+                         param_shapes(VIT, config), jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    assert out.pooler_output.shape == (2, 384) and out.last_hidden_state.shape == (2, 197, 384)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bicubic kernels and config handling
 

@@ -339,8 +339,10 @@ class ShapeWorldProtocol:
             rows.append(r)
         scorer, _ = self.clip(base)
         if scorer is not None and len(jobs):
-            emb = {n: np.asarray(scorer.embed_images(_at(np.stack(s.views), scorer.image_size)))
-                   for n, s in self.subjects.items()}
+            if getattr(self, "_view_emb", None) is None:          # the subjects' views, embedded once
+                self._view_emb = {n: np.asarray(scorer.embed_images(_at(np.stack(s.views), scorer.image_size)))
+                                  for n, s in self.subjects.items()}
+            emb = self._view_emb
             t, i = clip_scores(scorer, np.asarray(images), [j.plain for j in jobs],
                                [np.concatenate([emb[n] for n in j.subjects]) for j in jobs])
             for r, a, b in zip(rows, t, i):
