@@ -58,6 +58,7 @@ from customjax.control.spec import Capture, Control, ControlConfig, ExtraKV, Ext
 from customjax.guidance.mask import MaskConfig, guidance_mask
 from customjax.guidance.topk import keep_count
 from customjax.methods.common import with_control
+from customjax.methods.protocol import constant_visual  # the projector tokens, the same at every step
 from customjax.models.unet import dummy_inputs
 from customjax.models.vae import unscale_latents
 from customjax.pipeline import encode_text, sdxl_time_ids
@@ -98,12 +99,6 @@ class BenchmarkError(RuntimeError):
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise BenchmarkError(msg)
-
-
-def constant_visual(adapter_params: Any, feats: jax.Array, text_ctx: jax.Array, z: jax.Array,
-                    sqrt_abar: jax.Array) -> tuple[jax.Array, None]:
-    """RealCustom++'s image side: the projector tokens, computed once before the loop."""
-    return feats, None
 
 
 class EvalCounter:
