@@ -192,20 +192,14 @@ def sample(pipe, params, prompts: list[str], seeds: list[int], steps: int, guida
 
 
 def confusion(image: np.ndarray, a, b, bg: str) -> dict:
-    """The scores of one image of "a <a> on the left and a <b> on the right" (module docstring)."""
+    """The scores of one image of "a <a> on the left and a <b> on the right" (module docstring; the evaluation's
+    :func:`~customjax.shapeworld.benchmark.comparison.confusion_scores`, plus the category accuracy)."""
     from customjax.shapeworld import world as sw
-    from customjax.shapeworld.metrics import measure
+    from customjax.shapeworld.benchmark.comparison import confusion_scores
 
     scene = sw.Scene(sw.Background(bg), (sw.Obj(a.category, position="left"), sw.Obj(b.category, position="right")))
-    own = measure(image, scene, references={0: a, 1: b})
-    other = measure(image, scene, references={0: b, 1: a})
-    o = [r["similarity"] for r in own["objects"]]
-    x = [r["similarity"] for r in other["objects"]]
-    found = [r["found"] and bool(r["position_correct"]) for r in own["objects"]]
-    return dict(own=float(np.mean(o)), other=float(np.mean(x)), margin=float(np.mean(o) - np.mean(x)),
-                both_placed=float(all(found)), swapped=float(all(r["found"] for r in own["objects"])
-                                                             and o[0] < x[0] and o[1] < x[1]),
-                category_accuracy=float(own["category_accuracy"]))
+    scores, own = confusion_scores(image, scene, a, b)
+    return dict(scores, category_accuracy=float(own["category_accuracy"]))
 
 
 def bootstrap(values: np.ndarray, groups: np.ndarray, n: int = 2000, seed: int = 0) -> dict:

@@ -351,20 +351,25 @@ class ShapeWorldProtocol:
 
 
 def confusion(image: np.ndarray, case: Case) -> dict:
-    """Two subjects' confusion (CLIF on ShapeWorld): each object (found by category and place, appearance
-    not used) scored against its own and the other subject: ``own``, ``other``, ``margin`` = own - other
-    (means over both objects), ``both_placed``, ``swapped`` (both found, each more like the other)."""
+    """Two subjects' confusion (CLIF on ShapeWorld) in ``case``'s image: :func:`confusion_scores` against the
+    prompt's scene with the subjects' appearance left out (objects found by category and place only)."""
+    objs = tuple(dataclasses.replace(o, appearance=None) if k < 2 else o for k, o in enumerate(case.spec.objects))
+    return confusion_scores(image, sw.Scene(case.scene.background, objs), *case.subjects)[0]
+
+
+def confusion_scores(image: np.ndarray, spec: sw.Scene, a: sw.Subject, b: sw.Subject) -> tuple[dict, dict]:
+    """(scores, the own-reference measurement): the first two objects of ``spec`` scored against their own
+    subjects (a, b) and swapped: ``own``, ``other``, ``margin`` = own - other (means over both objects),
+    ``both_placed``, ``swapped`` (both found, each more like the other subject)."""
     from customjax.shapeworld.metrics import measure
 
-    a, b = case.subjects
-    objs = tuple(dataclasses.replace(o, appearance=None) if k < 2 else o for k, o in enumerate(case.spec.objects))
-    spec = sw.Scene(case.scene.background, objs)
-    own = measure(image, spec, references={0: a, 1: b})["objects"][:2]
+    m = measure(image, spec, references={0: a, 1: b})
+    own = m["objects"][:2]
     other = measure(image, spec, references={0: b, 1: a})["objects"][:2]
     o, x = [r["similarity"] for r in own], [r["similarity"] for r in other]
     return dict(own=float(np.mean(o)), other=float(np.mean(x)), margin=float(np.mean(o) - np.mean(x)),
                 both_placed=float(all(r["found"] and r["position_correct"] is not False for r in own)),
-                swapped=float(all(r["found"] for r in own) and o[0] < x[0] and o[1] < x[1]))
+                swapped=float(all(r["found"] for r in own) and o[0] < x[0] and o[1] < x[1])), m
 
 
 def write_subjects(out: str | Path, n: int, views: int = 4) -> list[Path]:
